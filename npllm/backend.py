@@ -1,0 +1,87 @@
+"""The array backend: NumPy on the CPU, CuPy on NVIDIA GPUs.
+
+This is the only module that imports CuPy, and it does so only when a CuPy array or ``device="cuda"`` asks for it.
+Everything else calls ``xp = get_array_module(x)`` and builds its arrays with that ``xp``: the backend follows the
+data, never a global switch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+
+
+def _is_cupy_array(x) -> bool:
+    # Decide by the type's module so that NumPy-only code never imports CuPy.
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def _import_cupy():
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise ImportError(
+            "device 'cuda' needs CuPy: install npllm with the gpu extra (pip install 'npllm[gpu]')"
+        ) from e
+    return cupy
+
+
+def get_array_module(*arrays):
+    """Return ``cupy`` if any argument is a CuPy array, else ``numpy``."""
+    for x in arrays:
+        if _is_cupy_array(x):
+            return _import_cupy()
+    return np
+
+
+def asnumpy(x) -> np.ndarray:
+    """Any array (NumPy, CuPy or a Python scalar/list) as a NumPy array on the host."""
+    if _is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)}")
+    return device
+
+
+def to_device(x, device: str):
+    """Place an array (or a dict of arrays) on ``device`` ("cpu" or "cuda")."""
+    check_device(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if device == "cpu":
+        return asnumpy(x)
+    return _import_cupy().asarray(x)
+
+
+def xp_for_device(device: str):
+    """The array module that ``device`` computes with."""
+    return np if check_device(device) == "cpu" else _import_cupy()
+
+
+def device_of(x) -> str:
+    return "cuda" if _is_cupy_array(x) else "cpu"
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees at least one GPU. Never raises."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def scatter_add(xp, out, indices, values) -> None:
+    """out[indices[i]] += values[i] with repeated indices summed (the adjoint of a gather)."""
+    if xp is np:
+        np.add.at(out, indices, values)
+    else:  # CuPy's ufunc.at is spelled cupyx.scatter_add
+        import cupyx
+
+        cupyx.scatter_add(out, indices, values)

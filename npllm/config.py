@@ -1,0 +1,135 @@
+"""Model configuration: one frozen dataclass, named presets, and ``--key=value`` overrides.
+
+``param_shapes(cfg)`` in ``npllm.model`` turns a config into the ordered list of parameters; nothing else in the
+project lists parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu")
+POSITIONS = ("rope", "learned")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 2048  # V: tokens in the vocabulary
+    dim: int = 128  # C: width of the residual stream
+    n_layers: int = 4  # L: transformer blocks
+    n_heads: int = 4  # NH: query heads
+    n_kv_heads: int = 4  # NKV: key/value heads (NKV < NH is grouped-query attention)
+    ffn_dim: int = 352  # F: hidden width of the MLP
+    max_seq_len: int = 256  # T_max: longest sequence (size of pos_emb; RoPE has no table to size)
+    norm: str = "rmsnorm"  # "rmsnorm" (LLaMA) or "layernorm" (GPT-2)
+    norm_eps: float = 1e-5  # eps inside the norm's square root
+    mlp: str = "swiglu"  # "swiglu": (silu(x@w1) * (x@w3)) @ w2; "gelu": gelu_tanh(x@w1 + b1) @ w2 + b2
+    pos: str = "rope"  # "rope": rotary on q and k; "learned": pos_emb added to the token embedding
+    rope_theta: float = 10000.0  # RoPE base: frequency i is theta ** (-2i / hs)
+    bias: bool = False  # biases on the attention and MLP linears (GPT-2 has them, LLaMA does not)
+    tie_embeddings: bool = False  # logits = x @ tok_emb.T instead of a separate lm_head
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("mlp", self.mlp, MLPS)
+        _check_choice("pos", self.pos, POSITIONS)
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps={self.norm_eps!r} must be > 0")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta={self.rope_theta!r} must be > 0")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head size, got dim/n_heads={self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:  # hs
+        return self.dim // self.n_heads
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+PRESETS: dict[str, dict] = {
+    # LLaMA-shaped and small: the default for tests, examples and the laptop main job.
+    "nano": dict(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=256),
+    # GPT-2-shaped and small: LayerNorm, GELU, learned positions, biases, tied embeddings.
+    "nano-gpt2": dict(
+        vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=512, max_seq_len=256,
+        norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True,
+    ),
+    # GPT-2 small: 124,439,808 parameters.
+    "gpt2-124m": dict(
+        vocab_size=50257, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=3072, max_seq_len=1024,
+        norm="layernorm", norm_eps=1e-5, mlp="gelu", pos="learned", bias=True, tie_embeddings=True,
+    ),
+    # A ~1.1B LLaMA shape (GQA), for GPU benchmarks.
+    "1b": dict(
+        vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, max_seq_len=2048,
+    ),
+    # LLaMA-7B: 6,738,415,616 parameters.
+    "7b": dict(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, max_seq_len=4096,
+        norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", pos="rope", rope_theta=10000.0, bias=False,
+        tie_embeddings=False,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """The named preset, with any field replaced by ``overrides`` (each checked like the preset itself)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for key in overrides:
+        if key not in fields:
+            raise ValueError(f"unknown model option {key!r}; allowed: {', '.join(sorted(fields))}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def parse_value(name: str, annotation, text: str):
+    """Turn the text of ``--name=text`` into the field's type, or raise a one-line ValueError."""
+    if isinstance(annotation, str):  # from __future__ annotations keep them as strings
+        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, annotation)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or (origin is not None and type(None) in typing.get_args(annotation)):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if text.lower() in ("none", ""):
+            return None
+        return parse_value(name, args[0], text)
+    if isinstance(annotation, str) and annotation.endswith("| None"):
+        return None if text.lower() in ("none", "") else parse_value(name, annotation[: -len("| None")].strip(), text)
+    if annotation is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}={text!r} is not a boolean; use true or false")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--{name}={text!r} is not an integer") from None
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--{name}={text!r} is not a number") from None
+    return text
+
+
+def field_types(cls) -> dict:
+    """{field name: annotation} of a config dataclass."""
+    return {f.name: f.type for f in dataclasses.fields(cls)}

@@ -1,0 +1,106 @@
+"""A public finite-difference gradient checker, for our layers, the whole model, and your own code.
+
+Central differences: df/dx_i ~= (f(x + h e_i) - f(x - h e_i)) / (2 h), whose error is O(h^2) (truncation) plus
+O(eps_machine * |f| / h) (rounding). In float64 with h = 1e-5 both stay near 1e-10 relative to the gradient for
+the O(1) functions we check, so a correct backward shows relative errors far below the 1e-6 the tests demand,
+and a wrong one (a missing term, a transposed matrix) shows errors near 1.
+
+Relative error of an analytic gradient a against a numerical n (both vectors):
+    rel = ||a - n|| / max(||a||, ||n||)
+except that when both norms are below ``zero_tol`` (default 1e-8) the gradient is zero on both sides, as far as
+finite differences can tell (their rounding noise is ~1e-10 here), and the error is reported as 0. A gradient that
+is truly zero (the key bias, which shifts every score of a softmax row equally) would otherwise divide noise by noise;
+a backward that wrongly returns zero is still caught, because then ||n|| is well above ``zero_tol``.
+
+Small arrays (<= ``max_elementwise`` entries) are checked entry by entry; larger ones along ``n_directions``
+random unit directions u, comparing <a, u> with (f(x + h u) - f(x - h u)) / (2 h).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import asnumpy, get_array_module
+
+DEFAULT_STEP = 1e-5
+
+
+def relative_error(analytic, numerical, zero_tol: float = 1e-8) -> float:
+    a = np.asarray(asnumpy(analytic), dtype=np.float64).ravel()
+    n = np.asarray(asnumpy(numerical), dtype=np.float64).ravel()
+    scale = max(np.linalg.norm(a), np.linalg.norm(n))
+    if scale <= zero_tol:
+        return 0.0
+    return float(np.linalg.norm(a - n) / scale)
+
+
+def check_gradients(f, arrays: dict, grads: dict, *, h: float = DEFAULT_STEP, max_elementwise: int = 64,
+                    n_directions: int = 6, seed: int = 0, zero_tol: float = 1e-8) -> dict[str, float]:
+    """Compare ``grads[name]`` with finite differences of the scalar ``f()`` for every name in ``grads``.
+
+    ``f`` takes no arguments and reads ``arrays`` (which must be float64); each array is perturbed in place and
+    restored exactly. Returns {name: relative error}.
+    """
+    rng = np.random.default_rng(seed)
+    errors = {}
+    for name, g in grads.items():
+        x = arrays[name]
+        if x.dtype != np.float64:
+            raise ValueError(f"gradient checks need float64 arrays; {name!r} is {x.dtype}")
+        if g.shape != x.shape:
+            raise ValueError(f"gradient {name!r} has shape {g.shape}, its array has {x.shape}")
+        xp = get_array_module(x)
+        flat = x.reshape(-1)  # a view: writing to it perturbs x
+        if x.size <= max_elementwise:
+            numerical = np.empty(x.size)
+            for i in range(x.size):
+                old = flat[i].copy()
+                flat[i] = old + h
+                f_plus = f()
+                flat[i] = old - h
+                f_minus = f()
+                flat[i] = old
+                numerical[i] = (f_plus - f_minus) / (2 * h)
+            errors[name] = relative_error(g, numerical, zero_tol)
+        else:
+            analytic, numerical = [], []
+            original = flat.copy()
+            for _ in range(n_directions):
+                u = rng.standard_normal(x.size)
+                u /= np.linalg.norm(u)
+                u_dev = xp.asarray(u)
+                flat[...] = original + h * u_dev
+                f_plus = f()
+                flat[...] = original - h * u_dev
+                f_minus = f()
+                flat[...] = original
+                numerical.append((f_plus - f_minus) / (2 * h))
+                analytic.append(float((asnumpy(g).reshape(-1) * u).sum()))
+            errors[name] = relative_error(np.array(analytic), np.array(numerical), zero_tol)
+    return errors
+
+
+def check_layer(forward, backward, p: dict, x, *, seed: int = 0, wrt_input: bool = True, **kwargs) -> dict[str, float]:
+    """Check a layer pair ``forward(p, x) -> (y, cache)``, ``backward(dy, cache) -> (dx, grads)``.
+
+    The scalar checked is f = sum(y * R) for a fixed random R, so backward is run with dy = R. Returns
+    {"x": error of dx, name: error of grads[name]} (``x`` left out when ``wrt_input`` is False, e.g. for integer
+    inputs). Extra keyword arguments go to ``check_gradients``.
+    """
+    xp = get_array_module(x, *p.values())
+    y, cache = forward(p, x)
+    R = xp.asarray(np.random.default_rng(seed + 1).standard_normal(y.shape))  # (same shape as y)
+    dx, grads = backward(R, cache)
+    if set(grads) != set(p):
+        raise AssertionError(f"backward returned grads for {sorted(grads)}, the layer has {sorted(p)}")
+    arrays = dict(p)
+    checked = dict(grads)
+    if wrt_input:
+        arrays["x"] = x
+        checked["x"] = dx
+
+    def f():
+        y_, _ = forward(p, x)
+        return float((y_ * R).sum())
+
+    return check_gradients(f, arrays, checked, seed=seed, **kwargs)
