@@ -1,0 +1,83 @@
+"""The built-in default corpus: CPython's own help text, so `python -m npllm.train` runs with no download.
+
+Every CPython ships `pydoc_data.topics`, the text that `help("assert")` prints: about 80 topics of the
+language reference, ~465 KB of English prose and code. The documents are its topics in sorted key order.
+The first call of ensure_default_data() trains a tokenizer on it and writes token shards into a cache
+directory; later calls find them there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from npllm.data import write_dataset
+from npllm.tokenizer import atomic_write_bytes, train_tokenizer
+
+DEFAULT_VOCAB_SIZE = 2048  # small enough for the nano model's embedding, large enough for whole common words
+VAL_FRACTION = 0.1
+BUILD_RECIPE = 1  # bump when the way the cache is built changes, so old cache entries are not reused
+
+
+def default_corpus_documents() -> list[str]:
+    """The topics of pydoc_data.topics, in sorted key order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise FileNotFoundError("the built-in default corpus needs CPython's pydoc_data module, which this "
+                                "Python does not have; pass --data DIR with shards made by "
+                                "`python -m npllm.data prepare`") from None
+    return [topics[key] for key in sorted(topics)]
+
+
+def default_corpus_text() -> str:
+    """The default corpus as one string: its documents joined by newlines."""
+    return "\n".join(default_corpus_documents())
+
+
+def default_cache_dir() -> Path:
+    """$NPLLM_CACHE if set, else ~/.cache/npllm."""
+    return Path(os.environ.get("NPLLM_CACHE") or Path.home() / ".cache" / "npllm")
+
+
+def ensure_default_data(vocab_size: int = DEFAULT_VOCAB_SIZE, cache_dir: str | Path | None = None) -> Path:
+    """The data directory of the default corpus, built on first use:
+
+        CACHE/default-corpus-v{vocab_size}-{hash}/  corpus.txt, tokenizer/, train.bin, val.bin, meta.json
+
+    hash covers the corpus text (it differs between Python versions) and BUILD_RECIPE.
+    """
+    text = default_corpus_text()
+    key = hashlib.sha256(f"npllm default corpus, recipe {BUILD_RECIPE}\n{text}".encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / f"default-corpus-v{vocab_size}-{key}"
+    if not (target / "meta.json").is_file():
+        build_default_data(target, vocab_size)
+    return target
+
+
+def build_default_data(target: Path, vocab_size: int) -> None:
+    """Build the default data directory at `target`, safely when several processes race to do it.
+
+    Each process builds in its own temporary directory beside `target` and renames it to `target`. A rename
+    onto an existing non-empty directory fails, so the first process to finish wins and the others use its
+    result and delete their own.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.building.", dir=target.parent))
+    try:
+        text = default_corpus_text()
+        atomic_write_bytes(build / "corpus.txt", text.encode())
+        tokenizer = train_tokenizer([build / "corpus.txt"], vocab_size, build / "tokenizer")
+        write_dataset(default_corpus_documents(), tokenizer, build, VAL_FRACTION,
+                      sources=["pydoc_data.topics (CPython)"])
+        try:
+            os.rename(build, target)
+        except OSError:
+            if not (target / "meta.json").is_file():  # not another process's finished build: a real error
+                raise
+    finally:
+        shutil.rmtree(build, ignore_errors=True)  # gone already when our rename succeeded

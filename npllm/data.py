@@ -1,0 +1,284 @@
+"""Token shards on disk, and the batches drawn from them.
+
+    text files -> Tokenizer.encode -> one token stream -> DIR/train.bin, DIR/val.bin, DIR/meta.json
+    load_tokens(DIR/train.bin) -> read-only memmap -> BatchSampler.next() -> (x, y) int64 (B, T)
+
+The token stream is every document's tokens followed by eos_id (so documents are separated by EOS, and the stream
+ends with one). The last floor(N * val_fraction) tokens of the stream are the validation split, the rest train.
+
+Shard file (little-endian), see docs/data.md:
+    bytes 0..8    magic b"NPLLMTOK"
+    bytes 8..12   format version, uint32 (= 1)
+    bytes 12..16  bytes per token, uint32: 2 (uint16 tokens, vocab_size <= 65536) or 4 (uint32 tokens)
+    bytes 16..24  token count N, uint64
+    bytes 24..28  vocab size V, uint32
+    bytes 28..64  zero
+    bytes 64..    the N tokens
+
+    python -m npllm.data prepare --input FILE... --tokenizer DIR --out DIR [--val_fraction 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from npllm.tokenizer import Tokenizer, atomic_write_bytes, check_text_files
+
+MAGIC = b"NPLLMTOK"
+FORMAT_VERSION = 1
+HEADER_BYTES = 64
+_HEADER = struct.Struct("<8sIIQI")  # magic, version, bytes per token, token count, vocab size
+TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # bytes per token -> dtype
+ENCODE_CHUNK_CHARS = 1 << 20  # documents are encoded about 1 MiB of text at a time, to bound memory
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    version: int
+    dtype: np.dtype  # token dtype, uint16 or uint32
+    count: int  # N tokens
+    vocab_size: int  # V of the tokenizer that made the tokens
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest dtype that holds ids 0..vocab_size-1: uint16 up to 65536 ids, else uint32."""
+    return TOKEN_DTYPES[2] if vocab_size <= 1 << 16 else TOKEN_DTYPES[4]
+
+
+def write_tokens(path: str | Path, tokens, vocab_size: int) -> None:
+    """Write a 1-D sequence of token ids in [0, vocab_size) as a shard file, atomically."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size == 0 or tokens.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be a non-empty 1-D integer array, got shape {tokens.shape} {tokens.dtype}")
+    if not 0 < vocab_size < 1 << 32:
+        raise ValueError(f"vocab_size must be in [1, 2**32), got {vocab_size}")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {tokens.min()} max {tokens.max()}")
+    dtype = token_dtype(vocab_size)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, dtype.itemsize, tokens.size, vocab_size).ljust(HEADER_BYTES, b"\0")
+    atomic_write_bytes(path, header, np.ascontiguousarray(tokens, dtype=dtype))
+
+
+def read_header(path: str | Path) -> ShardHeader:
+    """Read and check a shard's header; ValueError says what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token shard not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise ValueError(f"{path} is not a token shard: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    magic, version, itemsize, count, vocab_size = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise ValueError(f"{path} is not a token shard: it starts with {magic!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} has shard format version {version}; this npllm reads version {FORMAT_VERSION}")
+    if itemsize not in TOKEN_DTYPES:
+        raise ValueError(f"{path} has token size {itemsize} bytes; allowed: {sorted(TOKEN_DTYPES)}")
+    if count == 0:
+        raise ValueError(f"{path} is an empty token shard (0 tokens)")
+    if size != HEADER_BYTES + count * itemsize:
+        raise ValueError(f"{path} is truncated or corrupt: its header says {count} tokens "
+                         f"({HEADER_BYTES + count * itemsize} bytes) but the file has {size} bytes")
+    return ShardHeader(version, TOKEN_DTYPES[itemsize], count, vocab_size)
+
+
+def load_tokens(path: str | Path) -> np.memmap:
+    """The tokens of a shard as a read-only memmap of shape (N,); nothing is read until it is indexed."""
+    header = read_header(path)
+    return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.count,))
+
+
+def _line_chunks(text: str, chunk_chars: int) -> Iterator[str]:
+    """Cut text into pieces of about chunk_chars, each ending just after a newline (or at the end of text).
+
+    No token spans a newline (no learned piece contains one), so encoding the pieces one by one gives
+    exactly the tokens of encoding the whole text.
+    """
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + chunk_chars - 1) + 1 or len(text)
+        yield text[start:end]
+        start = end
+
+
+def encode_documents(documents: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
+    """One token stream: each document's tokens followed by eos_id. Returns (N,) of token_dtype(V)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    pieces = []
+    for doc in documents:
+        for chunk in _line_chunks(doc, ENCODE_CHUNK_CHARS):
+            pieces.append(np.array(tokenizer.encode(chunk), dtype=dtype))
+        pieces.append(np.array([tokenizer.eos_id], dtype=dtype))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+
+
+def write_dataset(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path,
+                  val_fraction: float = 0.1, sources: list[str] | None = None) -> dict:
+    """Encode documents, split the stream (last floor(N * val_fraction) tokens are val), and write
+    out_dir/train.bin, out_dir/val.bin and out_dir/meta.json. Returns the meta dict."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    tokens = encode_documents(documents, tokenizer)  # (N,)
+    n_val = int(len(tokens) * val_fraction)
+    if n_val == 0 or n_val == len(tokens):
+        raise ValueError(f"the text has only {len(tokens)} tokens: too few to split with val_fraction={val_fraction}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_tokens(out_dir / "train.bin", tokens[:-n_val], tokenizer.vocab_size)
+    write_tokens(out_dir / "val.bin", tokens[-n_val:], tokenizer.vocab_size)
+    tokenizer_dir = tokenizer.model_path.parent.resolve()
+    if tokenizer_dir.is_relative_to(out_dir.resolve()):  # a tokenizer inside the data dir moves with it
+        tokenizer_dir = tokenizer_dir.relative_to(out_dir.resolve())
+    meta = dict(format="npllm-tokens", version=FORMAT_VERSION, tokenizer_dir=str(tokenizer_dir),
+                tokenizer_fingerprint=tokenizer.fingerprint, vocab_size=tokenizer.vocab_size,
+                eos_id=tokenizer.eos_id, dtype=str(token_dtype(tokenizer.vocab_size)), val_fraction=val_fraction,
+                train_tokens=len(tokens) - n_val, val_tokens=n_val, sources=sources or [])
+    atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+    return meta
+
+
+def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
+                 val_fraction: float = 0.1) -> dict:
+    """Tokenize UTF-8 text files (each file is one document) into shards in out_dir. Returns the meta dict."""
+    paths = check_text_files(inputs)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+
+    def documents():
+        for p in paths:
+            try:
+                yield p.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"input file {p} is not UTF-8 text: {e}") from None
+
+    return write_dataset(documents(), tokenizer, out_dir, val_fraction, sources=[str(p) for p in paths])
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """DIR/meta.json, with "tokenizer_dir" made an absolute path."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no token data in {data_dir}: {path} is missing "
+                                f"(make it with `python -m npllm.data prepare`)")
+    meta = json.loads(path.read_text())
+    meta["tokenizer_dir"] = str((Path(data_dir) / meta["tokenizer_dir"]).resolve())
+    return meta
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class BatchSampler:
+    """Random training windows, a pure function of (seed, step, rank).
+
+    At step s, all ranks draw the same world_size * B distinct window starts, without replacement, from
+    np.random.default_rng([seed, s]); rank r takes starts r*B .. (r+1)*B - 1. A window is T+1 consecutive
+    tokens; x is its first T, y its last T (y[:, t] is the token after x[:, t]). So data-parallel ranks never
+    share a window within a step, and the sampler's whole position is the step number.
+    """
+
+    def __init__(self, tokens, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1):
+        for name, value in [("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)]:
+            _check_positive_int(name, value)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.tokens = tokens  # (N,)
+        self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.num_windows = len(tokens) - self.seq_len  # starts 0 .. N-T-1, each window T+1 tokens
+        if self.num_windows < 1:
+            raise ValueError(f"the data has {len(tokens)} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
+        if self.num_windows < self.world_size * self.batch_size:
+            raise ValueError(f"world_size * batch_size = {self.world_size * self.batch_size} distinct windows per "
+                             f"step, but {len(tokens)} tokens hold only {self.num_windows} windows of "
+                             f"seq_len+1={seq_len + 1}; use a smaller batch or more data")
+        self.step = 0
+
+    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (x, y) batch of this rank at `step`, each int64 (B, T). Does not move the sampler."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        B, T = self.batch_size, self.seq_len
+        rng = np.random.default_rng([self.seed, int(step)])
+        starts = rng.choice(self.num_windows, size=self.world_size * B, replace=False)  # (world_size*B,)
+        starts = starts[self.rank * B:(self.rank + 1) * B]  # (B,)
+        windows = np.asarray(self.tokens[starts[:, None] + np.arange(T + 1)], dtype=np.int64)  # (B, T+1)
+        return windows[:, :-1], windows[:, 1:]  # x (B, T), y (B, T)
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        """The batch at the current step; then advance one step."""
+        batch = self.sample(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(seed=self.seed, step=self.step, rank=self.rank, world_size=self.world_size,
+                    batch_size=self.batch_size, seq_len=self.seq_len)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at state["step"] with state["seed"]. batch_size, seq_len and world_size must match this
+        sampler's (a different shape would be a different data order); rank stays this process's own."""
+        for key in ("batch_size", "seq_len", "world_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]} but this sampler has "
+                                 f"{key}={getattr(self, key)}; they must match to resume")
+        if not isinstance(state["step"], int) or state["step"] < 0:
+            raise ValueError(f"sampler state step must be a non-negative integer, got {state['step']!r}")
+        self.seed, self.step = int(state["seed"]), state["step"]
+
+
+def eval_batches(tokens, batch_size: int, seq_len: int,
+                 max_batches: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Validation batches in order: row k of the stream is x = tokens[kT : kT+T], y = tokens[kT+1 : kT+T+1].
+
+    The x rows tile the stream without overlap, so every token after the first is a target exactly once.
+    Yields int64 (B, T) pairs; the last batch may have fewer rows. At most max_batches batches (None: all).
+    """
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("seq_len", seq_len)
+    if max_batches is not None:
+        _check_positive_int("max_batches", max_batches)
+    B, T = batch_size, seq_len
+    num_rows = (len(tokens) - 1) // T
+    if num_rows < 1:
+        raise ValueError(f"the data has {len(tokens)} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
+    num_batches = -(-num_rows // B)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    for b in range(num_batches):
+        rows = np.arange(b * B, min((b + 1) * B, num_rows))  # (B,)
+        windows = np.asarray(tokens[rows[:, None] * T + np.arange(T + 1)], dtype=np.int64)  # (B, T+1)
+        yield windows[:, :-1], windows[:, 1:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m npllm.data", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="tokenize text files into train.bin / val.bin")
+    prepare.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one document each")
+    prepare.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    prepare.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of tokens kept for validation")
+    args = parser.parse_args(argv)
+    try:
+        meta = prepare_data(args.input, args.tokenizer, args.out, args.val_fraction)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {meta['train_tokens']} train + {meta['val_tokens']} val tokens ({meta['dtype']}) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
