@@ -49,6 +49,9 @@ def check_gradients(f, arrays: dict, grads: dict, *, h: float = DEFAULT_STEP, ma
             raise ValueError(f"gradient checks need float64 arrays; {name!r} is {x.dtype}")
         if g.shape != x.shape:
             raise ValueError(f"gradient {name!r} has shape {g.shape}, its array has {x.shape}")
+        if not x.flags.c_contiguous:  # reshape(-1) would then copy, and perturbing the copy would not reach f
+            raise ValueError(f"gradient checks perturb arrays in place; {name!r} is not C-contiguous "
+                             "(pass xp.ascontiguousarray(array))")
         xp = get_array_module(x)
         flat = x.reshape(-1)  # a view: writing to it perturbs x
         if x.size <= max_elementwise:
