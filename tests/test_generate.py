@@ -1,0 +1,240 @@
+"""Tests for npllm/generate.py: the KV cache against the full forward, greedy/sampled/beam decoding.
+
+Models are random-init and small; their matrices are scaled up so that the next-token distributions are peaked
+(a plain 0.02-std init gives nearly uniform logits, where every rule would look alike).
+
+Bounds on the cached logits, relative to the largest |logit| of the sequence:
+  float64: 1e-10 (the issue's bound; we measure about 2e-15),
+  float32: 1e-5 (we measure about 1e-6: the cached step sums its attention over the same keys in a different
+           grouping than the full forward, so float32 rounding differs at the 1e-7-per-operation level).
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from npllm.backend import asnumpy, get_array_module
+from npllm.config import get_preset
+from npllm.generate import (Hypothesis, beam_search, decode_steps, generate, normalized_score, stream)
+from npllm.model import init_params, model_forward
+from npllm.sampling import SamplingConfig, log_softmax, sampling_distribution
+
+REL_TOL = {np.float64: 1e-10, np.float32: 1e-5}
+
+SMALL = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=40)
+MODELS = {  # RoPE with GQA, RoPE with full multi-head attention, GPT-2-style learned positions
+    "rope-gqa": get_preset("nano", **SMALL, n_kv_heads=2),
+    "rope-mha": get_preset("nano", **SMALL, n_kv_heads=4),
+    "learned": get_preset("nano-gpt2", **SMALL, n_kv_heads=4),
+}
+
+
+def peaked_params(cfg, dtype=np.float64, seed=0, scale=6.0, xp=np):
+    params = init_params(cfg, seed=seed, dtype=dtype, xp=xp)
+    return {name: w * scale if w.ndim == 2 else w for name, w in params.items()}
+
+
+def full_forward_logits(params, cfg, sequence):
+    """Logits (T, V) float64 of one full forward over ``sequence`` (T,)."""
+    xp = get_array_module(params["tok_emb"])
+    logits, _ = model_forward(params, xp.asarray(np.array([sequence])), cfg)
+    return np.asarray(asnumpy(logits[0]), dtype=np.float64)
+
+
+PROMPTS = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8], [7]]  # two share a length: they decode as one batch
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_cached_logits_equal_full_forward_at_every_position(backend, model, dtype):
+    cfg = MODELS[model]
+    params = peaked_params(cfg, dtype, xp=backend)
+    steps = list(decode_steps(params, cfg, PROMPTS, 25, SamplingConfig(temperature=1.0), seed=3))
+    for i, prompt in enumerate(PROMPTS):
+        mine = [s for s in steps if s.prompt_index == i]
+        assert len(mine) == 25 and mine[-1].finished and not any(s.finished for s in mine[:-1])
+        sequence = prompt + [s.token for s in mine]
+        # position t of the full forward predicts token t + 1: the generated tokens sit at len(prompt) ...
+        full = full_forward_logits(params, cfg, sequence[:-1])[len(prompt) - 1:]  # (25, V)
+        cached = np.stack([s.logits for s in mine])  # (25, V)
+        rel = np.abs(cached - full).max() / np.abs(full).max()
+        assert rel <= REL_TOL[dtype], f"{model} {dtype.__name__} prompt {i}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_uncached_path_gives_the_same_logits_and_tokens(model):
+    cfg = MODELS[model]
+    params = peaked_params(cfg)
+    cached = list(decode_steps(params, cfg, PROMPTS, 20, SamplingConfig(temperature=0.8, top_k=10), seed=5))
+    plain = list(decode_steps(params, cfg, PROMPTS, 20, SamplingConfig(temperature=0.8, top_k=10), seed=5,
+                              use_kv_cache=False))
+    assert [(s.prompt_index, s.token) for s in cached] == [(s.prompt_index, s.token) for s in plain]
+    rel = max(np.abs(a.logits - b.logits).max() / np.abs(b.logits).max() for a, b in zip(cached, plain))
+    assert rel <= 1e-10
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_greedy_tokens_identical_with_and_without_cache(model):
+    cfg = MODELS[model]
+    params = peaked_params(cfg, seed=1)
+    with_cache = generate(params, cfg, PROMPTS, 30)
+    without = generate(params, cfg, PROMPTS, 30, use_kv_cache=False)
+    assert with_cache == without
+    for prompt, out in zip(PROMPTS, with_cache):  # and each token is the argmax of the full forward's logits
+        full = full_forward_logits(params, cfg, prompt + out[:-1])
+        assert out == full[len(prompt) - 1:].argmax(axis=-1).tolist()
+
+
+def test_batched_prompts_get_the_tokens_they_get_alone():
+    cfg = MODELS["rope-gqa"]
+    params = peaked_params(cfg, seed=2)
+    sampling = SamplingConfig(temperature=1.0, top_p=0.9)
+    together = generate(params, cfg, PROMPTS, 15, sampling, seed=11)
+    # prompt i draws from the i-th child of SeedSequence(seed) whatever else is in the batch
+    children = np.random.SeedSequence(11).spawn(len(PROMPTS))
+    for i, prompt in enumerate(PROMPTS):
+        alone = []
+        rng = np.random.default_rng(children[i])
+        for _ in range(15):
+            logits = full_forward_logits(params, cfg, prompt + alone)[-1]
+            ids, probs = sampling_distribution(logits, 1.0, 0, 0.9)
+            cdf = np.cumsum(probs)
+            alone.append(int(ids[min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(ids) - 1)]))
+        assert together[i] == alone
+
+
+def test_stops_at_eos_per_sequence():
+    cfg = MODELS["learned"]
+    params = peaked_params(cfg, seed=4)
+    free = generate(params, cfg, PROMPTS, 20)
+    eos = free[0][3]  # a token the first prompt emits at step 3 (maybe earlier too)
+    stopped = generate(params, cfg, PROMPTS, 20, eos_id=eos)
+    for out, ref in zip(stopped, free):
+        cut = ref.index(eos) + 1 if eos in ref else len(ref)
+        assert out == ref[:cut]  # the EOS ends the output and is part of it; the other rows go on
+    assert len(stopped[0]) <= 4
+
+
+def test_stream_yields_the_tokens_generate_returns():
+    cfg = MODELS["rope-gqa"]
+    params = peaked_params(cfg)
+    seen = []
+    out = generate(params, cfg, PROMPTS, 8, SamplingConfig(1.0), seed=2, on_token=lambda i, t: seen.append((i, t)))
+    assert [t for i, t in seen if i == 2] == out[2]
+    assert list(stream(params, cfg, PROMPTS[0], 8, SamplingConfig(1.0), seed=2)) == \
+        generate(params, cfg, [PROMPTS[0]], 8, SamplingConfig(1.0), seed=2)[0]
+
+
+def test_same_seed_reproduces_and_another_seed_differs():
+    cfg = MODELS["rope-mha"]
+    params = peaked_params(cfg, scale=2.0)
+    sampling = SamplingConfig(temperature=1.5)
+    a = generate(params, cfg, PROMPTS, 20, sampling, seed=0)
+    assert a == generate(params, cfg, PROMPTS, 20, sampling, seed=0)
+    assert a != generate(params, cfg, PROMPTS, 20, sampling, seed=1)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.6), (5, 0.8)])
+def test_generated_tokens_stay_inside_the_top_k_top_p_set(top_k, top_p):
+    cfg = MODELS["rope-gqa"]
+    params = peaked_params(cfg, scale=2.0)
+    for seed in range(12):
+        for step in decode_steps(params, cfg, PROMPTS, 10, SamplingConfig(1.0, top_k, top_p), seed=seed):
+            probs = np.exp(log_softmax(step.logits))
+            order = sorted(range(cfg.vocab_size), key=lambda t: (-probs[t], t))  # most likely first
+            allowed = order[:top_k] if top_k else order
+            mass = sum(probs[t] for t in allowed)
+            allowed = [t for n, t in enumerate(allowed) if sum(probs[u] for u in allowed[:n]) / mass < top_p]
+            assert step.token in allowed
+
+
+def test_context_overflow_is_refused_before_any_work():
+    cfg = MODELS["rope-gqa"]  # max_seq_len 40
+    params = peaked_params(cfg)
+    with pytest.raises(ValueError, match=r"max_seq_len=40.*at most 35"):
+        generate(params, cfg, [[1, 2, 3, 4, 5]], 36)
+    assert len(generate(params, cfg, [[1, 2, 3, 4, 5]], 35)[0]) == 35  # exactly full is fine
+
+
+@pytest.mark.parametrize("prompts, max_new, word", [
+    ([[]], 5, "at least one token"), ([[1, 99]], 5, "out of range"), ([[1, -1]], 5, "out of range"),
+    ([[1, 2]], 0, "max_new_tokens"), ([[1.5]], 3, "integer"),
+])
+def test_bad_generation_input_raises(prompts, max_new, word):
+    cfg = MODELS["rope-gqa"]
+    params = peaked_params(cfg)
+    with pytest.raises(ValueError, match=word):
+        generate(params, cfg, prompts, max_new)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# beam search
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_one_beam_is_greedy(model):
+    cfg = MODELS[model]
+    params = peaked_params(cfg, seed=3)
+    for prompt in PROMPTS:
+        greedy = generate(params, cfg, [prompt], 15)[0]
+        for eos in (None, greedy[6]):
+            hyps = beam_search(params, cfg, prompt, 15, beams=1, eos_id=eos)
+            expected = greedy if eos is None else greedy[:greedy.index(eos) + 1]
+            assert len(hyps) == 1 and hyps[0].tokens == expected
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_beam_search_cached_equals_uncached_and_scores_are_right(model):
+    cfg = MODELS[model]
+    params = peaked_params(cfg, seed=5, scale=3.0)
+    prompt = PROMPTS[0]
+    eos = generate(params, cfg, [prompt], 4)[0][2]
+    cached = beam_search(params, cfg, prompt, 12, beams=4, eos_id=eos, length_penalty=0.7)
+    plain = beam_search(params, cfg, prompt, 12, beams=4, eos_id=eos, length_penalty=0.7, use_kv_cache=False)
+    assert [h.tokens for h in cached] == [h.tokens for h in plain]
+    assert len(cached) == 4
+    assert [h.score for h in cached] == sorted((h.score for h in cached), reverse=True)
+    for h in cached:  # each log-prob recomputed from one full forward over prompt + hypothesis
+        logp = log_softmax(full_forward_logits(params, cfg, prompt + h.tokens[:-1])[len(prompt) - 1:])
+        expected = sum(logp[t, tok] for t, tok in enumerate(h.tokens))
+        assert math.isclose(h.logprob, expected, rel_tol=1e-10)
+        assert math.isclose(h.score, expected / len(h.tokens) ** 0.7, rel_tol=1e-10)
+        assert h.finished == (h.tokens[-1] == eos) and eos not in h.tokens[:-1]
+        assert h.finished or len(h.tokens) == 12
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_wide_beam_finds_the_best_sequence_by_exhaustive_search(length_penalty):
+    # V = 4 and 3 new tokens: 4 ** 3 = 64 beams hold every sequence, so beam search is exhaustive here
+    cfg = get_preset("nano", **{**SMALL, "vocab_size": 4}, n_kv_heads=2)
+    params = peaked_params(cfg, seed=7, scale=4.0)
+    prompt, eos, n_new = [1, 2], 3, 3
+    best, best_score = None, -math.inf
+    for length in range(1, n_new + 1):
+        for seq in itertools.product(range(4), repeat=length):
+            if eos in seq[:-1] or (length < n_new and seq[-1] != eos):
+                continue  # a sequence ends at its first EOS, and only an EOS ends it early
+            logp = log_softmax(full_forward_logits(params, cfg, prompt + list(seq[:-1]))[len(prompt) - 1:])
+            score = normalized_score(sum(logp[t, tok] for t, tok in enumerate(seq)), length, length_penalty)
+            if score > best_score:
+                best, best_score = list(seq), score
+    hyps = beam_search(params, cfg, prompt, n_new, beams=64, eos_id=eos, length_penalty=length_penalty)
+    assert hyps[0].tokens == best
+    assert math.isclose(hyps[0].score, best_score, rel_tol=1e-10)
+
+
+def test_normalized_score():
+    assert normalized_score(-6.0, 3, 1.0) == -2.0
+    assert normalized_score(-6.0, 3, 0.0) == -6.0
+    assert math.isclose(normalized_score(-8.0, 4, 0.5), -4.0)
+    assert Hypothesis([1], -1.0, -1.0, True).finished
+
+
+@pytest.mark.parametrize("kwargs, word", [(dict(beams=0), "beams"), (dict(beams=2.0), "beams"),
+                                          (dict(beams=2, length_penalty=-1.0), "length_penalty")])
+def test_bad_beam_input_raises(kwargs, word):
+    cfg = MODELS["rope-gqa"]
+    with pytest.raises(ValueError, match=word):
+        beam_search(peaked_params(cfg), cfg, [1, 2], 5, **kwargs)
