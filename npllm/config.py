@@ -7,7 +7,6 @@ project lists parameters.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 
 NORMS = ("rmsnorm", "layernorm")
@@ -99,37 +98,93 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 
 
 def parse_value(name: str, annotation, text: str):
-    """Turn the text of ``--name=text`` into the field's type, or raise a one-line ValueError."""
-    if isinstance(annotation, str):  # from __future__ annotations keep them as strings
-        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, annotation)
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union or (origin is not None and type(None) in typing.get_args(annotation)):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if text.lower() in ("none", ""):
-            return None
-        return parse_value(name, args[0], text)
-    if isinstance(annotation, str) and annotation.endswith("| None"):
-        return None if text.lower() in ("none", "") else parse_value(name, annotation[: -len("| None")].strip(), text)
-    if annotation is bool:
+    """Turn the text of ``--name=text`` into the field's type ("int", "float", "bool", "str", or "X | None"),
+    or raise a one-line ValueError."""
+    type_name = annotation if isinstance(annotation, str) else annotation.__name__
+    base = type_name.replace("| None", "").strip()
+    if type_name.endswith("| None") and text.lower() in ("none", ""):
+        return None
+    if base == "bool":
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"--{name}={text!r} is not a boolean; use true or false")
-    if annotation is int:
+    if base in ("int", "float"):
         try:
-            return int(text)
+            return int(text) if base == "int" else float(text)
         except ValueError:
-            raise ValueError(f"--{name}={text!r} is not an integer") from None
-    if annotation is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"--{name}={text!r} is not a number") from None
+            raise ValueError(f"--{name}={text!r} is not {'an integer' if base == 'int' else 'a number'}") from None
     return text
 
 
 def field_types(cls) -> dict:
     """{field name: annotation} of a config dataclass."""
     return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a run that is not the model's shape. Every field is a ``--name=value`` option."""
+
+    preset: str = "nano"  # model preset; model fields given as options override it
+    data: str | None = None  # directory made by `python -m npllm.data prepare`; None: the built-in default corpus
+    out_dir: str = "runs/nano"  # checkpoints, metrics.jsonl and loss.png go here
+    resume: str | None = None  # a run directory (or checkpoint) to continue exactly where it stopped
+    device: str = "cpu"  # "cpu" (NumPy) or "cuda" (CuPy)
+    dtype: str = "float32"  # parameter and activation dtype: "float32", or "float64" for exactness checks
+    seed: int = 0  # seeds the initial weights and the data order
+    steps: int = 300  # optimizer steps of the whole run (a resumed run continues up to this)
+    batch_size: int = 16  # sequences per optimizer step (on each data-parallel rank)
+    micro_batches: int = 1  # split each batch into this many forward/backward passes, gradients summed
+    seq_len: int = 128  # T: tokens per training sequence (at most the model's max_seq_len)
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int | None = None  # linear warmup steps; None: 10% of lr_decay_steps
+    lr_decay_steps: int | None = None  # steps of the cosine schedule; None: the same as steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on 2-D weights
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    eval_interval: int = 50  # evaluate validation loss every this many steps (and at the last step)
+    eval_batches: int = 8  # validation batches per evaluation (the same fixed windows each time)
+    log_interval: int = 10  # print a line every this many steps (metrics.jsonl gets every step)
+    ckpt_interval: int = 100  # save a checkpoint every this many steps (and at the last step)
+    keep_checkpoints: int = 3  # how many recent checkpoints to keep
+    peak_tflops: float | None = None  # peak FLOP/s of the device for MFU, in TFLOP/s; None: measured at start
+
+    def __post_init__(self):
+        _check_choice("device", self.device, ("cpu", "cuda"))
+        _check_choice("dtype", self.dtype, DTYPES)
+        for name in ("steps", "batch_size", "micro_batches", "seq_len", "eval_interval", "eval_batches",
+                     "log_interval", "ckpt_interval", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be >= 0")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
+            raise ValueError(f"lr_decay_steps={self.lr_decay_steps!r} must be a positive integer")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be >= 0")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by micro_batches={self.micro_batches}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        if self.warmup > self.decay_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be <= lr_decay_steps={self.decay_steps}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops={self.peak_tflops} must be > 0")
+
+    @property
+    def decay_steps(self) -> int:
+        return self.steps if self.lr_decay_steps is None else self.lr_decay_steps
+
+    @property
+    def warmup(self) -> int:
+        return self.decay_steps // 10 if self.warmup_steps is None else self.warmup_steps

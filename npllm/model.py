@@ -206,3 +206,31 @@ def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig):
     loss, loss_cache = cross_entropy_forward(logits, targets)
     dlogits, _ = cross_entropy_backward(1.0, loss_cache)  # (B, T, V)
     return loss, model_backward(dlogits, cache, cfg)
+
+
+def accumulate_loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, micro_batches: int = 1):
+    """``loss_and_grads`` over a batch split into ``micro_batches`` row chunks, one forward/backward at a time.
+
+    Each chunk's mean loss (and gradient) is weighted by its share of the batch's valid targets, so the sum equals
+    the mean over the whole batch (up to float rounding) while only one chunk's activations are alive at once.
+    """
+    B = tokens.shape[0]
+    xp = get_array_module(params["tok_emb"])
+    n_total = int((targets != -100).sum())
+    if micro_batches == 1 or n_total == 0:
+        return loss_and_grads(params, tokens, targets, cfg)
+    loss, grads = 0.0, None
+    for rows in np.array_split(np.arange(B), micro_batches):
+        rows = xp.asarray(rows)
+        n_chunk = int((targets[rows] != -100).sum())
+        if n_chunk == 0:
+            continue  # no target in this chunk: it adds nothing to the mean
+        weight = n_chunk / n_total
+        chunk_loss, chunk_grads = loss_and_grads(params, tokens[rows], targets[rows], cfg)
+        loss += weight * chunk_loss
+        if grads is None:
+            grads = {name: weight * g for name, g in chunk_grads.items()}
+        else:
+            for name, g in chunk_grads.items():
+                grads[name] += weight * g  # the micro-batch sum
+    return loss, grads

@@ -1,0 +1,351 @@
+"""python -m npllm.train: train a model, log honestly, checkpoint atomically, resume exactly.
+
+    python -m npllm.train --preset nano                          # the built-in default corpus
+    python -m npllm.train --preset nano --data=DIR --steps=1000 --lr=3e-4 --out_dir=runs/x
+    python -m npllm.train --resume=runs/x --steps=2000           # continue runs/x up to step 2000
+
+Every field of ModelConfig and TrainConfig (npllm/config.py) is an option ``--name=value``. One step:
+
+    x, y = sampler.next()                                         # (B, T) token windows
+    loss, grads = accumulate_loss_and_grads(params, x, y, cfg)    # forward + backward, micro-batches summed
+    norm, _ = clip_grad_norm(grads, grad_clip)                    # one global norm
+    adamw_update(params, grads, opt_state, lr=lr_at(step), ...)   # in place
+
+The loop is explained in docs/training.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backend import asnumpy, to_device, xp_for_device
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ModelConfig, TrainConfig, field_types, get_preset, parse_value
+from .data import BatchSampler, eval_batches, load_tokens, read_meta
+from .layers.loss import cross_entropy_forward
+from .model import accumulate_loss_and_grads, flops_per_token, init_params, model_forward, num_params
+from .optim import adamw_init, adamw_update, clip_grad_norm, lr_at
+from .tokenizer import Tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (a NaN loss, say): reported as one line, exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# options
+
+
+def parse_options(argv: list[str]) -> tuple[dict, dict]:
+    """``--name=value`` words -> (model overrides, train overrides), each value converted to its field's type.
+
+    ``--preset nano`` (a space instead of ``=``) is accepted for the preset; a bare ``--flag`` means true for a
+    boolean field.
+    """
+    model_types, train_types = field_types(ModelConfig), field_types(TrainConfig)
+    model_opts, train_opts = {}, {}
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("--"):
+            raise ValueError(f"unexpected argument {word!r}; options look like --name=value")
+        name, has_value, text = word[2:].partition("=")
+        if not has_value and name == "preset" and i + 1 < len(words):
+            text, i = words[i + 1], i + 1
+        elif not has_value:
+            annotation = model_types.get(name, train_types.get(name))
+            if annotation != "bool":
+                allowed = "" if annotation is not None else _allowed_names()
+                raise ValueError(f"option --{name} needs a value (--{name}=VALUE){allowed}")
+            text = "true"
+        if name in model_types:
+            model_opts[name] = parse_value(name, model_types[name], text)
+        elif name in train_types:
+            train_opts[name] = parse_value(name, train_types[name], text)
+        else:
+            raise ValueError(f"unknown option --{name}{_allowed_names()}")
+        i += 1
+    return model_opts, train_opts
+
+
+def _allowed_names() -> str:
+    names = sorted(set(field_types(ModelConfig)) | set(field_types(TrainConfig)))
+    return "; allowed: " + ", ".join("--" + n for n in names)
+
+
+def build_configs(model_opts: dict, train_opts: dict, resumed_meta: dict | None = None):
+    """The run's (ModelConfig, TrainConfig): a preset plus overrides, or a checkpoint's configs plus overrides."""
+    if resumed_meta is None:
+        tc = TrainConfig(**train_opts)
+        cfg = get_preset(tc.preset, **model_opts)
+    else:
+        cfg = ModelConfig(**resumed_meta["model_config"])
+        changed = {k: v for k, v in model_opts.items() if getattr(cfg, k) != v}
+        if changed:
+            raise ValueError(f"cannot change the model when resuming: {changed} differs from the checkpoint's config")
+        saved = dict(resumed_meta["train_config"])
+        tc = TrainConfig(**{**saved, **train_opts, "out_dir": train_opts.get("out_dir", saved["out_dir"])})
+    if tc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={tc.seq_len} is above the model's max_seq_len={cfg.max_seq_len}")
+    return cfg, tc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+def load_data(tc: TrainConfig, cfg: ModelConfig) -> dict:
+    """Train/val token shards and the tokenizer that made them, checked against the model's vocabulary."""
+    if tc.data is None:
+        from .corpus import ensure_default_data
+
+        data_dir = ensure_default_data(vocab_size=cfg.vocab_size)
+    else:
+        data_dir = Path(tc.data)
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"--data={tc.data}: no such directory (make one with `python -m npllm.data prepare`)")
+    meta = read_meta(data_dir)
+    tokenizer = Tokenizer.load(meta["tokenizer_dir"])
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"the tokenizer in {meta['tokenizer_dir']} has {tokenizer.vocab_size} tokens but the model "
+                         f"has vocab_size={cfg.vocab_size}; pass --vocab_size={tokenizer.vocab_size} or use matching data")
+    train_tokens, val_tokens = load_tokens(Path(data_dir) / "train.bin"), load_tokens(Path(data_dir) / "val.bin")
+    if len(val_tokens) < tc.seq_len + 1:
+        raise ValueError(f"the validation split in {data_dir} has {len(val_tokens)} tokens, fewer than "
+                         f"seq_len+1={tc.seq_len + 1}")
+    return dict(dir=str(Path(data_dir).resolve()), train=train_tokens, val=val_tokens, tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def measure_peak_flops(xp, dtype) -> float:
+    """FLOP/s of a large square matmul on this device and dtype, the best of a few runs.
+
+    This is the ceiling our own matmuls could reach here, so MFU = achieved / this is an honest utilisation figure
+    for the machine at hand (a vendor's datasheet peak can be given instead with --peak_tflops).
+    """
+    n = 1024 if xp is np else 8192
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype=dtype)  # (n, n)
+    best = math.inf
+    for _ in range(8):  # the first runs warm up threads and caches
+        start = time.perf_counter()
+        c = a @ a
+        float(c[0, 0])  # waits for a GPU to finish
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def evaluate(params: dict, cfg: ModelConfig, val_tokens, tc: TrainConfig, xp) -> float:
+    """Mean loss over the first ``eval_batches`` fixed, non-overlapping validation windows (forward only)."""
+    total, count = 0.0, 0
+    for x, y in eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches):
+        logits, _ = model_forward(params, xp.asarray(x), cfg)  # (B, T, V)
+        loss, _ = cross_entropy_forward(logits, xp.asarray(y))
+        total += loss * y.size  # every target is valid: weight each batch by its token count
+        count += y.size
+    return total / count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(out_dir) -> list[dict]:
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(out_dir: Path) -> Path | None:
+    """loss.png from metrics.jsonl when matplotlib is installed (it is optional: `pip install npllm[plot]`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(out_dir)
+    train_rows = [r for r in rows if "loss" in r]  # the step-0 record holds only the untrained val loss
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss", linewidth=1)
+    val = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / PLOT_FILE
+    tmp = out_dir / f".{PLOT_FILE}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def format_line(m: dict, total_steps: int) -> str:
+    line = (f"step {m['step']:>{len(str(total_steps))}}/{total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+            f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}%")
+    if "val_loss" in m:
+        line += f" | val loss {m['val_loss']:.4f} | val ppl {m['val_ppl']:.2f}"
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+
+
+def train(cfg: ModelConfig, tc: TrainConfig, resumed=None, log=print) -> list[dict]:
+    """Run (or continue) training; returns this invocation's metrics, one dict per step."""
+    xp = xp_for_device(tc.device)
+    dtype = np.dtype(tc.dtype)
+    out_dir = Path(tc.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_data(tc, cfg)
+    sampler = BatchSampler(data["train"], tc.batch_size, tc.seq_len, seed=tc.seed)
+
+    if resumed is None:
+        params = init_params(cfg, seed=tc.seed, dtype=dtype, xp=xp)
+        opt_state = adamw_init(params)
+        start_step = 0
+        _write_atomic(out_dir / METRICS_FILE, "")
+    else:
+        saved_params, saved_opt, meta = resumed
+        params = {name: xp.asarray(value, dtype=dtype) for name, value in saved_params.items()}
+        opt_state = {"step": saved_opt["step"], "m": to_device(saved_opt["m"], tc.device),
+                     "v": to_device(saved_opt["v"], tc.device)}
+        sampler.load_state_dict(meta["sampler"])
+        start_step = meta["step"]
+        if meta["tokenizer"]["fingerprint"] != data["tokenizer"].fingerprint:
+            raise ValueError(f"the data's tokenizer ({data['tokenizer'].model_path}) is not the one this checkpoint "
+                             f"was trained with (fingerprint {meta['tokenizer']['fingerprint'][:12]})")
+        # metrics of steps after the checkpoint belong to a run that did not survive: drop them
+        kept = [m for m in read_metrics(out_dir) if m["step"] <= start_step]
+        _write_atomic(out_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
+
+    tokens_per_step = tc.batch_size * tc.seq_len
+    step_flops = flops_per_token(cfg, tc.seq_len) * tokens_per_step
+    peak = tc.peak_tflops * 1e12 if tc.peak_tflops else measure_peak_flops(xp, dtype)
+    log(f"model: {num_params(cfg):,} parameters ({cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}) | "
+        f"data: {data['dir']} ({len(data['train']):,} train / {len(data['val']):,} val tokens) | "
+        f"device {tc.device} {tc.dtype} | peak {peak / 1e12:.3f} TFLOP/s "
+        f"({'given' if tc.peak_tflops else 'measured'})")
+    if resumed is not None:
+        log(f"resumed from step {start_step} in {out_dir}")
+
+    def save(step: int) -> Path:
+        meta = dict(model_config=dataclasses.asdict(cfg), train_config=dataclasses.asdict(tc), step=step,
+                    sampler=sampler.state_dict(), rng=dict(seed=tc.seed, rule="BatchSampler: default_rng([seed, step])"),
+                    tokenizer=dict(dir=str(data["tokenizer"].model_path.parent),
+                                   fingerprint=data["tokenizer"].fingerprint),
+                    data_dir=data["dir"])
+        return save_checkpoint(out_dir, step, params, opt_state, meta, keep=tc.keep_checkpoints)
+
+    progress = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=tc.steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+        log = progress.write
+    history = []
+    metrics_file = open(out_dir / METRICS_FILE, "a")
+    try:
+        if start_step == 0:  # the untrained model's validation loss: the baseline every later eval compares to
+            val_loss = evaluate(params, cfg, data["val"], tc, xp)
+            m = dict(step=0, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)))
+            metrics_file.write(json.dumps(m) + "\n")
+            history.append(m)
+            log(f"step 0/{tc.steps} | val loss {val_loss:.4f} | val ppl {m['val_ppl']:.2f}")
+        for step in range(start_step, tc.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup, total_steps=tc.decay_steps, min_lr=tc.min_lr)
+            x, y = sampler.next()  # (B, T) each
+            loss, grads = accumulate_loss_and_grads(params, xp.asarray(x), xp.asarray(y), cfg, tc.micro_batches)
+            norm, _ = clip_grad_norm(grads, tc.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise TrainingError(f"step {step + 1}: loss {loss} / gradient norm {norm} is not finite; stopping "
+                                    f"before the update (last good checkpoint: {_latest_or_none(out_dir)})")
+            adamw_update(params, grads, opt_state, lr=lr, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps,
+                         weight_decay=tc.weight_decay)
+            float(asnumpy(params["norm.w"][0]))  # wait for a GPU to finish the step before reading the clock
+            dt = time.perf_counter() - t0
+            done = step + 1  # steps completed, the number a checkpoint and a log line carry
+            m = dict(step=done, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_step / dt,
+                     mfu=step_flops / dt / peak)
+            if done % tc.eval_interval == 0 or done == tc.steps:
+                m["val_loss"] = evaluate(params, cfg, data["val"], tc, xp)
+                m["val_ppl"] = math.exp(min(m["val_loss"], 700.0))
+            metrics_file.write(json.dumps(m) + "\n")
+            metrics_file.flush()
+            history.append(m)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}")
+            if done % tc.log_interval == 0 or "val_loss" in m or done == start_step + 1:
+                log(format_line(m, tc.steps))
+            if done % tc.ckpt_interval == 0 or done == tc.steps:
+                save(done)
+    finally:
+        metrics_file.close()
+        if progress is not None:
+            progress.close()
+    plot = plot_losses(out_dir)
+    last = _latest_or_none(out_dir)
+    log(f"done: checkpoint {last}" + (f" | loss curve {plot}" if plot else "") + f" | metrics {out_dir / METRICS_FILE}")
+    return history
+
+
+def _latest_or_none(out_dir: Path):
+    from .checkpoint import latest_checkpoint
+
+    return latest_checkpoint(out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        model_opts, train_opts = parse_options(argv)
+        resumed = None
+        if train_opts.get("resume"):
+            resumed = load_checkpoint(train_opts["resume"])
+            train_opts.setdefault("out_dir", str(Path(train_opts["resume"])))
+            if Path(train_opts["resume"]).name.startswith("ckpt_"):
+                train_opts["out_dir"] = str(Path(train_opts["resume"]).parent)
+        cfg, tc = build_configs(model_opts, train_opts, None if resumed is None else resumed[2])
+        train(cfg, tc, resumed)
+    except (ValueError, FileNotFoundError, TrainingError) as err:
+        print(f"npllm.train: error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, TrainingError) else 2
+    except KeyboardInterrupt:
+        print("npllm.train: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
