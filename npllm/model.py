@@ -3,6 +3,11 @@
 Pre-norm residual blocks (x = x + attn(norm(x)); x = x + mlp(norm(x))), a final norm, and a tied or untied
 output head. All gradient accumulation happens here: the residual stream, the tied embedding, and (in the trainer)
 micro-batches. Start reading at ``loss_and_grads``.
+
+Tensor parallelism: pass a communicator ``tp`` and this rank's shards of the parameters (``param_shard_shapes``).
+Attention and MLP then run on this rank's heads and hidden units, the embedding, head and loss on its slice of the
+vocabulary, and the collectives of ``npllm.parallel.mappings`` join the slices (docs/parallelism.md). Without
+``tp`` (one process) every collective is the identity and this is the plain single-process model.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ import numpy as np
 
 from .backend import get_array_module
 from .config import ModelConfig
-from .layers.attention import attention_backward, attention_forward
 from .layers.embedding import embedding_backward, embedding_forward
-from .layers.linear import linear_backward, linear_forward
-from .layers.loss import cross_entropy_backward, cross_entropy_forward
-from .layers.mlp import mlp_backward, mlp_forward
 from .layers.norm import norm_backward, norm_forward
 from .layers.rope import rope_tables
+from .parallel.comm import LocalComm
+from .parallel.tensor import (
+    check_tp_divides, column_parallel_linear_backward, column_parallel_linear_forward, parallel_attention_backward,
+    parallel_attention_forward, parallel_mlp_backward, parallel_mlp_forward, shard_array, shard_shape,
+    vocab_parallel_cross_entropy_backward, vocab_parallel_cross_entropy_forward, vocab_parallel_embedding_backward,
+    vocab_parallel_embedding_forward,
+)
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -61,6 +69,13 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def param_shard_shapes(cfg: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of one tensor-parallel rank's shards: ``param_shapes`` with each split axis divided by tp_size
+    (the rule per name is ``npllm.parallel.tensor.TP_SPLIT_AXIS``). ValueError when tp_size does not divide."""
+    check_tp_divides(cfg, tp_size)
+    return {name: shard_shape(name, shape, tp_size) for name, shape in param_shapes(cfg).items()}
+
+
 def num_params(cfg: ModelConfig) -> int:
     """Parameter count, from the shapes alone (nothing is allocated)."""
     return sum(math.prod(s) for s in param_shapes(cfg).values())
@@ -98,9 +113,15 @@ def init_param(name: str, shape, cfg: ModelConfig, seed: int = 0) -> np.ndarray:
     return np.random.default_rng([seed, index]).normal(0.0, std, size=shape)
 
 
-def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32, xp=np) -> dict:
-    """All parameters, ordered as ``param_shapes``, as ``dtype`` arrays of the array module ``xp``."""
-    return {name: xp.asarray(init_param(name, shape, cfg, seed), dtype=dtype)
+def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32, xp=np, *, tp_rank: int = 0,
+                tp_size: int = 1) -> dict:
+    """All parameters, ordered as ``param_shapes``, as ``dtype`` arrays of the array module ``xp``.
+
+    With tp_size > 1: rank tp_rank's shards, equal to slicing the full initial parameters (one full tensor is
+    drawn at a time, on the host, and only its slice is kept).
+    """
+    check_tp_divides(cfg, tp_size)
+    return {name: xp.asarray(shard_array(name, init_param(name, shape, cfg, seed), tp_rank, tp_size), dtype=dtype)
             for name, shape in param_shapes(cfg).items()}
 
 
@@ -115,12 +136,24 @@ def _put_grads(grads: dict, prefix: str, local: dict) -> None:
         grads[f"{prefix}.{name}"] = g
 
 
-def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None):
-    """tokens int (B, T) -> logits (B, T, V), and the cache for ``model_backward``.
+def _check_shard_shapes(params: dict, cfg: ModelConfig, tp_size: int) -> None:
+    """ValueError when a parameter's shape is not this rank's shard shape (e.g. full tensors given with tp > 1)."""
+    for name, shape in param_shard_shapes(cfg, tp_size).items():
+        if name in params and tuple(params[name].shape) != shape:
+            raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)}; with tp={tp_size} this rank's "
+                             f"shard has shape {shape} (see npllm.parallel.tensor.shard_params)")
 
-    past_kv: for cached decoding, a list of L (k, v) pairs (B, NKV, T_past, hs) from earlier positions; the tokens
-    then sit at positions T_past ... T_past + T - 1. The cache's "present_kv" holds the keys/values to pass next.
+
+def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None):
+    """tokens int (B, T) -> logits (B, T, V_tp), and the cache for ``model_backward``.
+
+    past_kv: for cached decoding, a list of L (k, v) pairs (B, NKV_tp, T_past, hs) from earlier positions; the
+    tokens then sit at positions T_past ... T_past + T - 1. The cache's "present_kv" holds the keys/values to pass next.
+    tp: the tensor-parallel communicator; None for one process. With tp ranks, ``params`` are this rank's shards
+    and the logits are this rank's slice of the vocabulary (V_tp = V / tp); with one process V_tp = V, NKV_tp = NKV.
     """
+    tp = LocalComm() if tp is None else tp
+    _check_shard_shapes(params, cfg, tp.size)
     xp = get_array_module(params["tok_emb"])
     B, T = tokens.shape
     T_past = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -128,9 +161,9 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None):
         raise ValueError(f"sequence length {T_past + T} exceeds max_seq_len={cfg.max_seq_len}")
     positions = np.arange(T_past, T_past + T)  # (T,)
     dtype = params["tok_emb"].dtype
-    cache = {"tokens": tokens, "layers": [], "present_kv": []}
+    cache = {"tokens": tokens, "layers": [], "present_kv": [], "tp": tp}
 
-    x, cache["tok_emb"] = embedding_forward({"w": params["tok_emb"]}, tokens)  # (B, T, C)
+    x, cache["tok_emb"] = vocab_parallel_embedding_forward(params["tok_emb"], tokens, tp)  # (B, T, C)
     rope = None
     if cfg.pos == "learned":
         pe, cache["pos_emb"] = embedding_forward({"w": params["pos_emb"]}, xp.asarray(positions))  # (T, C)
@@ -141,25 +174,26 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None):
     for l in range(cfg.n_layers):
         pre = f"layers.{l}"
         h, c_attn_norm = norm_forward(cfg.norm, sub_params(params, pre + ".attn_norm"), x, cfg.norm_eps)
-        a, c_attn = attention_forward(sub_params(params, pre + ".attn"), h, cfg.n_heads, cfg.n_kv_heads,
-                                      rope=rope, past_kv=None if past_kv is None else past_kv[l])
+        a, c_attn = parallel_attention_forward(sub_params(params, pre + ".attn"), h, cfg, tp,
+                                               rope=rope, past_kv=None if past_kv is None else past_kv[l])
         x = x + a  # (B, T, C) residual
         h, c_mlp_norm = norm_forward(cfg.norm, sub_params(params, pre + ".mlp_norm"), x, cfg.norm_eps)
-        m, c_mlp = mlp_forward(cfg.mlp, sub_params(params, pre + ".mlp"), h)
+        m, c_mlp = parallel_mlp_forward(cfg.mlp, sub_params(params, pre + ".mlp"), h, tp)
         x = x + m  # (B, T, C) residual
         cache["layers"].append((c_attn_norm, c_attn, c_mlp_norm, c_mlp))
-        cache["present_kv"].append((c_attn["k"], c_attn["v"]))
+        cache["present_kv"].append((c_attn["k"], c_attn["v"]))  # each (B, NKV_tp, T_past + T, hs)
 
     x, cache["norm"] = norm_forward(cfg.norm, sub_params(params, "norm"), x, cfg.norm_eps)  # (B, T, C)
-    w_head = params["tok_emb"].T if cfg.tie_embeddings else params["lm_head"]  # (C, V)
-    logits, cache["head"] = linear_forward({"w": w_head}, x)  # (B, T, V)
+    w_head = params["tok_emb"].T if cfg.tie_embeddings else params["lm_head"]  # (C, V_tp)
+    logits, cache["head"] = column_parallel_linear_forward({"w": w_head}, x, tp)  # (B, T, V_tp)
     return logits, cache
 
 
 def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
-    """dlogits (B, T, V) -> grads, a dict with exactly the keys of the parameters."""
+    """dlogits (B, T, V_tp) -> grads, a dict with exactly the keys of the parameters (this rank's shards)."""
+    tp = cache["tp"]
     grads: dict = {}
-    dx, g_head = linear_backward(dlogits, cache["head"])  # dx (B, T, C)
+    dx, g_head = column_parallel_linear_backward(dlogits, cache["head"], tp)  # dx (B, T, C)
     dx, g_norm = norm_backward(cfg.norm, dx, cache["norm"])
     _put_grads(grads, "norm", g_norm)
 
@@ -167,13 +201,13 @@ def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
         pre = f"layers.{l}"
         c_attn_norm, c_attn, c_mlp_norm, c_mlp = cache["layers"][l]
         # forward was x_out = x_mid + mlp(norm(x_mid)): the residual passes dx through and the branch adds to it
-        dh, g = mlp_backward(cfg.mlp, dx, c_mlp)
+        dh, g = parallel_mlp_backward(cfg.mlp, dx, c_mlp, tp)
         _put_grads(grads, pre + ".mlp", g)
         dx_branch, g = norm_backward(cfg.norm, dh, c_mlp_norm)
         _put_grads(grads, pre + ".mlp_norm", g)
         dx = dx + dx_branch
         # forward was x_mid = x_in + attn(norm(x_in))
-        dh, g = attention_backward(dx, c_attn)
+        dh, g = parallel_attention_backward(dx, c_attn, tp)
         _put_grads(grads, pre + ".attn", g)
         dx_branch, g = norm_backward(cfg.norm, dh, c_attn_norm)
         _put_grads(grads, pre + ".attn_norm", g)
@@ -182,7 +216,7 @@ def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
     if cfg.pos == "learned":  # forward was x = tok_emb[tokens] + pos_emb[positions] (broadcast over B)
         _, g = embedding_backward(dx.sum(axis=0), cache["pos_emb"])
         grads["pos_emb"] = g["w"]
-    _, g = embedding_backward(dx, cache["tok_emb"])
+    _, g = vocab_parallel_embedding_backward(dx, cache["tok_emb"], tp)
     if cfg.tie_embeddings:  # tok_emb is used twice: as the lookup table and (transposed) as the head
         grads["tok_emb"] = g["w"] + g_head["w"].T
     else:
@@ -197,14 +231,16 @@ def forward(params: dict, tokens, cfg: ModelConfig):
     return logits
 
 
-def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig):
+def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, tp=None):
     """Mean cross-entropy of ``targets`` (B, T) under the model, and its gradient for every parameter.
 
     Targets equal to -100 are ignored. Returns (loss: float, grads: dict with exactly the keys of params).
+    tp: the tensor-parallel communicator (None: one process); the loss is then the same on every rank of the group
+    and the grads are this rank's shards. The loss is computed from each rank's vocabulary slice of the logits.
     """
-    logits, cache = model_forward(params, tokens, cfg)  # (B, T, V)
-    loss, loss_cache = cross_entropy_forward(logits, targets)
-    dlogits, _ = cross_entropy_backward(1.0, loss_cache)  # (B, T, V)
+    logits, cache = model_forward(params, tokens, cfg, tp=tp)  # (B, T, V_tp)
+    loss, loss_cache = vocab_parallel_cross_entropy_forward(logits, targets, cache["tp"])
+    dlogits, _ = vocab_parallel_cross_entropy_backward(1.0, loss_cache)  # (B, T, V_tp)
     return loss, model_backward(dlogits, cache, cfg)
 
 
