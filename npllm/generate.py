@@ -31,7 +31,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from .backend import asnumpy, get_array_module
+from .backend import asnumpy, get_array_module, to_device
 from .config import ModelConfig
 from .model import model_forward
 from .sampling import SamplingConfig, log_softmax, sample_token
@@ -238,3 +238,170 @@ def beam_search(params, cfg: ModelConfig, prompt, max_new_tokens: int, beams: in
                              normalized_score(float(lp), len(row) - len(prompt), length_penalty), False)
                   for row, lp in zip(seqs, live_logprob)]
     return sorted(finished + unfinished, key=lambda h: -h.score)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading a trained model
+
+
+def load_model(ckpt, device: str = "cpu", tokenizer_dir=None):
+    """(params, cfg, tokenizer) of a checkpoint written by ``npllm.train`` (a run dir or a ckpt_XXXXXXXX dir).
+
+    The tokenizer is the one named in the checkpoint's meta (``tokenizer.dir``) unless ``tokenizer_dir`` is given;
+    either way its fingerprint must match the one recorded at training time.
+    """
+    from .checkpoint import load_checkpoint
+    from .tokenizer import Tokenizer
+
+    params, _, meta = load_checkpoint(ckpt)
+    if "model_config" not in meta or "tokenizer" not in meta:
+        raise ValueError(f"{ckpt}: the checkpoint's meta has no model_config/tokenizer; was it written by npllm.train?")
+    try:
+        cfg = ModelConfig(**meta["model_config"])
+    except TypeError as err:  # a field this npllm does not know
+        raise ValueError(f"{ckpt}: the checkpoint's model_config does not fit this npllm's ModelConfig ({err})") from None
+    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir is not None else meta["tokenizer"]["dir"])
+    if tokenizer.fingerprint != meta["tokenizer"]["fingerprint"]:
+        raise ValueError(f"the tokenizer at {tokenizer.model_path} is not the one this model was trained with "
+                         f"(fingerprint {tokenizer.fingerprint[:12]}, checkpoint has "
+                         f"{meta['tokenizer']['fingerprint'][:12]})")
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model has vocab_size={cfg.vocab_size}")
+    return to_device(params, device), cfg, tokenizer
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids: eos_id first (the training stream puts EOS before every document but the first, so it
+    marks "a document starts here"), then the text's tokens. An empty prompt starts a document from nothing."""
+    return [tokenizer.eos_id] + tokenizer.encode(text)
+
+
+class TextStream:
+    """Turns tokens into text increments for printing as they come.
+
+    Sentencepiece joins pieces with context (a leading space, bytes of one UTF-8 character split over several
+    byte-fallback tokens), so each step decodes the whole sequence and emits what was added since the last step,
+    holding back an incomplete character (shown as U+FFFD) until its last byte arrives.
+    """
+
+    def __init__(self, tokenizer, prompt: list[int]):
+        self.tokenizer, self.ids = tokenizer, list(prompt)
+        self.shown = tokenizer.decode(self.ids)  # the text printed so far
+
+    def push(self, token: int) -> str:
+        """The new text that ``token`` completes (maybe empty)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""  # an unfinished character, or an edit of earlier text: wait for more tokens
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+    def finish(self) -> str:
+        """Whatever was held back, once no token will follow (an unfinished character prints as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids)
+        new = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown = text
+        return new
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise ValueError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m npllm.generate", description="Generate text from an npllm checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="run directory or ckpt_XXXXXXXX directory")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt text; repeat for several prompts (default: one empty prompt)")
+    parser.add_argument("--max_new_tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (default 1.0)")
+    parser.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens; 0 = all (default)")
+    parser.add_argument("--top_p", type=float, default=None, help="nucleus mass in (0, 1]; 1 = all (default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beams", type=int, default=1, help="beam search with this many beams (1: sampling)")
+    parser.add_argument("--length_penalty", type=float, default=DEFAULT_LENGTH_PENALTY,
+                        help="beam score = sum log-prob / length ** length_penalty")
+    parser.add_argument("--no_kv_cache", action="store_true", help="full forward at every step (slow, reference)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
+    return parser
+
+
+def parse_args(argv):
+    """Parsed, checked options: every bad value becomes one ValueError line."""
+    args = build_parser().parse_args(argv)
+    sampling_given = [n for n in ("temperature", "top_k", "top_p") if getattr(args, n) is not None]
+    args.sampling = SamplingConfig(
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=0 if args.top_k is None else args.top_k,
+        top_p=1.0 if args.top_p is None else args.top_p)
+    if args.beams < 1:
+        raise ValueError(f"--beams={args.beams} is not allowed; use an integer >= 1 (1 means no beam search)")
+    if args.beams > 1 and sampling_given:
+        raise ValueError(f"--{sampling_given[0]} applies to sampling; beam search (--beams={args.beams}) is "
+                         f"deterministic and takes no sampling options")
+    check_max_new_tokens(args.max_new_tokens)
+    if args.length_penalty < 0 or not np.isfinite(args.length_penalty):
+        raise ValueError(f"--length_penalty={args.length_penalty} is not allowed; use a finite number >= 0")
+    args.prompts = args.prompt if args.prompt else [""]
+    return args
+
+
+def run(args, out=None) -> None:
+    out = sys.stdout if out is None else out
+    params, cfg, tokenizer = load_model(args.ckpt, args.device, args.tokenizer)
+    prompts = [prompt_ids(tokenizer, text) for text in args.prompts]
+    for ids in prompts:
+        check_prompt(ids, cfg, args.max_new_tokens)  # refuse an overlong request before generating anything
+    use_cache = not args.no_kv_cache
+
+    if args.beams > 1:
+        for i, ids in enumerate(prompts):
+            best = beam_search(params, cfg, ids, args.max_new_tokens, args.beams, eos_id=tokenizer.eos_id,
+                               length_penalty=args.length_penalty, use_kv_cache=use_cache)[0]
+            header = f"[{i}] " if len(prompts) > 1 else ""
+            out.write(f"{header}{tokenizer.decode(ids + best.tokens)}\n")
+            out.flush()
+        return
+
+    if len(prompts) == 1:  # one prompt: print the text as it is produced
+        text = TextStream(tokenizer, prompts[0])
+        out.write(text.shown)
+        out.flush()
+        for token in stream(params, cfg, prompts[0], args.max_new_tokens, args.sampling, seed=args.seed,
+                            eos_id=tokenizer.eos_id, use_kv_cache=use_cache):
+            out.write(text.push(token))
+            out.flush()
+        out.write(text.finish() + "\n")
+        return
+
+    generated: list[list[int]] = [[] for _ in prompts]  # several prompts: print each one when it is finished
+    for step in decode_steps(params, cfg, prompts, args.max_new_tokens, args.sampling, seed=args.seed,
+                             eos_id=tokenizer.eos_id, use_kv_cache=use_cache):
+        generated[step.prompt_index].append(step.token)
+        if step.finished:
+            i = step.prompt_index
+            out.write(f"[{i}] {tokenizer.decode(prompts[i] + generated[i])}\n")
+            out.flush()
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except (ValueError, FileNotFoundError, ImportError) as err:  # ImportError: --device=cuda without CuPy
+        print(f"npllm.generate: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

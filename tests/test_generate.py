@@ -238,3 +238,104 @@ def test_bad_beam_input_raises(kwargs, word):
     cfg = MODELS["rope-gqa"]
     with pytest.raises(ValueError, match=word):
         beam_search(peaked_params(cfg), cfg, [1, 2], 5, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line, on a checkpoint saved the way npllm.train saves one
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from tests.tiny_run import make_run
+
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+def cli(argv, capsys):
+    from npllm.generate import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_streams_one_prompt_and_matches_the_python_api(run_dir, capsys):
+    from npllm.generate import load_model, prompt_ids
+
+    code, out, err = cli([f"--ckpt={run_dir}", "--prompt=The value", "--max_new_tokens=8", "--temperature=0.9",
+                          "--top_k=20", "--seed=4"], capsys)
+    assert code == 0 and err == ""
+    params, cfg, tok = load_model(run_dir)
+    ids = prompt_ids(tok, "The value")
+    assert ids[0] == tok.eos_id
+    new = generate(params, cfg, [ids], 8, SamplingConfig(0.9, 20), seed=4, eos_id=tok.eos_id)[0]
+    assert out == tok.decode(ids + new) + "\n"
+
+
+def test_cli_several_prompts_each_printed_when_done(run_dir, capsys):
+    from npllm.generate import load_model, prompt_ids
+
+    prompts = ["a", "The value of", "def"]
+    code, out, _ = cli([f"--ckpt={run_dir}"] + [f"--prompt={p}" for p in prompts] +
+                       ["--max_new_tokens=5", "--temperature=0"], capsys)
+    assert code == 0
+    params, cfg, tok = load_model(run_dir)
+    ids = [prompt_ids(tok, p) for p in prompts]
+    expected = generate(params, cfg, ids, 5, eos_id=tok.eos_id)
+    lines = sorted(out.splitlines())
+    assert len(lines) == 3
+    for i in range(3):
+        assert f"[{i}] {tok.decode(ids[i] + expected[i])}" in lines
+
+
+def test_cli_beams_and_no_kv_cache(run_dir, capsys):
+    from npllm.generate import load_model, prompt_ids
+
+    args = [f"--ckpt={run_dir}", "--prompt=x = ", "--max_new_tokens=6", "--beams=3"]
+    code, cached, _ = cli(args, capsys)
+    code2, plain, _ = cli(args + ["--no_kv_cache"], capsys)
+    assert code == code2 == 0 and cached == plain
+    params, cfg, tok = load_model(run_dir)
+    ids = prompt_ids(tok, "x = ")
+    best = beam_search(params, cfg, ids, 6, 3, eos_id=tok.eos_id)[0]
+    assert cached == tok.decode(ids + best.tokens) + "\n"
+
+
+@pytest.mark.parametrize("extra, word", [
+    (["--top_p=0"], "top_p"), (["--top_p=1.5"], "top_p"), (["--temperature=-1"], "temperature"),
+    (["--beams=0"], "beams"), (["--top_k=-3"], "top_k"), (["--max_new_tokens=0"], "max_new_tokens"),
+    (["--max_new_tokens=20"], "max_seq_len=16"), (["--beams=2", "--top_k=5"], "beam search"),
+    (["--top_k=abc"], "invalid int"), (["--device=tpu"], "invalid choice"), (["--bogus=1"], "unrecognized"),
+])
+def test_cli_bad_input_is_one_clear_line(run_dir, capsys, extra, word):
+    code, out, err = cli([f"--ckpt={run_dir}", "--prompt=hi"] + extra, capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and word in err and "Traceback" not in err
+
+
+def test_cli_missing_checkpoint_and_missing_option(tmp_path, capsys):
+    code, _, err = cli([f"--ckpt={tmp_path / 'nope'}", "--prompt=hi"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "no checkpoint" in err
+    code, _, err = cli(["--prompt=hi"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--ckpt" in err
+
+
+def test_cli_runs_as_a_module(run_dir):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "npllm.generate", f"--ckpt={run_dir}", "--prompt=hi",
+                           "--top_p=2"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("npllm.generate: error: top_p=2.0")
+    assert done.stderr.count("\n") == 1
+
+
+def test_text_stream_holds_back_partial_characters(run_dir):
+    from npllm.generate import TextStream, load_model
+
+    _, _, tok = load_model(run_dir)
+    ids = tok.encode("naïve café ☕ done")
+    stream_ = TextStream(tok, [tok.eos_id])
+    pieces = [stream_.push(t) for t in ids]
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)

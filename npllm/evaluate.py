@@ -1,0 +1,201 @@
+"""Perplexity of a model on any text: ``python -m npllm.evaluate --ckpt=OUT --data=FILE_OR_DIR``.
+
+A token sequence longer than the model's context is scored in sliding windows of at most ``seq_len`` tokens:
+
+    targets 1 .. N-1 (token 0 has nothing before it to predict it from) are cut into consecutive chunks:
+      the first chunk is targets 1 .. seq_len, every later chunk the next ``stride`` targets (the last may be shorter);
+    each chunk is scored by one window of seq_len inputs that ends right before the chunk's last target, so its
+      targets see as much left context as fits: at least seq_len - stride + 1 tokens, outside the first window.
+
+Every target is scored exactly once. stride = seq_len means disjoint windows (fastest, least context at each
+window's start); stride = 1 gives every token a full seq_len of context (one forward per token). The default is
+seq_len // 2: each window costs two forwards' worth, and every token past the first window sees at least half a
+context. loss = mean of -log p(target | context) over the scored targets, ppl = exp(loss).
+
+Data: a directory made by ``python -m npllm.data prepare`` (its val.bin, or --split=train), a shard file (any
+file that starts with the shard magic), or a UTF-8 text file, tokenized with the checkpoint's tokenizer as one
+document the way generation sees a prompt: [eos] + tokens(text) + [eos], so its first token is scored too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backend import asnumpy, get_array_module
+from .config import ModelConfig
+from .model import model_forward
+from .sampling import log_softmax
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # inputs are tokens[start : end], targets tokens[start + 1 : end + 1]
+    end: int
+    n_scored: int  # only the last n_scored targets of the window count
+
+
+def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
+    """The windows that score targets 1 .. n_tokens - 1 once each (see the module docstring)."""
+    if n_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score one, got {n_tokens}")
+    for name, value in (("seq_len", seq_len), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}={value!r} is not allowed; use a positive integer")
+    if stride > seq_len:
+        raise ValueError(f"stride={stride} is larger than seq_len={seq_len}; tokens between windows would be skipped")
+    last_target = n_tokens - 1
+    scored_up_to = min(seq_len, last_target)  # the first window: targets 1 .. scored_up_to, from position 0
+    windows = [Window(0, scored_up_to, scored_up_to)]
+    while scored_up_to < last_target:
+        chunk_end = min(scored_up_to + stride, last_target)  # the chunk is targets scored_up_to+1 .. chunk_end
+        windows.append(Window(chunk_end - seq_len, chunk_end, chunk_end - scored_up_to))
+        scored_up_to = chunk_end
+    return windows
+
+
+def evaluate_tokens(params, cfg: ModelConfig, tokens, seq_len: int | None = None, stride: int | None = None,
+                    batch_size: int = 8) -> dict:
+    """Mean loss, perplexity and count of the targets scored by ``sliding_windows`` over ``tokens`` (N,).
+
+    tokens: host ints (a list, array or memmap). seq_len defaults to cfg.max_seq_len, stride to seq_len // 2.
+    Returns dict(loss, ppl, n_tokens); the sum of -log p is accumulated in float64 on the host.
+    """
+    seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    if isinstance(seq_len, (int, np.integer)) and not isinstance(seq_len, bool) and seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} is longer than the model's context max_seq_len={cfg.max_seq_len}")
+    stride = max(1, seq_len // 2) if stride is None else stride
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not allowed; use a positive integer")
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be a 1-D array of integer ids, got shape {tokens.shape} dtype {tokens.dtype}")
+    windows = sliding_windows(len(tokens), seq_len, stride)
+    xp = get_array_module(params["tok_emb"])
+    total_nll, n_scored = 0.0, 0
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first:first + batch_size]  # every window here has the same length but maybe the only one
+        x = np.stack([tokens[w.start:w.end] for w in batch]).astype(np.int64)  # (B, T)
+        y = np.stack([tokens[w.start + 1:w.end + 1] for w in batch]).astype(np.int64)  # (B, T)
+        if x.max() >= cfg.vocab_size:
+            raise ValueError(f"token id {int(x.max())} is out of range for the model's vocab_size={cfg.vocab_size}")
+        logits, _ = model_forward(params, xp.asarray(x), cfg)  # (B, T, V)
+        for b, w in enumerate(batch):
+            rows = asnumpy(logits[b, -w.n_scored:])  # (n_scored, V) the scored positions only
+            logp = log_softmax(rows)  # (n_scored, V) float64
+            targets = y[b, -w.n_scored:]  # (n_scored,)
+            total_nll -= float(logp[np.arange(w.n_scored), targets].sum())
+            n_scored += w.n_scored
+    loss = total_nll / n_scored
+    ppl = math.exp(loss) if loss < 709.0 else math.inf  # exp overflows float64 past ~709.78
+    return dict(loss=loss, ppl=ppl, n_tokens=n_scored)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+def is_token_shard(path: Path) -> bool:
+    from .data import MAGIC
+
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def load_eval_tokens(data, tokenizer, split: str = "val") -> tuple[np.ndarray, str]:
+    """The tokens to score and a description of where they came from."""
+    from .data import encode_documents, load_tokens
+
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data={data}: no such file or directory")
+    if path.is_dir():
+        if split not in ("train", "val"):
+            raise ValueError(f"--split={split!r} is not allowed; choose train or val")
+        shard = path / f"{split}.bin"
+        if not shard.is_file():
+            raise FileNotFoundError(f"{data} has no {split}.bin; pass a directory made by `python -m npllm.data "
+                                    f"prepare`, a .bin shard, or a text file")
+        meta_path = path / "meta.json"
+        if meta_path.is_file():
+            recorded = json.loads(meta_path.read_text()).get("tokenizer_fingerprint")
+            if recorded is not None and recorded != tokenizer.fingerprint:
+                raise ValueError(f"{data} was tokenized with another tokenizer (fingerprint {recorded[:12]}) than "
+                                 f"the model's ({tokenizer.fingerprint[:12]})")
+        path = shard
+    if is_token_shard(path):
+        return load_tokens(path), f"shard {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is neither a token shard nor UTF-8 text") from None
+    doc = encode_documents([text], tokenizer)  # tokens of the text, then eos_id
+    return np.concatenate([[tokenizer.eos_id], doc]).astype(np.int64), f"text {path}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise ValueError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m npllm.evaluate", description="Loss and perplexity of a checkpoint on data.")
+    parser.add_argument("--ckpt", required=True, help="run directory or ckpt_XXXXXXXX directory")
+    parser.add_argument("--data", required=True, help="data directory (val.bin), token shard, or UTF-8 text file")
+    parser.add_argument("--split", default="val", help="for a data directory: val (default) or train")
+    parser.add_argument("--seq_len", type=int, default=None, help="window length (default: max_seq_len)")
+    parser.add_argument("--stride", type=int, default=None, help="new targets per window (default: seq_len // 2)")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward")
+    parser.add_argument("--max_tokens", type=int, default=None, help="score only the first N tokens (default: all)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    return parser
+
+
+def run(argv, out=None) -> dict:
+    out = sys.stdout if out is None else out
+    from .generate import load_model
+
+    args = build_parser().parse_args(argv)
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ValueError(f"--max_tokens={args.max_tokens} is not allowed; use an integer >= 2")
+    params, cfg, tokenizer = load_model(args.ckpt, args.device, args.tokenizer)
+    tokens, source = load_eval_tokens(args.data, tokenizer, args.split)
+    if args.max_tokens is not None:
+        tokens = tokens[:args.max_tokens]
+    seq_len = cfg.max_seq_len if args.seq_len is None else args.seq_len
+    stride = max(1, seq_len // 2) if args.stride is None else args.stride
+    result = evaluate_tokens(params, cfg, tokens, seq_len, stride, args.batch_size)
+    if args.json:
+        out.write(json.dumps(dict(result, seq_len=seq_len, stride=stride, source=source)) + "\n")
+    else:
+        out.write(f"loss {result['loss']:.4f} | perplexity {result['ppl']:.3f} | {result['n_tokens']:,} tokens "
+                  f"scored | windows of {seq_len}, stride {stride} | {source}\n")
+    return result
+
+
+def main(argv=None) -> int:
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"npllm.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
