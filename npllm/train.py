@@ -31,7 +31,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, field_types, get_preset, parse_value
 from .data import BatchSampler, eval_batches, load_tokens, read_meta
 from .layers.loss import cross_entropy_forward
-from .model import accumulate_loss_and_grads, flops_per_token, init_params, model_forward, num_params
+from .model import accumulate_loss_and_grads, flops_per_token, init_params, model_forward, num_params, param_shapes
 from .optim import adamw_init, adamw_update, clip_grad_norm, lr_at
 from .tokenizer import Tokenizer
 
@@ -85,18 +85,39 @@ def _allowed_names() -> str:
     return "; allowed: " + ", ".join("--" + n for n in names)
 
 
+def check_resumable(saved_params: dict, saved_opt, meta: dict, cfg: ModelConfig) -> None:
+    """ValueError unless a loaded checkpoint has what an exact resume needs and tensors of its config's shapes."""
+    missing = [key for key in ("step", "sampler", "tokenizer") if key not in meta]
+    if missing:
+        raise ValueError(f"the checkpoint's meta lacks {missing}; only checkpoints written by npllm.train "
+                         f"can be resumed")
+    if saved_opt is None:
+        raise ValueError("the checkpoint holds no optimizer state, so the run cannot be resumed exactly")
+    expected = {name: tuple(shape) for name, shape in param_shapes(cfg).items()}
+    found = {name: tuple(value.shape) for name, value in saved_params.items()}
+    if found != expected:
+        wrong = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
+        raise ValueError(f"the checkpoint's tensors do not match its model config: {wrong[0]} is "
+                         f"{found.get(wrong[0])} in the file but {expected.get(wrong[0])} in the config "
+                         f"({len(wrong)} tensor(s) differ)")
+
+
 def build_configs(model_opts: dict, train_opts: dict, resumed_meta: dict | None = None):
     """The run's (ModelConfig, TrainConfig): a preset plus overrides, or a checkpoint's configs plus overrides."""
     if resumed_meta is None:
         tc = TrainConfig(**train_opts)
         cfg = get_preset(tc.preset, **model_opts)
     else:
-        cfg = ModelConfig(**resumed_meta["model_config"])
+        try:
+            cfg = ModelConfig(**resumed_meta["model_config"])
+            saved = dict(resumed_meta["train_config"])
+            tc = TrainConfig(**{**saved, **train_opts, "out_dir": train_opts.get("out_dir", saved["out_dir"])})
+        except (KeyError, TypeError) as err:  # a missing config, or a field this npllm does not know
+            raise ValueError(f"the checkpoint's meta has no usable model_config/train_config ({type(err).__name__}: "
+                             f"{err}); only checkpoints written by npllm.train can be resumed") from None
         changed = {k: v for k, v in model_opts.items() if getattr(cfg, k) != v}
         if changed:
             raise ValueError(f"cannot change the model when resuming: {changed} differs from the checkpoint's config")
-        saved = dict(resumed_meta["train_config"])
-        tc = TrainConfig(**{**saved, **train_opts, "out_dir": train_opts.get("out_dir", saved["out_dir"])})
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={tc.seq_len} is above the model's max_seq_len={cfg.max_seq_len}")
     return cfg, tc
@@ -236,6 +257,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed=None, log=print) -> list[di
         _write_atomic(out_dir / METRICS_FILE, "")
     else:
         saved_params, saved_opt, meta = resumed
+        check_resumable(saved_params, saved_opt, meta, cfg)
         params = {name: xp.asarray(value, dtype=dtype) for name, value in saved_params.items()}
         opt_state = {"step": saved_opt["step"], "m": to_device(saved_opt["m"], tc.device),
                      "v": to_device(saved_opt["v"], tc.device)}
@@ -259,6 +281,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed=None, log=print) -> list[di
         log(f"resumed from step {start_step} in {out_dir}")
 
     def save(step: int) -> Path:
+        if not all(bool(xp.isfinite(p).all()) for p in params.values()):
+            raise TrainingError(f"step {step}: the parameters are not finite after the update; not saving them "
+                                f"(last good checkpoint: {_latest_or_none(out_dir)})")
         meta = dict(model_config=dataclasses.asdict(cfg), train_config=dataclasses.asdict(tc), step=step,
                     sampler=sampler.state_dict(), rng=dict(seed=tc.seed, rule="BatchSampler: default_rng([seed, step])"),
                     tokenizer=dict(dir=str(data["tokenizer"].model_path.parent),
@@ -337,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             if Path(train_opts["resume"]).name.startswith("ckpt_"):
                 train_opts["out_dir"] = str(Path(train_opts["resume"]).parent)
         cfg, tc = build_configs(model_opts, train_opts, None if resumed is None else resumed[2])
-        train(cfg, tc, resumed)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are caught per step
+            train(cfg, tc, resumed)
     except (ValueError, FileNotFoundError, TrainingError) as err:
         print(f"npllm.train: error: {err}", file=sys.stderr)
         return 1 if isinstance(err, TrainingError) else 2
