@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np

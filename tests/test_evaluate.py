@@ -6,7 +6,6 @@ plan's definition rather than its code:
   stride = seq_len:  disjoint windows, context of target t = tokens[((t - 1) // seq_len) * seq_len : t]
 """
 
-import dataclasses
 import json
 import math
 
@@ -15,7 +14,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npllm.checkpoint import save_checkpoint
 from npllm.config import get_preset
 from npllm.data import write_tokens
 from npllm.evaluate import evaluate_tokens, main, sliding_windows

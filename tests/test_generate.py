@@ -10,6 +10,7 @@ Bounds on the cached logits, relative to the largest |logit| of the sequence:
 """
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -339,3 +340,27 @@ def test_text_stream_holds_back_partial_characters(run_dir):
     pieces = [stream_.push(t) for t in ids]
     assert "".join(pieces) == tok.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_cli_on_a_run_written_by_the_trainer(tmp_path, capsys):
+    """npllm.train -> npllm.generate and npllm.evaluate: the checkpoint's real meta is all they need."""
+    from npllm.corpus import default_corpus_text
+    from npllm.data import prepare_data
+    from npllm.evaluate import main as evaluate_main
+    from npllm.tokenizer import train_tokenizer
+    from npllm.train import main as train_main
+
+    (tmp_path / "text.txt").write_text(default_corpus_text()[:30_000], encoding="utf-8")
+    train_tokenizer([tmp_path / "text.txt"], 400, tmp_path / "data" / "tokenizer")
+    prepare_data([tmp_path / "text.txt"], tmp_path / "data" / "tokenizer", tmp_path / "data")
+    run = tmp_path / "run"
+    assert train_main(["--preset=nano", "--n_layers=1", "--dim=32", "--n_heads=2", "--n_kv_heads=1", "--ffn_dim=64",
+                       "--vocab_size=400", "--max_seq_len=32", "--seq_len=16", "--batch_size=4", "--peak_tflops=1",
+                       "--steps=2", f"--data={tmp_path / 'data'}", f"--out_dir={run}"]) == 0
+    capsys.readouterr()
+    code, out, err = cli([f"--ckpt={run}", "--prompt=The", "--max_new_tokens=10", "--temperature=0"], capsys)
+    assert code == 0 and err == "" and out.startswith("The")
+    assert evaluate_main([f"--ckpt={run}", f"--data={tmp_path / 'data'}", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["seq_len"] == 32 and result["stride"] == 16 and result["n_tokens"] > 100
+    assert math.isclose(result["ppl"], math.exp(result["loss"]), rel_tol=1e-12)
