@@ -5,6 +5,8 @@ global norm, and that one process's optimizer_step is exactly clip_grad_norm + a
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,9 @@ from npllm.parallel.data import (
     unflatten,
 )
 from npllm.parallel.tensor import is_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
+from mpi_common import FEW_TENSOR_STEPS, few_tensor_problem, find_mpirun, load_npz, run_mpi  # noqa: E402
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -101,3 +106,20 @@ def test_one_process_optimizer_step_is_clip_then_adamw_exactly(zero, dtype):
         assert got == expected and expected[1] < 1  # (norm, scale), clipping active
         for n in params:
             assert np.array_equal(params[n], ref_params[n]), (step, n)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(find_mpirun() is None, reason="mpirun not found next to sys.executable or on PATH (pip install mpich)")
+def test_zero1_with_ranks_that_own_nothing_equals_one_process(tmp_path):
+    run_mpi(4, "zero_few_tensors.py", f"--out={tmp_path / 'r.npz'}")
+    got = load_npz(tmp_path / "r.npz")
+    assert sorted(got["owned_count"]) == [0, 0, 1, 1]  # two of the four dp ranks own no tensor
+    params, grads_per_rank = few_tensor_problem(4)
+    state = adamw_init(params)
+    for step in range(FEW_TENSOR_STEPS):
+        mean = {n: sum(g[n] for g in grads_per_rank) * (step + 1) / 4 for n in params}  # what dp averaging gives
+        norm, scale = clip_grad_norm(mean, 0.5)
+        adamw_update(params, mean, state, lr=0.1, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+        np.testing.assert_allclose(got["norms"][step], [norm, scale], rtol=1e-12)
+    for n, p in params.items():
+        np.testing.assert_allclose(got[f"param:{n}"], p, rtol=1e-12, atol=1e-15)

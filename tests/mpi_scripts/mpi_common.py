@@ -54,6 +54,18 @@ def global_batch(cfg: ModelConfig, step: int, ignore: bool = False):
     return tokens, targets
 
 
+FEW_TENSOR_STEPS = 2
+
+
+def few_tensor_problem(dp_size: int):
+    """(params, [grads of dp rank d]) with two tensors only, for ZeRO-1 with more dp ranks than tensors. Step s
+    uses grads * (s + 1)."""
+    rng = np.random.default_rng(0)
+    params = {"tok_emb": rng.standard_normal((5, 3)), "norm.w": rng.standard_normal(3)}
+    grads = [{n: rng.standard_normal(p.shape) for n, p in params.items()} for _ in range(dp_size)]
+    return params, grads
+
+
 def rank_rows(array, dp_rank: int, dp_size: int):
     """Rows of the global batch that data-parallel rank dp_rank computes on: the dp_rank-th of dp_size equal blocks."""
     rows = array.shape[0] // dp_size
