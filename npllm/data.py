@@ -169,7 +169,10 @@ def read_meta(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no token data in {data_dir}: {path} is missing "
                                 f"(make it with `python -m npllm.data prepare`)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is corrupt, not valid JSON ({e})") from None
     meta["tokenizer_dir"] = str((Path(data_dir) / meta["tokenizer_dir"]).resolve())
     return meta
 

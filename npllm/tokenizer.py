@@ -155,7 +155,11 @@ class Tokenizer:
         if not model_path.is_file():
             raise FileNotFoundError(f"no tokenizer in {directory}: {model_path} is missing "
                                     f"(train one with `python -m npllm.tokenizer train`)")
-        tokenizer = cls(model_path.read_bytes(), model_path)
+        try:
+            tokenizer = cls(model_path.read_bytes(), model_path)
+        except RuntimeError as e:  # sentencepiece's parse error, several lines of C++ context
+            raise ValueError(f"{model_path} is not a sentencepiece model (corrupt or truncated): "
+                             f"{str(e).splitlines()[0][:120]}") from None
         info_path = directory / INFO_FILE
         if info_path.is_file():
             recorded = json.loads(info_path.read_text()).get("fingerprint")

@@ -257,11 +257,12 @@ def trained_run(data_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", ["unknown preset", "unknown option", "wrong type", "bare word", "seq_len",
                                   "vocab mismatch", "missing data dir", "no meta.json", "bad magic", "zero tokens",
-                                  "truncated shard"])
+                                  "truncated shard", "corrupt meta.json", "corrupt tokenizer"])
 def test_bad_input_exits_with_one_clear_line(data_dir, tmp_path, case):
     data = data_dir
     extra, fragments = [], []
-    if case in ("no meta.json", "bad magic", "zero tokens", "truncated shard"):
+    if case not in ("unknown preset", "unknown option", "wrong type", "bare word", "seq_len", "vocab mismatch",
+                    "missing data dir"):  # the cases that damage a copy of the data
         data = tmp_path / "data"
         shutil.copytree(data_dir, data)
     if case == "unknown preset":
@@ -293,6 +294,14 @@ def test_bad_input_exits_with_one_clear_line(data_dir, tmp_path, case):
         raw = (data / "val.bin").read_bytes()
         (data / "val.bin").write_bytes(raw[: len(raw) // 2])
         fragments = ["val.bin", "truncated"]
+    elif case == "corrupt meta.json":
+        (data / "meta.json").write_text('{"format": "npllm-tokens", ')
+        fragments = ["meta.json", "JSON"]
+    elif case == "corrupt tokenizer":  # tokenizer.json gone too, else its fingerprint check would catch it first
+        (data / "tokenizer" / "tokenizer.json").unlink()
+        model = data / "tokenizer" / "tokenizer.model"
+        model.write_bytes(model.read_bytes()[:100])
+        fragments = ["tokenizer.model", "not a sentencepiece model"]
     proc = run_cli(*tiny(data, tmp_path / "out", "--steps=2", *extra))
     assert_one_line_error(proc, *fragments)
     assert not list((tmp_path / "out").glob("ckpt_*"))
