@@ -24,7 +24,7 @@ from npllm.parallel.data import (
 from npllm.parallel.tensor import is_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
-from mpi_common import FEW_TENSOR_STEPS, few_tensor_problem, find_mpirun, load_npz, run_mpi  # noqa: E402
+from mpi_common import FEW_TENSOR_STEPS, NO_MPIRUN, few_tensor_problem, find_mpirun, load_npz, run_mpi  # noqa: E402
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -109,7 +109,7 @@ def test_one_process_optimizer_step_is_clip_then_adamw_exactly(zero, dtype):
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(find_mpirun() is None, reason="mpirun not found next to sys.executable or on PATH (pip install mpich)")
+@pytest.mark.skipif(find_mpirun() is None, reason=NO_MPIRUN)
 def test_zero1_with_ranks_that_own_nothing_equals_one_process(tmp_path):
     run_mpi(4, "zero_few_tensors.py", f"--out={tmp_path / 'r.npz'}")
     got = load_npz(tmp_path / "r.npz")

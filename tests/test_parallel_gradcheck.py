@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
-from mpi_common import TINY_CONFIGS, find_mpirun, load_npz, run_mpi  # noqa: E402
+from mpi_common import NO_MPIRUN, TINY_CONFIGS, find_mpirun, load_npz, run_mpi  # noqa: E402
 
 from npllm.model import param_shapes  # noqa: E402
 from npllm.parallel.tensor import is_split  # noqa: E402
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(find_mpirun() is None, reason="mpirun not found next to sys.executable or on PATH (pip install mpich)")
+@pytest.mark.skipif(find_mpirun() is None, reason=NO_MPIRUN)
 def test_tensor_parallel_gradients_match_finite_differences_under_mpirun(tmp_path, assert_grads):
     run_mpi(2, "gradcheck_tp.py", "--tp=2", f"--out={tmp_path}", timeout=300)
     ranks = [{k: float(v) for k, v in load_npz(tmp_path / f"rank{r}.npz").items()} for r in range(2)]

@@ -13,8 +13,8 @@ Bounds (relative error, ||a - b|| / ||b|| per tensor or per series):
              gradient entries, so the parameters drift further apart than the gradients).
 The key bias ``attn.bk`` has an exactly zero true gradient (adding a constant to every score of a softmax row
 changes nothing), so both runs hold rounding noise there: its gradient is checked to be zero on both sides (below
-1e-12, float32 1e-5, of the whole gradient's norm) instead of by relative error, and it is left out of the parameter comparison,
-where AdamW turns that noise into +-lr steps.
+1e-12, float32 1e-5, of the whole gradient's norm) instead of by relative error, and it is left out of the
+parameter comparison, where AdamW turns that noise into +-lr steps.
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
 from mpi_common import (  # noqa: E402
-    CONFIGS, INIT_SEED, MAX_NORM, OPTIM, STEPS, find_mpirun, global_batch, load_npz, run_mpi,
+    CONFIGS, INIT_SEED, MAX_NORM, NO_MPIRUN, OPTIM, STEPS, find_mpirun, global_batch, load_npz, run_mpi,
 )
 
 from npllm.model import init_params, loss_and_grads, param_shapes  # noqa: E402
 from npllm.optim import adamw_init, adamw_update, clip_grad_norm  # noqa: E402
 
-pytestmark = [pytest.mark.mpi, pytest.mark.skipif(
-    find_mpirun() is None, reason="mpirun not found next to sys.executable or on PATH (pip install mpich)")]
+pytestmark = [pytest.mark.mpi, pytest.mark.skipif(find_mpirun() is None, reason=NO_MPIRUN)]
 
 BOUNDS = {  # dtype -> (loss and norm, step-0 gradients, parameters after STEPS)
     "float64": (1e-10, 1e-10, 1e-10),

@@ -12,7 +12,7 @@ F_tp = F / tp, V_tp = V / tp.
     MLP         w1, w3      (C, F)   b1, b3 (F,)         axis 1 / axis 0        column-parallel
                 w2          (F, C)                       axis 0                 row-parallel, all-reduce
                 b2          (C,)                         replicated             added once, after the all-reduce
-    embedding   tok_emb     (V, C)                       axis 0, by vocabulary  rows outside the slice give 0; all-reduce
+    embedding   tok_emb     (V, C)                       axis 0, by vocabulary  0 for others' tokens; all-reduce
     head        lm_head     (C, V)  (or tok_emb.T)       axis 1, by vocabulary  logits (B, T, V_tp), never gathered
     norms, pos_emb, and the biases above marked replicated: full copies on every rank
 

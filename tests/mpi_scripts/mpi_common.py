@@ -18,6 +18,8 @@ import numpy as np
 from npllm.config import ModelConfig
 
 SCRIPTS = Path(__file__).resolve().parent
+NO_MPIRUN = "mpirun not found next to sys.executable or on PATH (pip install mpich)"  # the tests' skip reason
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 REPO = SCRIPTS.parents[1]
 
 # Small models that tp=2 can split (n_heads, n_kv_heads, ffn_dim, vocab_size even), one per architecture family.
@@ -106,7 +108,7 @@ def run_mpi(n: int, script: str, *args: str, timeout: float = 120, check: bool =
     mpirun = find_mpirun()
     if mpirun is None:
         raise RuntimeError("mpirun not found next to sys.executable or on PATH")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_THREAD_VARS}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [mpirun, "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
     start = time.perf_counter()
