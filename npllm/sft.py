@@ -1,0 +1,308 @@
+"""Supervised fine-tuning data: prompt/response records -> masked (x, y) batches.
+
+    FILE.jsonl --load_sft_records--> [{"prompt", "response", "line"}] --encode_sft_example--> (x, y) rows of T tokens
+    --split_records--> train / val --SFTBatchSampler.next()--> (x, y) int64 (B, T), y = -100 where nothing is learned
+
+One record per line, a JSON object with string fields "prompt" and "response" (other keys are ignored; blank lines
+are skipped). A record becomes one row of T = seq_len tokens:
+
+    sequence = [eos] + encode(prompt) + encode(response) + [eos]          n = P + R + 2 tokens
+    x = sequence[:-1], padded with eos to T                               (T,)
+    y = sequence[1:],  padded with -100 to T, and -100 at the P positions whose next token is a prompt token
+
+So the loss counts exactly the R response tokens and the final eos (which teaches the model to stop). The leading
+eos is npllm.generate's prompt convention (``prompt_ids``): a fine-tuned model sees at generation time exactly the
+tokens it was trained on. No separator is inserted between prompt and response; put one in the prompt if you want
+one (e.g. "Q: ...\\nA:"). A record longer than T + 1 tokens is refused, naming its line: truncation would cut the
+response and its final eos, teaching the model to stop mid-answer.
+
+Validation: max(1, N // 10) records, chosen by a fixed permutation (``split_records``), are held out for the val
+loss. The rest are drawn at random per step by ``SFTBatchSampler``, the rule of ``data.BatchSampler`` with records
+in place of windows. See docs/finetuning.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .layers.loss import IGNORE_INDEX
+from .tokenizer import Tokenizer
+
+VAL_FRACTION = 0.1  # share of the records held out for the validation loss (at least one)
+SPLIT_SEED = 0  # the held-out records are fixed by this seed, not by --seed: every run of a file validates alike
+MAX_REPORTED = 5  # malformed records named in the error message (the count of the others follows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# records
+
+
+def _record_problem(text: str):
+    """The reason a (non-blank) line is not a record, or None when it is one."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"not valid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(record, dict):
+        return f'expected a JSON object {{"prompt": ..., "response": ...}}, got {type(record).__name__}'
+    missing = [key for key in ("prompt", "response") if key not in record]
+    if missing:
+        return "missing key " + " and ".join(repr(k) for k in missing)
+    for key in ("prompt", "response"):
+        if not isinstance(record[key], str):
+            return f"{key!r} must be a string, got {type(record[key]).__name__}"
+    if record["response"] == "":
+        return "'response' is empty (the loss is taken over the response, so there would be nothing to learn)"
+    return None
+
+
+def load_sft_records(path) -> list[dict]:
+    """The records of a JSONL file: ``[{"prompt": str, "response": str, "line": int}]`` in file order.
+
+    Blank lines are allowed and skipped; ``line`` is the 1-based line number. Every malformed line is a problem
+    (bad UTF-8 or JSON, not an object, a missing key, a non-string value, an empty response): all of them are
+    collected and raised as one ValueError naming the first few as ``FILE:LINE: reason``. None is dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT file not found: {path} (expected a .jsonl file, one "
+                                f'{{"prompt": ..., "response": ...}} object per line)')
+    records, problems = [], []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start})")
+            continue
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+        if not text.strip():
+            continue
+        problem = _record_problem(text)
+        if problem is not None:
+            problems.append(f"{path}:{number}: {problem}")
+            continue
+        record = json.loads(text)
+        records.append(dict(prompt=record["prompt"], response=record["response"], line=number))
+    if problems:
+        raise ValueError(_many_problems(f"{len(problems)} malformed record(s) in {path}", problems))
+    if not records:
+        raise ValueError(f"{path} holds no records (every line is blank); expected one "
+                         f'{{"prompt": ..., "response": ...}} object per line')
+    return records
+
+
+def _many_problems(header: str, problems: list[str]) -> str:
+    """One line: the header, the first MAX_REPORTED problems, and how many more there are."""
+    shown = "; ".join(problems[:MAX_REPORTED])
+    more = f"; and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+    return f"{header}: {shown}{more}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one example
+
+
+def encode_sft_example(tok: Tokenizer, prompt: str, response: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, targets), each int64 (T,) with T = seq_len: the row a record trains on.
+
+    sequence = [eos] + encode(prompt) + encode(response) + [eos] (n = P + R + 2 tokens); tokens = sequence[:-1]
+    padded with eos; targets = sequence[1:] padded with -100, and -100 at the first P positions (their next token
+    is a prompt token). ValueError when n > seq_len + 1 (the record does not fit) or the response is empty.
+    """
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        raise ValueError(f"prompt and response must be strings, got {type(prompt).__name__} and "
+                         f"{type(response).__name__}")
+    if response == "":
+        raise ValueError("the response is empty; the loss is taken over the response, so it needs at least one token")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    prompt_ids, response_ids = tok.encode(prompt), tok.encode(response)
+    P, R = len(prompt_ids), len(response_ids)
+    sequence = [tok.eos_id] + prompt_ids + response_ids + [tok.eos_id]  # n = P + R + 2
+    if len(sequence) > seq_len + 1:
+        raise ValueError(f"the record is {len(sequence)} tokens (eos + {P} prompt + {R} response + eos), more "
+                         f"than seq_len+1={seq_len + 1}; shorten it or train with a larger --seq_len")
+    n = len(sequence)
+    tokens = np.full(seq_len, tok.eos_id, dtype=np.int64)  # (T,) padded with eos
+    targets = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)  # (T,) padded with -100
+    tokens[:n - 1] = sequence[:-1]
+    targets[:n - 1] = sequence[1:]
+    targets[:P] = IGNORE_INDEX  # positions 0..P-1 predict prompt tokens: not learned
+    return tokens, targets
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a set of examples, the split, and batches
+
+
+@dataclass(frozen=True)
+class SFTExamples:
+    """Encoded records, one row each: tokens and targets int32 (N, T), and each record's line in the file (N,)."""
+
+    tokens: np.ndarray  # (N, T) x rows, padded with eos
+    targets: np.ndarray  # (N, T) y rows, -100 on prompt and padding positions
+    lines: np.ndarray  # (N,) 1-based line numbers in the source file
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def subset(self, index) -> "SFTExamples":
+        """The examples at the given row indices, as SFTExamples."""
+        return SFTExamples(self.tokens[index], self.targets[index], self.lines[index])
+
+    def rows(self, index) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) int64 (len(index), T) of the given rows."""
+        return self.tokens[index].astype(np.int64), self.targets[index].astype(np.int64)
+
+
+def encode_sft_records(records: list[dict], tok: Tokenizer, seq_len: int, source="the records") -> SFTExamples:
+    """Every record as a row of seq_len tokens; a record that does not fit is a problem naming its line, and all
+    problems are raised as one ValueError (``source`` names the file in it)."""
+    tokens, targets, problems = [], [], []
+    for record in records:
+        try:
+            x, y = encode_sft_example(tok, record["prompt"], record["response"], seq_len)
+        except ValueError as err:
+            problems.append(f"{source}:{record['line']}: {err}")
+            continue
+        tokens.append(x)
+        targets.append(y)
+    if problems:
+        raise ValueError(_many_problems(f"{len(problems)} record(s) of {source} cannot be used", problems))
+    T = seq_len
+    return SFTExamples(tokens=np.array(tokens, dtype=np.int32).reshape(-1, T),  # (N, T)
+                       targets=np.array(targets, dtype=np.int32).reshape(-1, T),  # (N, T)
+                       lines=np.array([r["line"] for r in records], dtype=np.int64))  # (N,)
+
+
+def split_records(n_records: int, val_fraction: float = VAL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices), each sorted: val is the first max(1, floor(N * val_fraction)) positions of
+    np.random.default_rng(SPLIT_SEED).permutation(N). A fixed permutation rather than "the last 10%" because
+    files are often sorted or cycle through templates; fixed, so every run on the same file validates alike."""
+    if isinstance(n_records, bool) or not isinstance(n_records, (int, np.integer)) or n_records < 2:
+        raise ValueError(f"need at least 2 records (one is held out for the validation loss), got {n_records}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = max(1, int(n_records * val_fraction))
+    order = np.random.default_rng(SPLIT_SEED).permutation(n_records)  # (N,)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class SFTBatchSampler:
+    """Random training records, a pure function of (seed, step, rank): data.BatchSampler's rule, over records.
+
+    At step s, all ranks draw the same world_size * B distinct record indices, without replacement, from
+    np.random.default_rng([seed, s]); rank r takes indices r*B .. (r+1)*B - 1. So data-parallel ranks never share a
+    record within a step, and the sampler's whole position is the step number (exact resume needs only it).
+    Same interface as BatchSampler: sample(step), next(), state_dict(), load_state_dict().
+    """
+
+    def __init__(self, examples: SFTExamples, batch_size: int, seq_len: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        for name, value in [("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)]:
+            _check_positive_int(name, value)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if examples.tokens.shape[1] != seq_len:
+            raise ValueError(f"the examples are rows of {examples.tokens.shape[1]} tokens but seq_len={seq_len}")
+        self.examples = examples
+        self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.num_records = len(examples)
+        if self.num_records < self.world_size * self.batch_size:
+            raise ValueError(f"world_size * batch_size = {self.world_size * self.batch_size} distinct records per "
+                             f"step, but there are only {self.num_records} training records; use a smaller "
+                             f"--batch_size or more records")
+        self.step = 0
+
+    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (x, y) batch of this rank at `step`, each int64 (B, T). Does not move the sampler."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        B = self.batch_size
+        rng = np.random.default_rng([self.seed, int(step)])
+        chosen = rng.choice(self.num_records, size=self.world_size * B, replace=False)  # (world_size*B,)
+        return self.examples.rows(chosen[self.rank * B:(self.rank + 1) * B])  # x (B, T), y (B, T)
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        """The batch at the current step; then advance one step."""
+        batch = self.sample(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(seed=self.seed, step=self.step, rank=self.rank, world_size=self.world_size,
+                    batch_size=self.batch_size, seq_len=self.seq_len, num_records=self.num_records)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at state["step"] with state["seed"]. batch_size, seq_len, world_size and the number of training
+        records must match (anything else would be a different data order); rank stays this process's own."""
+        for key in ("batch_size", "seq_len", "world_size", "num_records"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state.get(key)} but this SFT sampler has "
+                                 f"{key}={getattr(self, key)}; they must match to resume")
+        if not isinstance(state["step"], int) or state["step"] < 0:
+            raise ValueError(f"sampler state step must be a non-negative integer, got {state['step']!r}")
+        self.seed, self.step = int(state["seed"]), state["step"]
+
+
+def sft_eval_batches(examples: SFTExamples, batch_size: int,
+                     max_batches: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Validation batches: the examples in file order, B at a time (the last batch may be smaller), at most
+    max_batches of them (None: all). Yields int64 (B, T) pairs."""
+    _check_positive_int("batch_size", batch_size)
+    if max_batches is not None:
+        _check_positive_int("max_batches", max_batches)
+    num_batches = -(-len(examples) // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    for b in range(num_batches):
+        yield examples.rows(np.arange(b * batch_size, min((b + 1) * batch_size, len(examples))))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the trainer loads
+
+
+def checkpoint_tokenizer(meta: dict, where="the checkpoint") -> Tokenizer:
+    """The tokenizer a checkpoint was trained with (meta["tokenizer"]["dir"]), checked against its fingerprint."""
+    info = meta.get("tokenizer")
+    if not isinstance(info, dict) or "dir" not in info or "fingerprint" not in info:
+        raise ValueError(f"{where} names no tokenizer (meta['tokenizer'] with 'dir' and 'fingerprint'); only "
+                         f"checkpoints written by npllm.train can be fine-tuned")
+    tokenizer = Tokenizer.load(info["dir"])
+    if tokenizer.fingerprint != info["fingerprint"]:
+        raise ValueError(f"the tokenizer at {tokenizer.model_path} is not the one {where} was trained with "
+                         f"(fingerprint {tokenizer.fingerprint[:12]}, recorded {info['fingerprint'][:12]})")
+    return tokenizer
+
+
+def load_sft_data(path, tokenizer: Tokenizer, seq_len: int) -> dict:
+    """A JSONL file as the trainer's data: dict(dir, train, val, tokenizer, unit, sft).
+
+    train / val are SFTExamples (split_records); ``dir`` is the file's absolute path; ``sft`` is what a checkpoint
+    records about the file (path, sha256 of its bytes, record counts) so that a resume can check it is unchanged.
+    """
+    records = load_sft_records(path)
+    path = Path(path).resolve()
+    examples = encode_sft_records(records, tokenizer, seq_len, source=path)
+    train_index, val_index = split_records(len(examples))
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    return dict(dir=str(path), train=examples.subset(train_index), val=examples.subset(val_index),
+                tokenizer=tokenizer, unit="records",
+                sft=dict(path=str(path), sha256=sha256, records=len(examples), train_records=len(train_index),
+                         val_records=len(val_index)))
