@@ -135,6 +135,8 @@ class TrainConfig:
     data: str | None = None  # directory made by `python -m npllm.data prepare`; None: the built-in default corpus
     out_dir: str = "runs/nano"  # checkpoints, metrics.jsonl and loss.png go here
     resume: str | None = None  # a run directory (or checkpoint) to continue exactly where it stopped
+    init_from: str | None = None  # a run directory (or checkpoint) whose weights start a new run (fresh AdamW, step 0)
+    sft: str | None = None  # a .jsonl file of {"prompt", "response"} records to fine-tune on (needs init_from)
     device: str = "cpu"  # "cpu" (NumPy) or "cuda" (CuPy)
     dtype: str = "float32"  # parameter and activation dtype: "float32", or "float64" for exactness checks
     seed: int = 0  # seeds the initial weights and the data order
@@ -168,6 +170,11 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be >= 0")
+        if self.sft is not None and self.init_from is None:
+            raise ValueError(f"--sft={self.sft} needs --init_from=CKPT: fine-tuning starts from a trained "
+                             f"checkpoint's weights and tokenizer")
+        if self.sft is not None and self.data is not None:
+            raise ValueError(f"--sft={self.sft} and --data={self.data} are two kinds of training data; give one")
         if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
             raise ValueError(f"lr_decay_steps={self.lr_decay_steps!r} must be a positive integer")
         if self.warmup_steps is not None and self.warmup_steps < 0:

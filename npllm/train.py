@@ -3,6 +3,7 @@
     python -m npllm.train --preset nano                          # the built-in default corpus
     python -m npllm.train --preset nano --data=DIR --steps=1000 --lr=3e-4 --out_dir=runs/x
     python -m npllm.train --resume=runs/x --steps=2000           # continue runs/x up to step 2000
+    python -m npllm.train --init_from=runs/x --sft=qa.jsonl --out_dir=runs/x-sft  # fine-tune on prompt/response pairs
 
 Every field of ModelConfig and TrainConfig (npllm/config.py) is an option ``--name=value``. One step:
 
@@ -11,7 +12,7 @@ Every field of ModelConfig and TrainConfig (npllm/config.py) is an option ``--na
     norm, _ = clip_grad_norm(grads, grad_clip)                    # one global norm
     adamw_update(params, grads, opt_state, lr=lr_at(step), ...)   # in place
 
-The loop is explained in docs/training.md.
+The loop is explained in docs/training.md, fine-tuning (--init_from, --sft) in docs/finetuning.md.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from .backend import asnumpy, to_device, xp_for_device
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, field_types, get_preset, parse_value
 from .data import BatchSampler, eval_batches, load_tokens, read_meta
-from .layers.loss import cross_entropy_forward
+from .layers.loss import IGNORE_INDEX, cross_entropy_forward
 from .model import accumulate_loss_and_grads, flops_per_token, init_params, model_forward, num_params, param_shapes
 from .optim import adamw_init, adamw_update, clip_grad_norm, lr_at
+from .sft import SFTBatchSampler, checkpoint_tokenizer, load_sft_data, sft_eval_batches
 from .tokenizer import Tokenizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -93,6 +95,23 @@ def check_resumable(saved_params: dict, saved_opt, meta: dict, cfg: ModelConfig)
                          f"can be resumed")
     if saved_opt is None:
         raise ValueError("the checkpoint holds no optimizer state, so the run cannot be resumed exactly")
+    check_param_shapes(saved_params, cfg)
+
+
+def initial_weights(initial, cfg: ModelConfig, tokenizer: Tokenizer, dtype, xp) -> dict:
+    """The --init_from checkpoint's parameters on the run's device and dtype, after checking that its tensors fit
+    cfg and that it was trained with the run's tokenizer."""
+    saved_params, _, meta = initial
+    check_param_shapes(saved_params, cfg)
+    recorded = meta.get("tokenizer", {}).get("fingerprint")
+    if recorded != tokenizer.fingerprint:
+        raise ValueError(f"the data's tokenizer ({tokenizer.model_path}) is not the one the --init_from checkpoint "
+                         f"was trained with (fingerprint {str(recorded)[:12]})")
+    return {name: xp.asarray(value, dtype=dtype) for name, value in saved_params.items()}
+
+
+def check_param_shapes(saved_params: dict, cfg: ModelConfig) -> None:
+    """ValueError unless a checkpoint's tensors are exactly those of param_shapes(cfg)."""
     expected = {name: tuple(shape) for name, shape in param_shapes(cfg).items()}
     found = {name: tuple(value.shape) for name, value in saved_params.items()}
     if found != expected:
@@ -102,11 +121,18 @@ def check_resumable(saved_params: dict, saved_opt, meta: dict, cfg: ModelConfig)
                          f"({len(wrong)} tensor(s) differ)")
 
 
-def build_configs(model_opts: dict, train_opts: dict, resumed_meta: dict | None = None):
-    """The run's (ModelConfig, TrainConfig): a preset plus overrides, or a checkpoint's configs plus overrides."""
+def build_configs(model_opts: dict, train_opts: dict, resumed_meta: dict | None = None,
+                  init_meta: dict | None = None):
+    """The run's (ModelConfig, TrainConfig): a preset plus overrides, or a checkpoint's configs plus overrides.
+
+    With init_meta (the meta of an --init_from checkpoint) the model is that checkpoint's; the run is new.
+    """
     if resumed_meta is None:
         tc = TrainConfig(**train_opts)
-        cfg = get_preset(tc.preset, **model_opts)
+        if init_meta is None:
+            cfg = get_preset(tc.preset, **model_opts)
+        else:
+            cfg = init_model_config(init_meta, model_opts, train_opts)
     else:
         try:
             cfg = ModelConfig(**resumed_meta["model_config"])
@@ -118,17 +144,49 @@ def build_configs(model_opts: dict, train_opts: dict, resumed_meta: dict | None 
         changed = {k: v for k, v in model_opts.items() if getattr(cfg, k) != v}
         if changed:
             raise ValueError(f"cannot change the model when resuming: {changed} differs from the checkpoint's config")
+        moved = {k: v for k, v in train_opts.items() if k in ("init_from", "sft") and v != saved.get(k)}
+        if moved:
+            raise ValueError(f"cannot change the starting point or the SFT data when resuming: {moved} differs from "
+                             f"the run's {({k: saved.get(k) for k in moved})}")
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={tc.seq_len} is above the model's max_seq_len={cfg.max_seq_len}")
     return cfg, tc
+
+
+def init_model_config(init_meta: dict, model_opts: dict, train_opts: dict) -> ModelConfig:
+    """The --init_from checkpoint's ModelConfig; a --preset, or a model option that differs from it, is refused."""
+    source = f"--init_from={train_opts['init_from']}"
+    if "preset" in train_opts:
+        raise ValueError(f"--preset={train_opts['preset']} cannot be combined with {source}: the model is the "
+                         f"checkpoint's")
+    try:
+        cfg = ModelConfig(**init_meta["model_config"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{source}: the checkpoint's meta has no usable model_config ({type(err).__name__}: "
+                         f"{err}); only checkpoints written by npllm.train can be used") from None
+    changed = {k: v for k, v in model_opts.items() if getattr(cfg, k) != v}
+    if changed:
+        raise ValueError(f"cannot change the model of {source}: {changed} differs from the checkpoint's config "
+                         f"{({k: getattr(cfg, k) for k in changed})}")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
 # data
 
 
-def load_data(tc: TrainConfig, cfg: ModelConfig) -> dict:
-    """Train/val token shards and the tokenizer that made them, checked against the model's vocabulary."""
+def load_data(tc: TrainConfig, cfg: ModelConfig, model_meta: dict | None = None) -> dict:
+    """Train/val token shards and the tokenizer that made them, checked against the model's vocabulary.
+
+    With --sft: the JSONL records instead (npllm/sft.py), tokenized with the tokenizer that model_meta (the meta of
+    the checkpoint the weights come from) names.
+    """
+    if tc.sft is not None:
+        tokenizer = checkpoint_tokenizer(model_meta, "the checkpoint")
+        if tokenizer.vocab_size != cfg.vocab_size:
+            raise ValueError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens but its model has "
+                             f"vocab_size={cfg.vocab_size}")
+        return load_sft_data(tc.sft, tokenizer, tc.seq_len)
     if tc.data is None:
         from .corpus import ensure_default_data
 
@@ -146,7 +204,8 @@ def load_data(tc: TrainConfig, cfg: ModelConfig) -> dict:
     if len(val_tokens) < tc.seq_len + 1:
         raise ValueError(f"the validation split in {data_dir} has {len(val_tokens)} tokens, fewer than "
                          f"seq_len+1={tc.seq_len + 1}")
-    return dict(dir=str(Path(data_dir).resolve()), train=train_tokens, val=val_tokens, tokenizer=tokenizer)
+    return dict(dir=str(Path(data_dir).resolve()), train=train_tokens, val=val_tokens, tokenizer=tokenizer,
+                unit="tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,13 +230,17 @@ def measure_peak_flops(xp, dtype) -> float:
 
 
 def evaluate(params: dict, cfg: ModelConfig, val_tokens, tc: TrainConfig, xp) -> float:
-    """Mean loss over the first ``eval_batches`` fixed, non-overlapping validation windows (forward only)."""
+    """Mean loss over the first ``eval_batches`` fixed, non-overlapping validation windows (forward only), or,
+    with --sft, over the counted (response) targets of the first ``eval_batches`` batches of held-out records."""
     total, count = 0.0, 0
-    for x, y in eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches):
+    batches = (sft_eval_batches(val_tokens, tc.batch_size, tc.eval_batches) if tc.sft is not None
+               else eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches))
+    for x, y in batches:
         logits, _ = model_forward(params, xp.asarray(x), cfg)  # (B, T, V)
         loss, _ = cross_entropy_forward(logits, xp.asarray(y))
-        total += loss * y.size  # every target is valid: weight each batch by its token count
-        count += y.size
+        n = int((y != IGNORE_INDEX).sum())  # weight each batch by its counted targets (all of them for token data)
+        total += loss * n
+        count += n
     return total / count
 
 
@@ -241,17 +304,26 @@ def format_line(m: dict, total_steps: int) -> str:
 # the run
 
 
-def train(cfg: ModelConfig, tc: TrainConfig, resumed=None, log=print) -> list[dict]:
-    """Run (or continue) training; returns this invocation's metrics, one dict per step."""
+def train(cfg: ModelConfig, tc: TrainConfig, resumed=None, log=print, initial=None) -> list[dict]:
+    """Run (or continue) training; returns this invocation's metrics, one dict per step.
+
+    resumed / initial: (params, opt_state, meta) of the checkpoint to continue (--resume) or to start from
+    (--init_from: its weights, a fresh AdamW state, step 0).
+    """
     xp = xp_for_device(tc.device)
     dtype = np.dtype(tc.dtype)
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_data(tc, cfg)
-    sampler = BatchSampler(data["train"], tc.batch_size, tc.seq_len, seed=tc.seed)
+    weights_from = resumed if resumed is not None else initial  # the checkpoint the weights come from, if any
+    data = load_data(tc, cfg, model_meta=None if weights_from is None else weights_from[2])
+    sampler_class = SFTBatchSampler if tc.sft is not None else BatchSampler
+    sampler = sampler_class(data["train"], tc.batch_size, tc.seq_len, seed=tc.seed)
 
     if resumed is None:
-        params = init_params(cfg, seed=tc.seed, dtype=dtype, xp=xp)
+        if initial is None:
+            params = init_params(cfg, seed=tc.seed, dtype=dtype, xp=xp)
+        else:  # --init_from: the checkpoint's weights; nothing else of its run (a fresh AdamW state, step 0)
+            params = initial_weights(initial, cfg, data["tokenizer"], dtype, xp)
         opt_state = adamw_init(params)
         start_step = 0
         _write_atomic(out_dir / METRICS_FILE, "")
@@ -266,6 +338,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed=None, log=print) -> list[di
         if meta["tokenizer"]["fingerprint"] != data["tokenizer"].fingerprint:
             raise ValueError(f"the data's tokenizer ({data['tokenizer'].model_path}) is not the one this checkpoint "
                              f"was trained with (fingerprint {meta['tokenizer']['fingerprint'][:12]})")
+        if tc.sft is not None and meta.get("sft", {}).get("sha256") != data["sft"]["sha256"]:
+            raise ValueError(f"--sft={tc.sft} is not the file this run was trained on (its sha256 differs from the "
+                             f"checkpoint's); an exact resume needs the same records")
         # metrics of steps after the checkpoint belong to a run that did not survive: drop them
         kept = [m for m in read_metrics(out_dir) if m["step"] <= start_step]
         _write_atomic(out_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
@@ -274,11 +349,13 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed=None, log=print) -> list[di
     step_flops = flops_per_token(cfg, tc.seq_len) * tokens_per_step
     peak = tc.peak_tflops * 1e12 if tc.peak_tflops else measure_peak_flops(xp, dtype)
     log(f"model: {num_params(cfg):,} parameters ({cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}) | "
-        f"data: {data['dir']} ({len(data['train']):,} train / {len(data['val']):,} val tokens) | "
+        f"data: {data['dir']} ({len(data['train']):,} train / {len(data['val']):,} val {data['unit']}) | "
         f"device {tc.device} {tc.dtype} | peak {peak / 1e12:.3f} TFLOP/s "
         f"({'given' if tc.peak_tflops else 'measured'})")
     if resumed is not None:
         log(f"resumed from step {start_step} in {out_dir}")
+    elif initial is not None:
+        log(f"initialised from {tc.init_from} (its step {initial[2].get('step')}); a fresh optimizer, step 0")
 
     def save(step: int) -> Path:
         if not all(bool(xp.isfinite(p).all()) for p in params.values()):
@@ -289,6 +366,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed=None, log=print) -> list[di
                     tokenizer=dict(dir=str(data["tokenizer"].model_path.parent),
                                    fingerprint=data["tokenizer"].fingerprint),
                     data_dir=data["dir"])
+        if tc.sft is not None:
+            meta["sft"] = data["sft"]  # the file's path, sha256 and record counts: a resume checks the sha256
         return save_checkpoint(out_dir, step, params, opt_state, meta, keep=tc.keep_checkpoints)
 
     progress = None
@@ -355,15 +434,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         model_opts, train_opts = parse_options(argv)
-        resumed = None
+        resumed = initial = None
         if train_opts.get("resume"):
             resumed = load_checkpoint(train_opts["resume"])
             train_opts.setdefault("out_dir", str(Path(train_opts["resume"])))
             if Path(train_opts["resume"]).name.startswith("ckpt_"):
                 train_opts["out_dir"] = str(Path(train_opts["resume"]).parent)
-        cfg, tc = build_configs(model_opts, train_opts, None if resumed is None else resumed[2])
+        elif train_opts.get("init_from"):
+            initial = load_checkpoint(train_opts["init_from"])
+        cfg, tc = build_configs(model_opts, train_opts, None if resumed is None else resumed[2],
+                                None if initial is None else initial[2])
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are caught per step
-            train(cfg, tc, resumed)
+            train(cfg, tc, resumed, initial=initial)
     except (ValueError, FileNotFoundError, TrainingError) as err:
         print(f"npllm.train: error: {err}", file=sys.stderr)
         return 1 if isinstance(err, TrainingError) else 2
