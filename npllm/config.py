@@ -159,6 +159,12 @@ class TrainConfig:
     ckpt_interval: int = 100  # save a checkpoint every this many steps (and at the last step)
     keep_checkpoints: int = 3  # how many recent checkpoints to keep
     peak_tflops: float | None = None  # peak FLOP/s of the device for MFU, in TFLOP/s; None: measured at start
+    # parallel training under mpirun (docs/parallelism.md): world = tp x dp ranks
+    tp: int = 1  # tensor-parallel ranks per model replica; must divide the ranks and n_heads, n_kv_heads, ffn_dim, V
+    dp: int | None = None  # data-parallel ranks; None: (ranks under mpirun) / tp. --dry_run plans for it (default 1)
+    zero: int = 0  # 1: ZeRO-1, the AdamW moments and the update sharded over the dp ranks
+    dry_run: bool = False  # print parameters, bytes per rank, FLOPs per token and the fit, allocate nothing, exit
+    device_memory_gb: float | None = None  # memory per rank for --dry_run's fit; None: 80 (cuda), RAM / ranks (cpu)
 
     def __post_init__(self):
         _check_choice("device", self.device, ("cpu", "cuda"))
@@ -187,6 +193,14 @@ class TrainConfig:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be <= lr_decay_steps={self.decay_steps}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"peak_tflops={self.peak_tflops} must be > 0")
+        for name in ("tp", "dp"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.zero not in (0, 1):
+            raise ValueError(f"zero={self.zero!r} is not supported; allowed: 0, 1")
+        if self.device_memory_gb is not None and not self.device_memory_gb > 0:
+            raise ValueError(f"device_memory_gb={self.device_memory_gb} must be > 0")
 
     @property
     def decay_steps(self) -> int:
