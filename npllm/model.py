@@ -244,17 +244,18 @@ def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, tp=None):
     return loss, model_backward(dlogits, cache, cfg)
 
 
-def accumulate_loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, micro_batches: int = 1):
+def accumulate_loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, micro_batches: int = 1, tp=None):
     """``loss_and_grads`` over a batch split into ``micro_batches`` row chunks, one forward/backward at a time.
 
     Each chunk's mean loss (and gradient) is weighted by its share of the batch's valid targets, so the sum equals
     the mean over the whole batch (up to float rounding) while only one chunk's activations are alive at once.
+    tp: the tensor-parallel communicator, passed on to ``loss_and_grads`` (None: one process).
     """
     B = tokens.shape[0]
     xp = get_array_module(params["tok_emb"])
     n_total = int((targets != -100).sum())
     if micro_batches == 1 or n_total == 0:
-        return loss_and_grads(params, tokens, targets, cfg)
+        return loss_and_grads(params, tokens, targets, cfg, tp=tp)
     loss, grads = 0.0, None
     for rows in np.array_split(np.arange(B), micro_batches):
         rows = xp.asarray(rows)
@@ -262,7 +263,7 @@ def accumulate_loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, m
         if n_chunk == 0:
             continue  # no target in this chunk: it adds nothing to the mean
         weight = n_chunk / n_total
-        chunk_loss, chunk_grads = loss_and_grads(params, tokens[rows], targets[rows], cfg)
+        chunk_loss, chunk_grads = loss_and_grads(params, tokens[rows], targets[rows], cfg, tp=tp)
         loss += weight * chunk_loss
         if grads is None:
             grads = {name: weight * g for name, g in chunk_grads.items()}
