@@ -270,4 +270,5 @@ def accumulate_loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, m
         else:
             for name, g in chunk_grads.items():
                 grads[name] += weight * g  # the micro-batch sum
+        del chunk_grads  # freed before the next micro-batch's backward makes new ones: 2 sets of grads alive, not 3
     return loss, grads
