@@ -22,6 +22,7 @@ MPI. A collective never modifies its input; it returns a new array, or (LocalCom
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -280,3 +281,55 @@ def run_main(main, *args, **kwargs):
         abort_job(e.code if isinstance(e.code, int) else 1)
     except BaseException:
         _report_and_abort(*sys.exc_info())
+
+
+class ErrorVote:
+    """Lets the ranks that caught an expected error (a bad option, a missing file) find out whether every rank did.
+
+    Most bad input fails on every rank at the same line (they all parse the same options and read the same files),
+    and then one rank should say so, once, and the job can end normally. An error that only one rank hits (its
+    disk is full) must be reported by that rank, and the job aborted, because the others wait in a collective.
+    ``all_failed`` tells the two apart: every failing rank joins a non-blocking all-reduce on a private duplicate of
+    the world communicator (so it can never match a collective of the training code); it completes only if every
+    rank joins. Create the vote on every rank at the same point (duplicating a communicator is collective).
+    """
+
+    def __init__(self, use_mpi: bool | None = None):
+        if use_mpi is None:
+            use_mpi = launched_by_mpirun()
+        self.comm = None
+        self.rank, self.size = 0, 1
+        if use_mpi:
+            from mpi4py import MPI
+
+            self.comm = MPI.COMM_WORLD.Dup()
+            self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    def all_failed(self, timeout_s: float = 5.0) -> bool:
+        """True when every rank calls this within ``timeout_s`` seconds of each other (always, with one rank)."""
+        if self.comm is None or self.size == 1:
+            return True
+        import time
+
+        from mpi4py import MPI
+
+        count = np.zeros(1, dtype=np.int64)
+        request = self.comm.Iallreduce(np.ones(1, dtype=np.int64), count, op=MPI.SUM)
+        deadline = time.monotonic() + timeout_s
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return False  # some rank is elsewhere: the error is this rank's own (the request dies with the job)
+            time.sleep(0.01)
+        return int(count[0]) == self.size
+
+
+def allgather_json(comm, obj) -> list:
+    """Every rank's JSON-serialisable ``obj``, in rank order, on every rank (sent as UTF-8 bytes, never pickled)."""
+    data = np.frombuffer(json.dumps(obj).encode("utf-8"), dtype=np.uint8)  # (n_bytes,)
+    counts = comm.allgather(np.array([data.size], dtype=np.int64), axis=0)  # (size,) bytes per rank
+    joined = comm.allgatherv(data, [int(c) for c in counts]).tobytes()
+    out, offset = [], 0
+    for count in counts:
+        out.append(json.loads(joined[offset:offset + int(count)].decode("utf-8")))
+        offset += int(count)
+    return out

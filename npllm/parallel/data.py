@@ -174,6 +174,35 @@ def init_optimizer(params: dict, comm: ParallelComm, zero: int = 0) -> dict:
     return adamw_init(params) if check_zero(zero) == 0 else zero_adamw_init(params, comm.dp)
 
 
+def reduce_and_clip(grads: dict, comm: ParallelComm, *, zero: int = 0, max_norm: float) -> tuple[dict, float, float]:
+    """The first half of ``optimizer_step``: average the gradients over dp and clip them by the global norm.
+
+    Returns (the gradients to apply, the global norm before clipping, the clip scale); norm and scale are the same
+    on every rank. zero=0: all of this rank's gradients, all-reduced; zero=1: those of the tensors its dp rank owns,
+    reduce-scattered. The trainer looks at the norm here, before ``apply_update`` touches the parameters.
+    """
+    if check_zero(zero) == 0:
+        grads = dp_allreduce_grads(grads, comm.dp)  # every dp rank: all grads, averaged
+        norm = global_grad_norm(grads, comm, grads_replicated_over_dp=True)
+    else:
+        grads = dp_reduce_scatter_grads(grads, comm.dp)  # this dp rank's tensors, averaged
+        norm = global_grad_norm(grads, comm, grads_replicated_over_dp=False)
+    norm, scale = clip_grad_norm(grads, max_norm, norm=norm)
+    return grads, norm, scale
+
+
+def apply_update(params: dict, grads: dict, state: dict, comm: ParallelComm, *, zero: int = 0, lr: float,
+                 beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1) -> None:
+    """The second half of ``optimizer_step``: AdamW, IN PLACE on params, with the gradients ``reduce_and_clip``
+    returned. zero=1: only the owned tensors are updated, then one all-gather brings every rank up to date."""
+    if check_zero(zero) == 0:
+        adamw_update(params, grads, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        return
+    owned_params = {name: params[name] for name in grads}  # the same arrays: updated in place
+    adamw_update(owned_params, grads, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    dp_allgather_params(params, comm.dp)  # everyone's updated tensors, everywhere
+
+
 def optimizer_step(params: dict, grads: dict, state: dict, comm: ParallelComm, *, zero: int = 0, lr: float,
                    max_norm: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
                    weight_decay: float = 0.1) -> tuple[float, float]:
@@ -182,18 +211,9 @@ def optimizer_step(params: dict, grads: dict, state: dict, comm: ParallelComm, *
     params, grads: this rank's (tensor-parallel shards of the) parameters and its local gradients.
     state: from ``init_optimizer`` with the same ``zero``. Returns (global grad norm before clipping, clip scale),
     the same on every rank. With one process this is clip_grad_norm + adamw_update, the same arithmetic.
+    It is ``reduce_and_clip`` followed by ``apply_update``.
     """
-    if check_zero(zero) == 0:
-        grads = dp_allreduce_grads(grads, comm.dp)  # every dp rank: all grads, averaged
-        norm = global_grad_norm(grads, comm, grads_replicated_over_dp=True)
-        norm, scale = clip_grad_norm(grads, max_norm, norm=norm)
-        adamw_update(params, grads, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-        return norm, scale
-    owned_grads = dp_reduce_scatter_grads(grads, comm.dp)  # this dp rank's tensors, averaged
-    norm = global_grad_norm(owned_grads, comm, grads_replicated_over_dp=False)
-    norm, scale = clip_grad_norm(owned_grads, max_norm, norm=norm)
-    owned_params = {name: params[name] for name in owned_grads}  # the same arrays: updated in place
-    adamw_update(owned_params, owned_grads, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+    grads, norm, scale = reduce_and_clip(grads, comm, zero=zero, max_norm=max_norm)
+    apply_update(params, grads, state, comm, zero=zero, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                  weight_decay=weight_decay)
-    dp_allgather_params(params, comm.dp)  # everyone's updated tensors, everywhere
     return norm, scale
