@@ -109,6 +109,16 @@ def _many_problems(header: str, problems: list[str]) -> str:
 # one example
 
 
+def _sequence(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """([eos] + encode(prompt) + encode(response) + [eos], P = the prompt's token count)."""
+    prompt_ids = tok.encode(prompt)
+    return [tok.eos_id] + prompt_ids + tok.encode(response) + [tok.eos_id], len(prompt_ids)
+
+
+def _describe(sequence: list[int], P: int) -> str:
+    return f"{len(sequence)} tokens (eos + {P} prompt + {len(sequence) - P - 2} response + eos)"
+
+
 def encode_sft_example(tok: Tokenizer, prompt: str, response: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, targets), each int64 (T,) with T = seq_len: the row a record trains on.
 
@@ -123,13 +133,11 @@ def encode_sft_example(tok: Tokenizer, prompt: str, response: str, seq_len: int)
         raise ValueError("the response is empty; the loss is taken over the response, so it needs at least one token")
     if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-    prompt_ids, response_ids = tok.encode(prompt), tok.encode(response)
-    P, R = len(prompt_ids), len(response_ids)
-    sequence = [tok.eos_id] + prompt_ids + response_ids + [tok.eos_id]  # n = P + R + 2
-    if len(sequence) > seq_len + 1:
-        raise ValueError(f"the record is {len(sequence)} tokens (eos + {P} prompt + {R} response + eos), more "
-                         f"than seq_len+1={seq_len + 1}; shorten it or train with a larger --seq_len")
+    sequence, P = _sequence(tok, prompt, response)
     n = len(sequence)
+    if n > seq_len + 1:
+        raise ValueError(f"the record is {_describe(sequence, P)}, more than seq_len+1={seq_len + 1}; shorten it "
+                         f"or train with --seq_len={n - 1} or more")
     tokens = np.full(seq_len, tok.eos_id, dtype=np.int64)  # (T,) padded with eos
     targets = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)  # (T,) padded with -100
     tokens[:n - 1] = sequence[:-1]
@@ -163,19 +171,23 @@ class SFTExamples:
 
 
 def encode_sft_records(records: list[dict], tok: Tokenizer, seq_len: int, source="the records") -> SFTExamples:
-    """Every record as a row of seq_len tokens; a record that does not fit is a problem naming its line, and all
-    problems are raised as one ValueError (``source`` names the file in it)."""
-    tokens, targets, problems = [], [], []
+    """Every record (a dict with "prompt", "response" and "line", as load_sft_records gives) as a row of seq_len
+    tokens. Records longer than seq_len + 1 tokens are refused all at once, in one ValueError naming their lines
+    (``source`` names the file in it) and the --seq_len that would fit them all."""
+    too_long, longest = [], 0
     for record in records:
-        try:
-            x, y = encode_sft_example(tok, record["prompt"], record["response"], seq_len)
-        except ValueError as err:
-            problems.append(f"{source}:{record['line']}: {err}")
-            continue
+        sequence, P = _sequence(tok, record["prompt"], record["response"])
+        if len(sequence) > seq_len + 1:
+            too_long.append(f"{source}:{record['line']}: {_describe(sequence, P)}")
+            longest = max(longest, len(sequence))
+    if too_long:
+        raise ValueError(_many_problems(f"{len(too_long)} record(s) longer than seq_len+1={seq_len + 1} tokens "
+                                        f"(shorten them or train with --seq_len={longest - 1} or more)", too_long))
+    tokens, targets = [], []
+    for record in records:
+        x, y = encode_sft_example(tok, record["prompt"], record["response"], seq_len)
         tokens.append(x)
         targets.append(y)
-    if problems:
-        raise ValueError(_many_problems(f"{len(problems)} record(s) of {source} cannot be used", problems))
     T = seq_len
     return SFTExamples(tokens=np.array(tokens, dtype=np.int32).reshape(-1, T),  # (N, T)
                        targets=np.array(targets, dtype=np.int32).reshape(-1, T),  # (N, T)
