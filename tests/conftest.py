@@ -19,7 +19,7 @@ from npllm.gradcheck import DEFAULT_STEP
 
 GRAD_TOL = 1e-6  # the issue's bound on the relative error of every float64 central-difference check
 
-_worst_errors: dict[str, tuple[float, str, float]] = {}  # label -> (error, parameter name, FD step)
+_worst_errors: dict[str, tuple[float, str, str]] = {}  # label -> (error, parameter name, "h=..., order ...")
 
 
 @pytest.fixture(scope="session", params=["numpy", "cupy"])
@@ -34,13 +34,16 @@ def backend(request):
 
 @pytest.fixture(scope="session")
 def assert_grads():
-    """check(errors, label, h=DEFAULT_STEP): every error in {name: relative error} must be <= GRAD_TOL."""
+    """check(errors, label, h=DEFAULT_STEP, order=2): every error in {name: relative error} must be <= GRAD_TOL.
 
-    def check(errors: dict, label: str, h: float = DEFAULT_STEP) -> None:
+    h and order are only recorded (pass the ones the check used), for the summary at the end of the run.
+    """
+
+    def check(errors: dict, label: str, h: float = DEFAULT_STEP, order: int = 2) -> None:
         assert errors, f"{label}: no gradients were checked"
         name = max(errors, key=errors.get)
         if label not in _worst_errors or errors[name] > _worst_errors[label][0]:
-            _worst_errors[label] = (errors[name], name, h)
+            _worst_errors[label] = (errors[name], name, f"h={h:.3g}, order {order}")
         bad = {n: e for n, e in errors.items() if not e <= GRAD_TOL}
         assert not bad, f"{label}: relative gradient errors above {GRAD_TOL:g}: {bad}"
 
@@ -51,7 +54,8 @@ def pytest_terminal_summary(terminalreporter):
     if not _worst_errors:
         return
     terminalreporter.section("worst gradient-check relative errors (float64 central differences)")
-    for label, (err, name, h) in sorted(_worst_errors.items()):
-        terminalreporter.write_line(f"{label:<40} {err:.2e}  (at {name}, step h={h:g})")
+    width = max(len(label) for label in _worst_errors) + 2
+    for label, (err, name, step) in sorted(_worst_errors.items()):
+        terminalreporter.write_line(f"{label:<{width}} {err:.2e}  ({step}; at {name})")
     overall = max(_worst_errors.values())
-    terminalreporter.write_line(f"{'overall':<40} {overall[0]:.2e}  (bound {GRAD_TOL:g})")
+    terminalreporter.write_line(f"{'overall':<{width}} {overall[0]:.2e}  (bound {GRAD_TOL:g})")

@@ -5,8 +5,9 @@ the regime where eps is negligible and the one where it dominates the variance a
 
 A norm bends on the length scale of its row, sqrt(mean(x^2) + eps) (RMSNorm) or sqrt(var + eps) (LayerNorm): a
 finite-difference step of 1e-5 is fine for rows of size 1 but is a large step for rows of size 1e-3, where the
-O(h^2) truncation error would dominate. So the step is 1e-5 times the smallest row scale (capped at 1e-5), which
-keeps the truncation error near 1e-10 at every scale.
+O(h^2) truncation error would dominate, while a step shrunk to 1e-8 lets rounding dominate (1e-7 was seen). So these
+checks use the five-point stencil (order 4, truncation O(h^4)) with a step of 3e-4 times the smallest row scale
+(capped at 3e-4): the truncation error is then ~(3e-4)^4 and the rounding error ~1e-16 / 3e-4, at every scale.
 """
 
 import numpy as np
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllm.backend import asnumpy
-from npllm.gradcheck import DEFAULT_STEP, check_layer
+from npllm.gradcheck import check_layer
 from npllm.layers.norm import (
     layernorm_backward,
     layernorm_forward,
@@ -38,13 +39,16 @@ def _inputs(backend, seed, lead, C, scale, with_bias):
     return p, x
 
 
+STEP = 3e-4  # for the five-point stencil, relative to the row scale
+
+
 def _step(x, eps, centred):
-    """DEFAULT_STEP times the smallest row scale, at most DEFAULT_STEP."""
+    """STEP times the smallest row scale, at most STEP."""
     x = asnumpy(x)
     if centred:
         x = x - x.mean(axis=-1, keepdims=True)
     row_scale = np.sqrt((x * x).mean(axis=-1) + eps).min()
-    return DEFAULT_STEP * min(1.0, float(row_scale))
+    return STEP * min(1.0, float(row_scale))
 
 
 @settings(max_examples=25, deadline=None)
@@ -52,24 +56,25 @@ def _step(x, eps, centred):
 def test_rmsnorm_gradient(backend, assert_grads, lead, C, eps, scale, seed):
     p, x = _inputs(backend, seed, lead, C, scale, with_bias=False)
     h = _step(x, eps, centred=False)
-    errors = check_layer(lambda p, x: rmsnorm_forward(p, x, eps), rmsnorm_backward, p, x, seed=seed, h=h)
+    errors = check_layer(lambda p, x: rmsnorm_forward(p, x, eps), rmsnorm_backward, p, x, seed=seed, h=h, order=4)
     assert set(errors) == {"w", "x"}
-    assert_grads(errors, "rmsnorm", h=h)
+    assert_grads(errors, "rmsnorm", h=h, order=4)
 
 
 @settings(max_examples=25, deadline=None)
-@given(lead=shapes, C=st.integers(1, 8), eps=eps_values, scale=scales, seed=st.integers(0, 2**32 - 1))
+@given(lead=shapes, C=st.integers(3, 8), eps=eps_values, scale=scales, seed=st.integers(0, 2**32 - 1))
 def test_layernorm_gradient(backend, assert_grads, lead, C, eps, scale, seed):
     p, x = _inputs(backend, seed, lead, C, scale, with_bias=True)
     h = _step(x, eps, centred=True)
-    errors = check_layer(lambda p, x: layernorm_forward(p, x, eps), layernorm_backward, p, x, seed=seed, h=h)
+    errors = check_layer(lambda p, x: layernorm_forward(p, x, eps), layernorm_backward, p, x, seed=seed, h=h, order=4)
     assert set(errors) == {"w", "b", "x"}
-    assert_grads(errors, "layernorm", h=h)
+    assert_grads(errors, "layernorm", h=h, order=4)
 
 
 def test_rmsnorm_of_one_channel_has_the_closed_form_gradient():
     # C = 1 is degenerate: y = w x / sqrt(x^2 + eps) ~ w sign(x), so dy/dx = w eps / (x^2 + eps)^(3/2) is ~1e-6 and a
-    # finite difference of an O(1) output cannot resolve it (the property test above draws C >= 2). Check it exactly.
+    # finite difference of an O(1) output cannot resolve it (the property test above draws C >= 2; LayerNorm's, which
+    # loses one more degree of freedom to the mean, C >= 3). Check it against the closed form instead.
     x, w, eps = np.array([[0.7], [-1.3], [1e-3]]), np.array([1.7]), 1e-4
     y, cache = rmsnorm_forward({"w": w}, x, eps)
     dy = np.array([[0.5], [2.0], [-1.0]])
@@ -77,6 +82,23 @@ def test_rmsnorm_of_one_channel_has_the_closed_form_gradient():
     # the code forms 1 - xhat^2 ~ eps / x^2 by subtraction, losing log10(x^2 / eps) ~ 4 of the 16 digits
     np.testing.assert_allclose(dx, dy * w * eps / (x**2 + eps) ** 1.5, rtol=1e-10)
     np.testing.assert_allclose(grads["w"], [(dy * x / np.sqrt(x**2 + eps)).sum()], rtol=1e-12)
+
+
+def test_layernorm_of_two_channels_has_the_closed_form_gradient():
+    # C = 2 is degenerate too: the centred row is (d/2, -d/2) with d = x0 - x1, so xhat = (s, -s) with
+    # s = (d/2) / sqrt(d^2/4 + eps) ~ sign(d), and dx0 = -dx1 = (dy0 w0 - dy1 w1) ds/dd, ds/dd = (eps/2) / (d^2/4 + eps)^1.5.
+    x = np.array([[0.3, -0.5], [2.0, 2.0 + 2**-10], [-1.0, 4.0]])  # the middle row: d = -2^-10, tiny next to eps
+    w, b, eps = np.array([1.5, -0.7]), np.array([0.1, 0.2]), 1e-4
+    y, cache = layernorm_forward({"w": w, "b": b}, x, eps)
+    d = x[:, 0] - x[:, 1]
+    s = (d / 2) / np.sqrt(d**2 / 4 + eps)
+    np.testing.assert_allclose(y, np.stack([w[0] * s + b[0], -w[1] * s + b[1]], axis=-1), rtol=1e-13)
+    dy = np.array([[1.0, 2.0], [-0.5, 0.25], [3.0, 1.0]])
+    dx, grads = layernorm_backward(dy, cache)
+    dx0 = (dy[:, 0] * w[0] - dy[:, 1] * w[1]) * (eps / 2) / (d**2 / 4 + eps) ** 1.5
+    np.testing.assert_allclose(dx, np.stack([dx0, -dx0], axis=-1), rtol=1e-9)  # the code subtracts ~equal terms
+    np.testing.assert_allclose(grads["w"], [(dy[:, 0] * s).sum(), -(dy[:, 1] * s).sum()], rtol=1e-13)
+    np.testing.assert_allclose(grads["b"], dy.sum(axis=0), rtol=1e-15)
 
 
 def test_layernorm_of_one_channel_outputs_its_bias_and_has_zero_input_gradient():
