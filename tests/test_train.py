@@ -275,8 +275,8 @@ def test_bad_input_exits_with_one_clear_line(data_dir, tmp_path, case):
         extra, fragments = ["steps=3"], ["'steps=3'", "--name=value"]
     elif case == "seq_len":
         extra, fragments = ["--seq_len=300"], ["seq_len=300", "max_seq_len=256"]
-    elif case == "vocab mismatch":
-        extra, fragments = ["--vocab_size=999"], ["999", str(VOCAB)]
+    elif case == "vocab mismatch":  # fewer rows than tokens (a larger model vocabulary is padding: allowed)
+        extra, fragments = ["--vocab_size=300"], ["300", str(VOCAB), "too few rows"]
     elif case == "missing data dir":
         data, fragments = tmp_path / "nowhere", [str(tmp_path / "nowhere")]
     elif case == "no meta.json":

@@ -89,6 +89,18 @@ def dp_mean(value: float, dp) -> float:
     return dp.allreduce_scalar(value) / dp.size
 
 
+def dp_count_weight(n_local: int, dp) -> float:
+    """The factor w that makes the dp-average of w * (this rank's mean) the mean over the whole global batch.
+
+    Each dp rank's loss and gradients are means over its own n_local counted targets (-100 targets are not
+    counted); averaging the ranks' means weights every rank alike, but the global batch's mean weights every
+    target alike: mean = sum_r n_r mean_r / N = (1/dp) sum_r (dp n_r / N) mean_r, so w = dp n_local / N. It is
+    exactly 1.0 when all ranks count the same number of targets (always in pretraining). One scalar all-reduce.
+    """
+    n_total = dp.allreduce_scalar(float(n_local))
+    return dp.size * n_local / n_total if n_total > 0 else 1.0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the global gradient norm
 
@@ -167,6 +179,14 @@ def dp_allgather_params(params: dict, dp) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # one optimizer step, for all layouts
+
+
+def optimizer_names(shapes: dict, comm: ParallelComm, zero: int = 0) -> list[str]:
+    """The parameters whose AdamW moments this rank keeps: all of them (zero=0), or its dp rank's share (zero=1).
+
+    shapes: {name: shape} (or the parameters themselves) of this rank's shards, in parameter order."""
+    shapes = {name: tuple(getattr(x, "shape", x)) for name, x in shapes.items()}
+    return list(shapes) if check_zero(zero) == 0 else dp_partition(shapes, comm.dp.size)[comm.dp.rank]
 
 
 def init_optimizer(params: dict, comm: ParallelComm, zero: int = 0) -> dict:

@@ -1,0 +1,216 @@
+"""How much memory one rank needs to train a model: the model behind ``python -m npllm.train --dry_run``.
+
+Everything is counted from shapes alone; nothing is allocated. Per rank, in bytes (s = bytes per element of the
+run's dtype; every count is this rank's shard: NH_tp = NH / tp, NKV_tp = NKV / tp, F_tp = F / tp, V_tp = V / tp):
+
+    weights        the rank's parameter shards (``param_shard_shapes``)                         P_tp * s
+    gradients      one gradient per weight; twice that with micro-batches (the running sum next
+                   to the current micro-batch's gradients)                                       P_tp * s (x2)
+    AdamW moments  m and v for every weight (zero=0), or for the tensors this dp rank owns
+                   (zero=1: the largest share over the dp ranks, ``dp_partition``)              2 * P_own * s
+    activations    exactly what the layers' caches keep for the backward pass (below), plus the
+                   logits, their softmax and dlogits, which all live through the backward pass
+    working        the largest short-lived temporaries of one block's backward: attention's
+                   (B, NH_tp, T, T) dP, ds and one product (3 of them), or SwiGLU's F-wide
+                   products (5; GELU 3)                                                          an estimate
+    loss temporary the cross-entropy's forward holds z - max and exp(z - max), (B, T, V_tp) each,
+                   next to the logits and probabilities: one more than the activations count        B T V_tp s
+    comm buffers   data parallel: zero=0 packs the gradients into one flat buffer and MPI
+                   returns another (2 * G); zero=1 packs them once (G) plus its segment, then
+                   receives every parameter in the all-gather (W plus its own share)             0 when dp = 1
+
+    peak ~ weights + moments + max(activations + loss temporary,           end of the forward pass
+                                   activations + gradients + working,      backward
+                                   gradients + comm buffers)               optimizer step
+tests/test_memory.py measures the peak of real steps with tracemalloc and compares it with this sum.
+
+The activation caches, per layer, for a batch of B sequences of T tokens (B = batch_size / micro_batches), read off
+``npllm/layers`` (the attention cache's own comment: "keep x, q, k, v (after RoPE), P and o_merged"):
+
+    attn_norm / mlp_norm   xhat (B, T, C) and rstd (B, T, 1)                          2 x (BTC + BT)
+    attention              x (B, T, C): the norm's output; q (B, NH_tp, T, hs); k, v (B, NKV_tp, T, hs);
+                           P (B, NH_tp, T, T): the softmax, T x T per head; o (B, T, NH_tp hs)
+                           = BTC + 2 BT NH_tp hs + 2 BT NKV_tp hs + B NH_tp T^2
+    MLP (SwiGLU)           x (B, T, C); h1, h3, sig, silu(h1), g (B, T, F_tp)          BTC + 5 BT F_tp
+    MLP (GELU)             x (B, T, C); h, tanh(.), gelu(h) (B, T, F_tp)               BTC + 3 BT F_tp
+and once per model: the final norm (xhat, rstd) and the head's input (B, T, C); the RoPE tables (T, hs) x 2; the
+logits, softmax probabilities and dlogits (B, T, V_tp) x 3; and the integer/boolean bookkeeping of the embedding
+and the loss: int64 (B, T) ids x 2, bool (B, T) x 3 (none of it depends on s). ``tests/test_memory.py`` walks the
+real caches of ``model_forward`` and checks this count to the byte. Not counted: the token batch, the Python
+objects, the BLAS library's own buffers, and for ``--device cuda`` the CuPy memory pool's rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .model import flops_per_token, num_params, param_shard_shapes
+from .optim import moment_dtype
+from .parallel.data import dp_partition
+from .parallel.tensor import is_split
+
+GIB = 1 << 30
+CUDA_DEVICE_MEMORY_GIB = 80.0  # the default device memory for --device cuda: an 80 GB A100 / H100
+
+
+def layer_activation_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: int) -> int:
+    """Bytes one transformer block's forward caches keep for its backward pass (module docstring)."""
+    C, hs = cfg.dim, cfg.head_dim
+    NH_tp, NKV_tp, F_tp = cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.ffn_dim // tp
+    norms = 2 * (B * T * C + B * T)  # xhat and rstd, before attention and before the MLP
+    attention = B * T * C + 2 * B * T * NH_tp * hs + 2 * B * T * NKV_tp * hs + B * NH_tp * T * T  # x, q, o, k, v, P
+    mlp = B * T * C + (5 if cfg.mlp == "swiglu" else 3) * B * T * F_tp
+    return (norms + attention + mlp) * itemsize
+
+
+def model_activation_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: int) -> int:
+    """Bytes kept through the backward pass outside the blocks: final norm, head input, RoPE tables, the logits
+    with their softmax and gradient, and the embedding's and loss's integer and boolean arrays."""
+    C, V_tp = cfg.dim, cfg.vocab_size // tp
+    floats = (B * T * C + B * T) + B * T * C + 3 * B * T * V_tp  # final norm xhat, rstd; head x; logits, probs, dlogits
+    if cfg.pos == "rope":
+        floats += 2 * T * cfg.head_dim  # cos, sin (T, hs), shared by every layer
+    ints = 2 * 8 * B * T  # int64 (B, T): the embedding's local row ids, the loss's target columns
+    ints += 3 * B * T  # bool (B, T): tokens this rank holds (embedding), targets this rank holds, valid targets
+    if cfg.pos == "learned":
+        ints += 8 * T  # int64 (T,): the positions looked up in pos_emb
+    return floats * itemsize + ints
+
+
+def activation_bytes(cfg: ModelConfig, B: int, T: int, tp: int = 1, itemsize: int = 4) -> int:
+    """Bytes of every activation that lives through the backward pass of one micro-batch of B rows of T tokens."""
+    return cfg.n_layers * layer_activation_bytes(cfg, B, T, tp, itemsize) + model_activation_bytes(cfg, B, T, tp,
+                                                                                                    itemsize)
+
+
+def working_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: int) -> int:
+    """The largest short-lived temporaries of one block's backward (an estimate, see the module docstring)."""
+    attention = 3 * B * (cfg.n_heads // tp) * T * T
+    mlp = (5 if cfg.mlp == "swiglu" else 3) * B * T * (cfg.ffn_dim // tp)
+    return max(attention, mlp) * itemsize
+
+
+def machine_ram_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per rank of one training run (see the module docstring for what each line counts)."""
+
+    cfg: ModelConfig
+    tp: int
+    dp: int
+    zero: int
+    dtype: str
+    batch_size: int  # rows per dp rank per step
+    micro_batches: int
+    seq_len: int
+    params_per_rank: int  # elements of this rank's shards
+    replicated_per_rank: int  # elements of the tensors every tp rank holds whole
+    owned_per_rank: int  # elements whose AdamW moments this rank keeps (the largest dp share under zero=1)
+    weights: int
+    gradients: int
+    moments: int
+    activations: int
+    working: int
+    comm_buffers: int
+    loss_temporary: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.moments + max(self.activations + self.loss_temporary,
+                                                 self.activations + self.gradients + self.working,
+                                                 self.gradients + self.comm_buffers)
+
+    @property
+    def params_total(self) -> int:
+        return num_params(self.cfg)
+
+    @property
+    def flops_per_token(self) -> int:
+        return flops_per_token(self.cfg, self.seq_len)
+
+
+def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, zero: int = 0, dtype: str = "float32",
+                batch_size: int, seq_len: int, micro_batches: int = 1) -> MemoryPlan:
+    """The MemoryPlan of training ``cfg`` with tp x dp ranks, from shapes alone (nothing is allocated)."""
+    shard_shapes = param_shard_shapes(cfg, tp)  # ValueError when tp does not divide the split sizes
+    s = np.dtype(dtype).itemsize
+    s_moment = moment_dtype(np.dtype(dtype)).itemsize
+    sizes = {name: math.prod(shape) for name, shape in shard_shapes.items()}
+    P_tp = sum(sizes.values())
+    replicated = sum(n for name, n in sizes.items() if not is_split(name))
+    if zero == 1:
+        owned = max(sum(sizes[name] for name in names) for names in dp_partition(shard_shapes, dp))
+    else:
+        owned = P_tp
+    B = batch_size // micro_batches
+    weights = P_tp * s
+    grads = P_tp * s
+    if dp == 1:
+        comm = 0
+    elif zero == 0:
+        comm = 2 * grads
+    else:
+        comm = max(grads + owned * s, weights + owned * s)
+    return MemoryPlan(
+        cfg=cfg, tp=tp, dp=dp, zero=zero, dtype=str(np.dtype(dtype)), batch_size=batch_size,
+        micro_batches=micro_batches, seq_len=seq_len, params_per_rank=P_tp, replicated_per_rank=replicated,
+        owned_per_rank=owned, weights=weights, gradients=grads * (2 if micro_batches > 1 else 1),
+        moments=2 * owned * s_moment, activations=activation_bytes(cfg, B, seq_len, tp, s),
+        working=working_bytes(cfg, B, seq_len, tp, s), comm_buffers=comm,
+        loss_temporary=B * seq_len * (cfg.vocab_size // tp) * s,
+    )
+
+
+def default_device_memory_gib(device: str, ranks_on_machine: int) -> tuple[float, str]:
+    """(GiB per rank, where the number comes from) when --device_memory_gb is not given."""
+    if device == "cuda":
+        return CUDA_DEVICE_MEMORY_GIB, "the default for --device cuda: an 80 GB GPU"
+    ram = machine_ram_bytes() / GIB
+    return ram / ranks_on_machine, f"this machine's {ram:.1f} GiB of RAM shared by {ranks_on_machine} rank(s)"
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) -> str:
+    """The dry run's report: parameters, bytes per rank line by line, FLOPs per token, and whether it fits."""
+    cfg, B, T = plan.cfg, plan.batch_size // plan.micro_batches, plan.seq_len
+    ranks = plan.tp * plan.dp
+    fits = plan.peak <= device_memory_gib * GIB
+    lines = [
+        f"dry run: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), ffn {cfg.ffn_dim}, "
+        f"vocab {cfg.vocab_size} | tp={plan.tp} x dp={plan.dp} = {ranks} ranks, zero={plan.zero} | {plan.dtype} | "
+        f"batch {plan.batch_size} x seq_len {T} per dp rank, {plan.micro_batches} micro-batch(es) of {B}",
+        f"parameters: {plan.params_total:,} in all; {plan.params_per_rank:,} per rank "
+        f"({plan.replicated_per_rank:,} of them replicated on every tp rank)",
+        "bytes per rank:",
+        f"  weights        {plan.weights:>17,} B {_gib(plan.weights)}",
+        f"  gradients      {plan.gradients:>17,} B {_gib(plan.gradients)}"
+        + ("  (running sum + one micro-batch's)" if plan.micro_batches > 1 else ""),
+        f"  AdamW moments  {plan.moments:>17,} B {_gib(plan.moments)}  (m and v of {plan.owned_per_rank:,} "
+        f"parameters{', ZeRO-1 share' if plan.zero == 1 else ''})",
+        f"  activations    {plan.activations:>17,} B {_gib(plan.activations)}  (caches kept for backward, "
+        f"B={B}, T={T}: attention's P alone is {cfg.n_layers} x B x NH_tp x T x T)",
+        f"  working        {plan.working:>17,} B {_gib(plan.working)}  (largest temporaries of one block, estimate)",
+        f"  comm buffers   {plan.comm_buffers:>17,} B {_gib(plan.comm_buffers)}  (data-parallel reduction)",
+        f"  loss temporary {plan.loss_temporary:>17,} B {_gib(plan.loss_temporary)}  (exp of the logits, "
+        f"before backward)",
+        f"  peak           {plan.peak:>17,} B {_gib(plan.peak)}  (weights + moments + max(activations + loss "
+        f"temporary, activations + gradients + working, gradients + comm buffers))",
+        f"FLOPs per token: {plan.flops_per_token:,} (training: forward + backward, matmuls, whole model; "
+        f"each tp rank does 1/{plan.tp}) | per step: {plan.flops_per_token * B * plan.micro_batches * T * plan.dp:,}",
+        f"fits: {'yes' if fits else 'NO'}: {plan.peak / GIB:.2f} GiB of {device_memory_gib:.2f} GiB per rank "
+        f"({memory_source})",
+    ]
+    return "\n".join(lines)
+
