@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllm.backend import asnumpy
-from npllm.gradcheck import check_layer
 from npllm.layers.attention import attention_backward, attention_forward
 from npllm.layers.rope import rope_tables
 
@@ -86,7 +85,7 @@ attention_cases = dict(
 @variants
 @settings(max_examples=8, deadline=None)
 @given(**attention_cases)
-def test_attention_gradient(backend, assert_grads, B, T, C, NKV, G, hs, bias, use_rope, theta, offset, seed):
+def test_attention_gradient(backend, grad_check, B, T, C, NKV, G, hs, bias, use_rope, theta, offset, seed):
     NH = NKV * G
     rng = np.random.default_rng(seed)
     p = to(backend, make_params(rng, C, NH, NKV, hs, bias))
@@ -96,9 +95,9 @@ def test_attention_gradient(backend, assert_grads, B, T, C, NKV, G, hs, bias, us
     def forward(p, x):
         return attention_forward(p, x, NH, NKV, rope=rope)
 
-    errors = check_layer(forward, attention_backward, p, x, seed=seed)
+    errors = grad_check.layer(f"attention (G={G}, bias={bias}, rope={use_rope})", forward, attention_backward, p, x,
+                              seed=seed)
     assert set(errors) == set(p) | {"x"}
-    assert_grads(errors, f"attention (G={G}, bias={bias}, rope={use_rope})")
 
     if bias and not use_rope:
         # bk adds the same q_i . bk to every score of row i, and softmax ignores a shift of its whole row: the true

@@ -8,22 +8,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllm.backend import asnumpy
-from npllm.gradcheck import check_layer
 from npllm.layers.linear import linear_backward, linear_forward
 
 
 @settings(max_examples=25, deadline=None)
 @given(lead=st.lists(st.integers(1, 3), min_size=1, max_size=3), Cin=st.integers(1, 7), Cout=st.integers(1, 7),
        bias=st.booleans(), seed=st.integers(0, 2**32 - 1))
-def test_linear_gradient(backend, assert_grads, lead, Cin, Cout, bias, seed):
+def test_linear_gradient(backend, grad_check, lead, Cin, Cout, bias, seed):
     rng = np.random.default_rng(seed)
     p = {"w": backend.asarray(rng.standard_normal((Cin, Cout)))}  # (Cin, Cout)
     if bias:
         p["b"] = backend.asarray(rng.standard_normal(Cout))  # (Cout,)
     x = backend.asarray(rng.standard_normal((*lead, Cin)))  # (..., Cin)
-    errors = check_layer(linear_forward, linear_backward, p, x, seed=seed)
+    label = "linear (bias)" if bias else "linear (no bias)"
+    errors = grad_check.layer(label, linear_forward, linear_backward, p, x, seed=seed)
     assert set(errors) == set(p) | {"x"}
-    assert_grads(errors, "linear (bias)" if bias else "linear (no bias)")
 
 
 def test_forward_is_x_times_w_plus_b(backend):

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllm.backend import asnumpy
-from npllm.gradcheck import check_gradients
 from npllm.layers.loss import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
 
 
@@ -20,41 +19,48 @@ def draw_targets(rng, shape, V, p_ignore):
     return targets
 
 
-def check_loss_gradient(backend, logits, targets):
-    """Relative error of cross_entropy_backward(1.0) against central differences of the loss itself."""
+def check_loss_gradient(grad_check, label, backend, logits, targets):
+    """cross_entropy_backward(1.0) against finite differences of the loss itself; returns the loss and dlogits."""
     z, tgt = backend.asarray(logits), backend.asarray(targets)
     loss, cache = cross_entropy_forward(z, tgt)
     dz, grads = cross_entropy_backward(1.0, cache)
     assert grads == {} and dz.shape == z.shape
-    return loss, dz, check_gradients(lambda: cross_entropy_forward(z, tgt)[0], {"logits": z}, {"logits": dz})
+    grad_check.function(label, lambda: cross_entropy_forward(z, tgt)[0], {"logits": z}, {"logits": dz})
+    return loss, dz
+
+
+# On conditioning: when every valid row is confidently right (the target's logit ahead of the rest by D), the whole
+# gradient is ~exp(-D), while a finite difference of the loss carries an absolute rounding error of ~1e-16 / h
+# (the loss is formed as log(sum_j exp(z_j - max)) with that sum near 1). At D ~ 15, exp(-D) ~ 3e-7 and the
+# *relative* error of a correct backward reaches 1e-5 (seen with logits of std 5 on V = 2). So the drawn logits keep
+# std <= 2 (D > 15 is then a > 5-sigma event), and the logits ~1e4 test uses spreads that are either moderate (<= 1)
+# or so wide (1e3) that exp(-D) is exactly 0 and the loss is exactly piecewise linear.
 
 
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 3), T=st.integers(1, 4), V=st.integers(2, 9), p_ignore=st.sampled_from([0.0, 0.3, 0.7]),
-       scale=st.sampled_from([0.1, 1.0, 5.0]), seed=st.integers(0, 2**32 - 1))
-def test_cross_entropy_gradient(backend, assert_grads, B, T, V, p_ignore, scale, seed):
+       scale=st.sampled_from([0.1, 1.0, 2.0]), seed=st.integers(0, 2**32 - 1))
+def test_cross_entropy_gradient(backend, grad_check, B, T, V, p_ignore, scale, seed):
     rng = np.random.default_rng(seed)
     logits = scale * rng.standard_normal((B, T, V))  # (B, T, V)
     targets = draw_targets(rng, (B, T), V, p_ignore)  # (B, T) with some -100
-    _, dz, errors = check_loss_gradient(backend, logits, targets)
-    assert_grads(errors, "cross-entropy")
+    _, dz = check_loss_gradient(grad_check, "cross-entropy", backend, logits, targets)
     # ignored positions get exactly zero gradient
     assert (asnumpy(dz)[targets == IGNORE_INDEX] == 0.0).all()
 
 
 @settings(max_examples=25, deadline=None)
 @given(N=st.integers(1, 6), V=st.integers(2, 9), sign=st.sampled_from([-1.0, 1.0]),
-       spread=st.sampled_from([0.1, 1.0, 10.0, 1e3]), seed=st.integers(0, 2**32 - 1))
-def test_cross_entropy_with_logits_near_1e4(backend, assert_grads, N, V, sign, spread, seed):
+       spread=st.sampled_from([0.1, 1.0, 1e3]), seed=st.integers(0, 2**32 - 1))
+def test_cross_entropy_with_logits_near_1e4(backend, grad_check, N, V, sign, spread, seed):
     # exp(1e4) overflows float64 (max ~ exp(709)); the row-max shift must keep everything finite
     rng = np.random.default_rng(seed)
     logits = sign * 1e4 + spread * rng.standard_normal((N, V))  # (N, V)
     targets = draw_targets(rng, (N,), V, 0.3)
     with np.errstate(over="raise", invalid="raise", divide="raise"):
-        loss, dz, errors = check_loss_gradient(backend, logits, targets)
+        loss, dz = check_loss_gradient(grad_check, "cross-entropy (logits ~1e4)", backend, logits, targets)
     assert math.isfinite(loss) and np.isfinite(asnumpy(dz)).all()
     np.testing.assert_allclose(loss, reference_loss(logits, targets), rtol=1e-9, atol=1e-12)
-    assert_grads(errors, "cross-entropy (logits ~1e4)")
 
 
 def reference_loss(logits, targets):

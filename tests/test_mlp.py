@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllm.backend import asnumpy
-from npllm.gradcheck import check_layer
 from npllm.layers.mlp import (
     gelu_backward,
     gelu_forward,
@@ -34,32 +33,33 @@ def make_params(rng, kind, C, F, bias):
             for name, shape in shapes.items()}
 
 
+# x of std <= 2 puts the pre-activations at std <= ~2.2. At 4 (tried), a draw with one row and F = 1 can land the only
+# hidden unit at h < -5, where gelu(h) ~ 1e-6: then w2's gradient (a^T dy) is ~1e-6 of f = sum(y * R) and the
+# check's own rounding (~1e-16 |f| / h) reads as a 6e-7 relative error. The far tails are tested exactly below.
 mlp_cases = dict(lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), C=st.integers(1, 6),
-                 F=st.integers(1, 8), x_scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 2**32 - 1))
+                 F=st.integers(1, 8), x_scale=st.sampled_from([0.1, 1.0, 2.0]), seed=st.integers(0, 2**32 - 1))
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @settings(max_examples=15, deadline=None)
 @given(**mlp_cases)
-def test_swiglu_gradient(backend, assert_grads, bias, lead, C, F, x_scale, seed):
+def test_swiglu_gradient(backend, grad_check, bias, lead, C, F, x_scale, seed):
     rng = np.random.default_rng(seed)
     p = {n: backend.asarray(v) for n, v in make_params(rng, "swiglu", C, F, bias).items()}
     x = backend.asarray(x_scale * rng.standard_normal((*lead, C)))  # (..., C)
-    errors = check_layer(swiglu_forward, swiglu_backward, p, x, seed=seed)
+    errors = grad_check.layer(f"swiglu (bias={bias})", swiglu_forward, swiglu_backward, p, x, seed=seed)
     assert set(errors) == set(p) | {"x"}
-    assert_grads(errors, f"swiglu (bias={bias})")
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @settings(max_examples=15, deadline=None)
 @given(**mlp_cases)
-def test_gelu_mlp_gradient(backend, assert_grads, bias, lead, C, F, x_scale, seed):
+def test_gelu_mlp_gradient(backend, grad_check, bias, lead, C, F, x_scale, seed):
     rng = np.random.default_rng(seed)
     p = {n: backend.asarray(v) for n, v in make_params(rng, "gelu", C, F, bias).items()}
     x = backend.asarray(x_scale * rng.standard_normal((*lead, C)))  # (..., C)
-    errors = check_layer(gelu_forward, gelu_backward, p, x, seed=seed)
+    errors = grad_check.layer(f"gelu mlp (bias={bias})", gelu_forward, gelu_backward, p, x, seed=seed)
     assert set(errors) == set(p) | {"x"}
-    assert_grads(errors, f"gelu mlp (bias={bias})")
 
 
 def test_forwards_match_the_scalar_formulas(backend):

@@ -5,9 +5,10 @@ the regime where eps is negligible and the one where it dominates the variance a
 
 A norm bends on the length scale of its row, sqrt(mean(x^2) + eps) (RMSNorm) or sqrt(var + eps) (LayerNorm): a
 finite-difference step of 1e-5 is fine for rows of size 1 but is a large step for rows of size 1e-3, where the
-O(h^2) truncation error would dominate, while a step shrunk to 1e-8 lets rounding dominate (1e-7 was seen). So these
-checks use the five-point stencil (order 4, truncation O(h^4)) with a step of 3e-4 times the smallest row scale
-(capped at 3e-4): the truncation error is then ~(3e-4)^4 and the rounding error ~1e-16 / 3e-4, at every scale.
+O(h^2) truncation error would dominate, while a step shrunk to 1e-8 lets rounding dominate (1e-7 was seen). So the
+suite's five-point stencil (order 4, truncation O(h^4); see tests/conftest.py) runs here with a step of 3e-4 times the
+smallest row scale (capped at 3e-4): the truncation error is then ~(3e-4)^4 and the rounding error ~1e-16 / 3e-4, at
+every scale.
 """
 
 import numpy as np
@@ -15,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllm.backend import asnumpy
-from npllm.gradcheck import check_layer
 from npllm.layers.norm import (
     layernorm_backward,
     layernorm_forward,
@@ -39,7 +39,7 @@ def _inputs(backend, seed, lead, C, scale, with_bias):
     return p, x
 
 
-STEP = 3e-4  # for the five-point stencil, relative to the row scale
+STEP = 3e-4  # the suite's step (tests/conftest.py FD_STEP), here relative to the row scale
 
 
 def _step(x, eps, centred):
@@ -53,22 +53,22 @@ def _step(x, eps, centred):
 
 @settings(max_examples=25, deadline=None)
 @given(lead=shapes, C=st.integers(2, 8), eps=eps_values, scale=scales, seed=st.integers(0, 2**32 - 1))
-def test_rmsnorm_gradient(backend, assert_grads, lead, C, eps, scale, seed):
+def test_rmsnorm_gradient(backend, grad_check, lead, C, eps, scale, seed):
     p, x = _inputs(backend, seed, lead, C, scale, with_bias=False)
     h = _step(x, eps, centred=False)
-    errors = check_layer(lambda p, x: rmsnorm_forward(p, x, eps), rmsnorm_backward, p, x, seed=seed, h=h, order=4)
+    errors = grad_check.layer("rmsnorm", lambda p, x: rmsnorm_forward(p, x, eps), rmsnorm_backward, p, x, seed=seed,
+                              h=h)
     assert set(errors) == {"w", "x"}
-    assert_grads(errors, "rmsnorm", h=h, order=4)
 
 
 @settings(max_examples=25, deadline=None)
 @given(lead=shapes, C=st.integers(3, 8), eps=eps_values, scale=scales, seed=st.integers(0, 2**32 - 1))
-def test_layernorm_gradient(backend, assert_grads, lead, C, eps, scale, seed):
+def test_layernorm_gradient(backend, grad_check, lead, C, eps, scale, seed):
     p, x = _inputs(backend, seed, lead, C, scale, with_bias=True)
     h = _step(x, eps, centred=True)
-    errors = check_layer(lambda p, x: layernorm_forward(p, x, eps), layernorm_backward, p, x, seed=seed, h=h, order=4)
+    errors = grad_check.layer("layernorm", lambda p, x: layernorm_forward(p, x, eps), layernorm_backward, p, x,
+                              seed=seed, h=h)
     assert set(errors) == {"w", "b", "x"}
-    assert_grads(errors, "layernorm", h=h, order=4)
 
 
 def test_rmsnorm_of_one_channel_has_the_closed_form_gradient():

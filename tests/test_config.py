@@ -1,0 +1,104 @@
+"""Tests for npllm/config.py: presets, validation (one ValueError naming the bad value), --key=value parsing."""
+
+import dataclasses
+
+import pytest
+
+from npllm.config import PRESETS, ModelConfig, field_types, get_preset, parse_value
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_a_valid_config(name):
+    cfg = get_preset(name)
+    assert cfg.dim % cfg.n_heads == 0 and cfg.n_heads % cfg.n_kv_heads == 0
+    assert cfg.head_dim == cfg.dim // cfg.n_heads
+
+
+def test_the_two_small_presets_are_the_two_families():
+    llama, gpt2 = get_preset("nano"), get_preset("nano-gpt2")
+    assert (llama.norm, llama.mlp, llama.pos, llama.bias, llama.tie_embeddings) == (
+        "rmsnorm", "swiglu", "rope", False, False)
+    assert llama.n_kv_heads < llama.n_heads  # grouped-query attention
+    assert (gpt2.norm, gpt2.mlp, gpt2.pos, gpt2.bias, gpt2.tie_embeddings) == (
+        "layernorm", "gelu", "learned", True, True)
+
+
+def test_overrides_replace_fields_and_configs_are_frozen():
+    cfg = get_preset("nano", dim=64, n_layers=2)
+    assert (cfg.dim, cfg.n_layers, cfg.vocab_size) == (64, 2, PRESETS["nano"]["vocab_size"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dim = 32
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(dim=130), r"dim=130 must be divisible by n_heads=4"),
+    (dict(n_heads=4, n_kv_heads=3), r"n_heads=4 must be divisible by n_kv_heads=3"),
+    (dict(dim=12, n_heads=4, n_kv_heads=2), r"RoPE needs an even head size, got dim/n_heads=3"),
+    (dict(norm="batchnorm"), r"norm='batchnorm' is not allowed; choose one of: rmsnorm, layernorm"),
+    (dict(mlp="relu"), r"mlp='relu' is not allowed; choose one of: swiglu, gelu"),
+    (dict(pos="alibi"), r"pos='alibi' is not allowed; choose one of: rope, learned"),
+    (dict(vocab_size=0), r"vocab_size=0 must be a positive integer"),
+    (dict(dim=-8), r"dim=-8 must be a positive integer"),
+    (dict(n_layers=0), r"n_layers=0 must be a positive integer"),
+    (dict(n_heads=0), r"n_heads=0 must be a positive integer"),
+    (dict(n_kv_heads=0), r"n_kv_heads=0 must be a positive integer"),
+    (dict(ffn_dim=0), r"ffn_dim=0 must be a positive integer"),
+    (dict(max_seq_len=0), r"max_seq_len=0 must be a positive integer"),
+    (dict(n_layers=2.0), r"n_layers=2.0 must be a positive integer"),
+    (dict(n_layers=True), r"n_layers=True must be a positive integer"),
+    (dict(norm_eps=0.0), r"norm_eps=0.0 must be > 0"),
+    (dict(rope_theta=-1.0), r"rope_theta=-1.0 must be > 0"),
+])
+def test_each_broken_rule_raises_a_value_error_naming_the_value(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        get_preset("nano", **overrides)
+
+
+def test_odd_head_size_is_fine_without_rope():
+    cfg = get_preset("nano", dim=12, n_heads=4, n_kv_heads=2, pos="learned")
+    assert cfg.head_dim == 3
+
+
+def test_unknown_preset_and_unknown_override_key():
+    with pytest.raises(ValueError, match=r"unknown preset 'tiny'; choose one of: nano, nano-gpt2, gpt2-124m"):
+        get_preset("tiny")
+    with pytest.raises(ValueError, match=r"unknown model option 'n_embd'; allowed: .*dim"):
+        get_preset("nano", n_embd=64)
+
+
+def test_direct_construction_is_validated_too():
+    with pytest.raises(ValueError, match="n_heads=3"):
+        ModelConfig(dim=12, n_heads=3, n_kv_heads=2)
+
+
+@pytest.mark.parametrize("annotation, text, expected", [
+    (int, "42", 42), ("int", "-3", -3), (float, "1e-5", 1e-5), ("float", "3", 3.0),
+    (bool, "true", True), (bool, "Yes", True), ("bool", "1", True), (bool, "off", False), (bool, "0", False),
+    (str, "rmsnorm", "rmsnorm"), ("str", "", ""),
+    ("int | None", "none", None), ("int | None", "7", 7), ("float | None", "", None), ("float | None", "0.5", 0.5),
+    ("str | None", "None", None), ("str | None", "data/x", "data/x"),
+])
+def test_parse_value(annotation, text, expected):
+    # annotations arrive as strings (config.py uses `from __future__ import annotations`), or as plain types
+    value = parse_value("key", annotation, text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("annotation, text, message", [
+    (int, "4.5", r"--dim='4.5' is not an integer"),
+    (int, "", r"--dim='' is not an integer"),
+    (float, "fast", r"--dim='fast' is not a number"),
+    (bool, "maybe", r"--dim='maybe' is not a boolean; use true or false"),
+    ("int | None", "x", r"--dim='x' is not an integer"),
+])
+def test_parse_value_errors_name_the_option_and_the_text(annotation, text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_value("dim", annotation, text)
+
+
+def test_every_model_field_parses_from_its_own_text():
+    types = field_types(ModelConfig)
+    assert set(types) == {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = get_preset("nano-gpt2")
+    parsed = {name: parse_value(name, types[name], str(getattr(cfg, name))) for name in types}
+    assert ModelConfig(**parsed) == cfg
