@@ -231,7 +231,8 @@ def test_param_shapes_gpt2_layout():
         ("layers.0.attn.wo", (8, 8)),
         ("layers.0.attn.bq", (8,)), ("layers.0.attn.bk", (8,)), ("layers.0.attn.bv", (8,)), ("layers.0.attn.bo", (8,)),
         ("layers.0.mlp_norm.w", (8,)), ("layers.0.mlp_norm.b", (8,)),
-        ("layers.0.mlp.w1", (8, 12)), ("layers.0.mlp.w2", (12, 8)), ("layers.0.mlp.b1", (12,)), ("layers.0.mlp.b2", (8,)),
+        ("layers.0.mlp.w1", (8, 12)), ("layers.0.mlp.w2", (12, 8)),
+        ("layers.0.mlp.b1", (12,)), ("layers.0.mlp.b2", (8,)),
         ("norm.w", (8,)), ("norm.b", (8,)),
     ]  # tied: no lm_head
     assert list(param_shapes(cfg).items()) == expected

@@ -86,7 +86,8 @@ def test_rmsnorm_of_one_channel_has_the_closed_form_gradient():
 
 def test_layernorm_of_two_channels_has_the_closed_form_gradient():
     # C = 2 is degenerate too: the centred row is (d/2, -d/2) with d = x0 - x1, so xhat = (s, -s) with
-    # s = (d/2) / sqrt(d^2/4 + eps) ~ sign(d), and dx0 = -dx1 = (dy0 w0 - dy1 w1) ds/dd, ds/dd = (eps/2) / (d^2/4 + eps)^1.5.
+    # s = (d/2) / sqrt(d^2/4 + eps) ~ sign(d), and dx0 = -dx1 = (dy0 w0 - dy1 w1) ds/dd,
+    # ds/dd = (eps/2) / (d^2/4 + eps)^1.5.
     x = np.array([[0.3, -0.5], [2.0, 2.0 + 2**-10], [-1.0, 4.0]])  # the middle row: d = -2^-10, tiny next to eps
     w, b, eps = np.array([1.5, -0.7]), np.array([0.1, 0.2]), 1e-4
     y, cache = layernorm_forward({"w": w, "b": b}, x, eps)
