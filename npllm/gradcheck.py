@@ -2,8 +2,9 @@
 
 Central differences: df/dx_i ~= (f(x + h e_i) - f(x - h e_i)) / (2 h), whose error is O(h^2) (truncation) plus
 O(eps_machine * |f| / h) (rounding). In float64 with h = 1e-5 both stay near 1e-10 relative to the gradient for
-the O(1) functions we check, so a correct backward shows relative errors far below the 1e-6 the tests demand,
-and a wrong one (a missing term, a transposed matrix) shows errors near 1.
+O(1) functions whose gradient is O(1) too, so a correct backward shows relative errors far below the 1e-6 the tests
+demand, and a wrong one (a missing term, a transposed matrix) shows errors near 1. The rounding term is relative to
+|f|, not to the gradient: where a gradient is 1e-5 of f, it reads as a 1e-6 relative error (see ``order=4``).
 
 Relative error of an analytic gradient a against a numerical n (both vectors):
     rel = ||a - n|| / max(||a||, ||n||)
