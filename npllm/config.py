@@ -164,7 +164,7 @@ class TrainConfig:
     dp: int | None = None  # data-parallel ranks; None: (ranks under mpirun) / tp. --dry_run plans for it (default 1)
     zero: int = 0  # 1: ZeRO-1, the AdamW moments and the update sharded over the dp ranks
     dry_run: bool = False  # print parameters, bytes per rank, FLOPs per token and the fit, allocate nothing, exit
-    device_memory_gb: float | None = None  # memory per rank for --dry_run's fit; None: 80 (cuda), RAM / ranks (cpu)
+    device_memory_gb: float | None = None  # GiB per rank for --dry_run's fit; None: 80 (cuda), RAM / ranks (cpu)
 
     def __post_init__(self):
         _check_choice("device", self.device, ("cpu", "cuda"))

@@ -19,9 +19,13 @@ run's dtype; every count is this rank's shard: NH_tp = NH / tp, NKV_tp = NKV / t
                    returns another (2 * G); zero=1 packs them once (G) plus its segment, then
                    receives every parameter in the all-gather (W plus its own share)             0 when dp = 1
 
-    peak ~ weights + moments + max(activations + loss temporary,           end of the forward pass
-                                   activations + gradients + working,      backward
-                                   gradients + comm buffers)               optimizer step
+    init temporary a fresh run's ``init_params`` draws each full tensor in float64 on the host and
+                   keeps this rank's slice: the largest full tensor, 8 bytes an element             8 max|P|
+
+    peak ~ max(weights + init temporary,                                       start of a fresh run
+               weights + moments + max(activations + loss temporary,           end of the forward pass
+                                       activations + gradients + working,      backward
+                                       gradients + comm buffers))              optimizer step
 tests/test_memory.py measures the peak of real steps with tracemalloc and compares it with this sum.
 
 The activation caches, per layer, for a batch of B sequences of T tokens (B = batch_size / micro_batches), read off
@@ -49,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
-from .model import flops_per_token, num_params, param_shard_shapes
+from .model import flops_per_token, num_params, param_shapes, param_shard_shapes
 from .optim import moment_dtype
 from .parallel.data import dp_partition
 from .parallel.tensor import is_split
@@ -122,12 +126,14 @@ class MemoryPlan:
     working: int
     comm_buffers: int
     loss_temporary: int
+    init_temporary: int
 
     @property
     def peak(self) -> int:
-        return self.weights + self.moments + max(self.activations + self.loss_temporary,
-                                                 self.activations + self.gradients + self.working,
-                                                 self.gradients + self.comm_buffers)
+        training = self.weights + self.moments + max(self.activations + self.loss_temporary,
+                                                     self.activations + self.gradients + self.working,
+                                                     self.gradients + self.comm_buffers)
+        return max(self.weights + self.init_temporary, training)
 
     @property
     def params_total(self) -> int:
@@ -167,50 +173,53 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, zero: int = 0, dt
         moments=2 * owned * s_moment, activations=activation_bytes(cfg, B, seq_len, tp, s),
         working=working_bytes(cfg, B, seq_len, tp, s), comm_buffers=comm,
         loss_temporary=B * seq_len * (cfg.vocab_size // tp) * s,
+        init_temporary=8 * max(math.prod(shape) for shape in param_shapes(cfg).values()),
     )
 
 
 def default_device_memory_gib(device: str, ranks_on_machine: int) -> tuple[float, str]:
     """(GiB per rank, where the number comes from) when --device_memory_gb is not given."""
     if device == "cuda":
-        return CUDA_DEVICE_MEMORY_GIB, "the default for --device cuda: an 80 GB GPU"
+        return CUDA_DEVICE_MEMORY_GIB, "the default for --device cuda: an 80 GB A100 / H100"
     ram = machine_ram_bytes() / GIB
     return ram / ranks_on_machine, f"this machine's {ram:.1f} GiB of RAM shared by {ranks_on_machine} rank(s)"
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:8.2f} GiB"
+def _row(label: str, n: int, note: str = "") -> str:
+    return f"  {label:<15}{n:>18,} B {n / GIB:9.2f} GiB" + (f"   {note}" if note else "")
 
 
 def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) -> str:
     """The dry run's report: parameters, bytes per rank line by line, FLOPs per token, and whether it fits."""
     cfg, B, T = plan.cfg, plan.batch_size // plan.micro_batches, plan.seq_len
     ranks = plan.tp * plan.dp
+    s = np.dtype(plan.dtype).itemsize
+    P_bytes = cfg.n_layers * B * (cfg.n_heads // plan.tp) * T * T * s
     fits = plan.peak <= device_memory_gib * GIB
-    lines = [
+    tokens_per_step = plan.batch_size * T * plan.dp
+    return "\n".join([
         f"dry run: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), ffn {cfg.ffn_dim}, "
         f"vocab {cfg.vocab_size} | tp={plan.tp} x dp={plan.dp} = {ranks} ranks, zero={plan.zero} | {plan.dtype} | "
-        f"batch {plan.batch_size} x seq_len {T} per dp rank, {plan.micro_batches} micro-batch(es) of {B}",
-        f"parameters: {plan.params_total:,} in all; {plan.params_per_rank:,} per rank "
+        f"{plan.batch_size} x {T} tokens per dp rank"
+        + (f" in {plan.micro_batches} micro-batches" if plan.micro_batches > 1 else ""),
+        f"parameters: {plan.params_total:,} in all | {plan.params_per_rank:,} per rank "
         f"({plan.replicated_per_rank:,} of them replicated on every tp rank)",
-        "bytes per rank:",
-        f"  weights        {plan.weights:>17,} B {_gib(plan.weights)}",
-        f"  gradients      {plan.gradients:>17,} B {_gib(plan.gradients)}"
-        + ("  (running sum + one micro-batch's)" if plan.micro_batches > 1 else ""),
-        f"  AdamW moments  {plan.moments:>17,} B {_gib(plan.moments)}  (m and v of {plan.owned_per_rank:,} "
-        f"parameters{', ZeRO-1 share' if plan.zero == 1 else ''})",
-        f"  activations    {plan.activations:>17,} B {_gib(plan.activations)}  (caches kept for backward, "
-        f"B={B}, T={T}: attention's P alone is {cfg.n_layers} x B x NH_tp x T x T)",
-        f"  working        {plan.working:>17,} B {_gib(plan.working)}  (largest temporaries of one block, estimate)",
-        f"  comm buffers   {plan.comm_buffers:>17,} B {_gib(plan.comm_buffers)}  (data-parallel reduction)",
-        f"  loss temporary {plan.loss_temporary:>17,} B {_gib(plan.loss_temporary)}  (exp of the logits, "
-        f"before backward)",
-        f"  peak           {plan.peak:>17,} B {_gib(plan.peak)}  (weights + moments + max(activations + loss "
-        f"temporary, activations + gradients + working, gradients + comm buffers))",
-        f"FLOPs per token: {plan.flops_per_token:,} (training: forward + backward, matmuls, whole model; "
-        f"each tp rank does 1/{plan.tp}) | per step: {plan.flops_per_token * B * plan.micro_batches * T * plan.dp:,}",
-        f"fits: {'yes' if fits else 'NO'}: {plan.peak / GIB:.2f} GiB of {device_memory_gib:.2f} GiB per rank "
-        f"({memory_source})",
-    ]
-    return "\n".join(lines)
-
+        "bytes per rank (nothing allocated; npllm/memory.py says what each line counts):",
+        _row("weights", plan.weights),
+        _row("gradients", plan.gradients, "running sum + one micro-batch's" if plan.micro_batches > 1 else ""),
+        _row("AdamW moments", plan.moments, f"m and v of {plan.owned_per_rank:,} parameters"
+             + (" (this rank's ZeRO-1 share)" if plan.zero == 1 else "")),
+        _row("activations", plan.activations, f"caches kept for backward, B={B} T={T}; attention's P "
+             f"(B, NH_tp, T, T) is {P_bytes / GIB:.2f} GiB of it"),
+        _row("working", plan.working, "largest temporaries of one block's backward (estimate)"),
+        _row("loss temporary", plan.loss_temporary, "exp(logits) next to the logits, end of forward"),
+        _row("comm buffers", plan.comm_buffers, "packed gradients for the data-parallel reduction"
+             if plan.dp > 1 else "none with dp=1"),
+        _row("init temporary", plan.init_temporary, "the largest full tensor in float64, drawn whole then sliced"),
+        _row("peak", plan.peak, "max(weights + init temporary, weights + moments + max(activations + loss "
+             "temporary, activations + gradients + working, gradients + comm buffers))"),
+        f"FLOPs per token: {plan.flops_per_token:,} (training = 3 x forward, matmuls, whole model; each tp rank does "
+        f"1/{plan.tp}) | per step of {tokens_per_step:,} tokens: {plan.flops_per_token * tokens_per_step:.3e}",
+        f"fits: {'yes' if fits else 'NO'}: {plan.peak / GIB:.2f} GiB per rank "
+        f"{'<=' if fits else '>'} {device_memory_gib:.2f} GiB ({memory_source})",
+    ])

@@ -265,22 +265,27 @@ def evaluate(params: dict, cfg: ModelConfig, val_tokens, tc: TrainConfig, xp, co
     """Mean loss over the first ``eval_batches`` fixed, non-overlapping validation windows (forward only), or,
     with --sft, over the counted (response) targets of the first ``eval_batches`` batches of held-out records.
 
-    comm: a parallel run's ParallelComm. The tp ranks compute each batch together (vocabulary-parallel loss); the
-    dp ranks take turns (batch i on dp rank i % dp), and the per-batch sums, 0 for the batches of other ranks, are
-    all-reduced and then added in batch order: every layout gives the number of one process, bit for bit.
+    comm: a parallel run's ParallelComm. An evaluation batch is then a global batch of dp * batch_size rows, the
+    one that one process with batch_size = dp * batch_size evaluates: each dp rank computes its batch_size rows
+    (the tp ranks together, with the vocabulary-parallel loss), and each batch's sum of losses is all-reduced over
+    the dp ranks before the batches are added up in order. So every layout gives one process's number (to rounding;
+    bit for bit with one dp rank).
     """
     tp, dp = (LocalComm(), LocalComm()) if comm is None else (comm.tp, comm.dp)
-    batches = list(sft_eval_batches(val_tokens, tc.batch_size, tc.eval_batches) if tc.sft is not None
-                   else eval_batches(val_tokens, tc.batch_size, tc.seq_len, tc.eval_batches))
-    sums, counts = np.zeros(len(batches)), np.zeros(len(batches))  # (n_batches,) loss * n and n of each batch
+    rows = tc.batch_size * dp.size  # one global batch
+    batches = list(sft_eval_batches(val_tokens, rows, tc.eval_batches) if tc.sft is not None
+                   else eval_batches(val_tokens, rows, tc.seq_len, tc.eval_batches))
+    mine = slice(dp.rank * tc.batch_size, (dp.rank + 1) * tc.batch_size)  # this dp rank's rows of each batch
+    sums, counts = np.zeros(len(batches)), np.zeros(len(batches))  # (n_batches,) loss * n and n of this rank's rows
     for i, (x, y) in enumerate(batches):
-        if i % dp.size != dp.rank:
+        x, y = x[mine], y[mine]  # (B, T) each; a short last batch may leave a rank no rows
+        if len(x) == 0:
             continue
         logits, _ = model_forward(params, xp.asarray(x), cfg, tp=tp)  # (B, T, V_tp)
         loss, _ = vocab_parallel_cross_entropy_forward(logits, xp.asarray(y), tp)
         n = int((y != IGNORE_INDEX).sum())  # weight each batch by its counted targets (all of them for token data)
         sums[i], counts[i] = loss * n, n
-    sums, counts = dp.allreduce(sums), dp.allreduce(counts)  # each batch's numbers from the rank that ran it
+    sums, counts = dp.allreduce(sums), dp.allreduce(counts)  # (n_batches,) each: the whole global batches
     total, count = 0.0, 0
     for batch_sum, batch_count in zip(sums, counts):
         total += float(batch_sum)
@@ -491,8 +496,18 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed=None, log=print, initial=No
             progress.close()
     plot = plot_losses(out_dir) if main_rank else None
     last = _latest_or_none(out_dir)
-    log(f"done: checkpoint {last}" + (f" | loss curve {plot}" if plot else "") + f" | metrics {out_dir / METRICS_FILE}")
+    rss = comm.world.allgather(np.array([peak_rss_bytes()], dtype=np.float64), axis=0) / 2**30  # (world,) GiB
+    log(f"done: checkpoint {last}" + (f" | loss curve {plot}" if plot else "") + f" | metrics {out_dir / METRICS_FILE}"
+        f" | peak memory {rss.max():.2f} GiB" + (f" per rank (least {rss.min():.2f})" if comm.world.size > 1 else ""))
     return history
+
+
+def peak_rss_bytes() -> int:
+    """The most physical memory this process has held so far (its high-water mark), in bytes."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    return kib if sys.platform == "darwin" else kib * 1024
 
 
 def _latest_or_none(out_dir: Path):

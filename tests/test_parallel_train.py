@@ -1,0 +1,471 @@
+"""``python -m npllm.train`` under mpirun: every layout equals one process, resume is exact, failures end the job,
+the checkpoint layout loads and re-shards, and the --dry_run memory model counts what the code allocates.
+
+The trainer runs (mpirun jobs, marked ``mpi``) train a small LLaMA-like model (2 layers, GQA, V=400 padded from
+nothing: the tokenizer has 400 tokens) on 50 KB of text, 2 rows per dp rank, in float64, and compare with one
+process on the same global batch: data-parallel rank d draws rows d*B ... (d+1)*B - 1 of the dp*B windows that one
+process with batch_size = dp*B draws at the same step (``BatchSampler``), so the two see the same data in the same
+order. Bounds (relative): float64 1e-10 (measured <= 2e-15 on losses, 4e-15 on parameters); float32 1e-5 (the order
+of the sums differs between layouts: measured <= 3e-7 on losses).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
+from mpi_common import (  # noqa: E402
+    NO_MPIRUN, REPO, SEVEN_B_SHAPES, find_mpirun, load_npz, run_mpi, seven_b_batch, seven_b_params, seven_b_probe_dot,
+)
+
+from npllm.checkpoint import (  # noqa: E402
+    load_checkpoint, load_checkpoint_shard, optim_file_names, read_checkpoint_meta,
+)
+from npllm.config import ModelConfig, TrainConfig, get_preset  # noqa: E402
+from npllm.corpus import default_corpus_text  # noqa: E402
+from npllm.data import prepare_data  # noqa: E402
+from npllm.memory import activation_bytes, plan_memory  # noqa: E402
+from npllm.model import init_params, loss_and_grads, model_forward, param_shapes  # noqa: E402
+from npllm.parallel.comm import make_comm  # noqa: E402
+from npllm.parallel.data import apply_update, init_optimizer, reduce_and_clip  # noqa: E402
+from npllm.parallel.tensor import (  # noqa: E402
+    is_split, shard_array, vocab_parallel_cross_entropy_backward, vocab_parallel_cross_entropy_forward,
+)
+from npllm.tokenizer import train_tokenizer  # noqa: E402
+from npllm.train import dry_run_report, main, read_metrics  # noqa: E402
+
+needs_mpirun = pytest.mark.skipif(find_mpirun() is None, reason=NO_MPIRUN)
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+VOCAB = 400
+MODEL = ["--preset=nano", "--n_layers=2", "--dim=32", "--n_heads=4", "--n_kv_heads=2", "--ffn_dim=64",
+         f"--vocab_size={VOCAB}"]
+RUN = ["--seq_len=16", "--peak_tflops=1", "--eval_interval=2", "--eval_batches=3", "--lr=3e-3"]
+STEPS = 4
+TIMING = ("tokens_per_s", "mfu")
+BOUND = {"float64": 1e-10, "float32": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Tokenizer (V=400) and shards of 50 KB of text: tinyshakespeare when present, else the default corpus."""
+    root = tmp_path_factory.mktemp("parallel_train_data")
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:50_000] if SHAKESPEARE.is_file() else default_corpus_text()[:50_000]
+    (root / "text.txt").write_text(text, encoding="utf-8")
+    train_tokenizer([root / "text.txt"], VOCAB, root / "data" / "tokenizer")
+    prepare_data([root / "text.txt"], root / "data" / "tokenizer", root / "data")
+    return root / "data"
+
+
+def args(data_dir, out_dir, batch_size, *extra, dtype="float64") -> list[str]:
+    return [*MODEL, *RUN, f"--data={data_dir}", f"--out_dir={out_dir}", f"--batch_size={batch_size}",
+            f"--dtype={dtype}", *extra]
+
+
+def train_mpi(n: int, argv: list[str], timeout: float = 120, check: bool = True):
+    """``mpirun -n n python -m npllm.train argv`` (through run_mpi's environment: repo on the path, BLAS threads
+    left to the ranks). Returns (CompletedProcess, seconds)."""
+    return run_mpi(n, "train_fail_on_one_rank.py", "none", "-1", "0", "--", *argv, timeout=timeout, check=check)
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def assert_metrics_close(got: list[dict], ref: list[dict], bound: float, where: str) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(STEPS + 1)), where
+    for key in ("loss", "grad_norm", "val_loss"):
+        a = [r[key] for r in got if key in r]
+        b = [r[key] for r in ref if key in r]
+        assert len(a) == len(b) > 0 and rel_err(a, b) <= bound, (where, key, a, b)
+    assert [r.get("lr") for r in got] == [r.get("lr") for r in ref], where
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every layout equals one process on the same global batch
+
+# name -> (ranks, trainer options); every dp rank takes B=2 rows
+LAYOUTS = {
+    "dp=2": (2, ["--tp=1"]),
+    "tp=2": (2, ["--tp=2"]),
+    "tp=2 x dp=2": (4, ["--tp=2"]),
+    "dp=2 zero=1": (2, ["--tp=1", "--zero=1"]),
+    "tp=2 x dp=2 zero=1": (4, ["--tp=2", "--zero=1"]),
+}
+B = 2
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """One process, batch_size = dp * B: {(dp, dtype): run directory}."""
+    runs = {}
+
+    def get(dp: int, dtype: str = "float64") -> Path:
+        if (dp, dtype) not in runs:
+            out = tmp_path_factory.mktemp(f"reference_dp{dp}_{dtype}") / "run"
+            assert main(args(data_dir, out, dp * B, f"--steps={STEPS}", dtype=dtype)) == 0
+            runs[dp, dtype] = out
+        return runs[dp, dtype]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout_run(request, data_dir, tmp_path_factory):
+    """(layout name, run directory, seconds, stdout) of one mpirun job of STEPS steps."""
+    n, options = LAYOUTS[request.param]
+    out = tmp_path_factory.mktemp("layout") / "run"
+    proc, seconds = train_mpi(n, args(data_dir, out, B, f"--steps={STEPS}", *options))
+    return request.param, out, seconds, proc.stdout
+
+
+@pytest.mark.mpi
+@needs_mpirun
+def test_every_layout_equals_one_process(layout_run, reference):
+    layout, run, seconds, _ = layout_run
+    n, options = LAYOUTS[layout]
+    tp = int(options[0].split("=")[1])
+    dp = n // tp
+    ref = reference(dp)
+    assert_metrics_close(read_metrics(run), read_metrics(ref), BOUND["float64"], layout)
+
+    # the checkpoint: one file per tp rank (and per dp rank for ZeRO-1 moments), re-assembled to full tensors
+    ckpt = run / "ckpt_00000004"
+    zero = 1 if "--zero=1" in options else 0
+    layout_record = json.loads((ckpt / "meta.json").read_text())["layout"]
+    assert layout_record == {"tp": tp, "dp": dp, "zero": zero}
+    expected = {"model.safetensors"} if tp == 1 else {f"model.tp{r}.safetensors" for r in range(tp)}
+    expected |= {name for r in range(tp) for name in optim_file_names(r, layout_record)}
+    assert {p.name for p in ckpt.iterdir()} == expected | {"meta.json"}, layout
+    params, opt, meta = load_checkpoint(run)
+    ref_params, ref_opt, _ = load_checkpoint(ref)
+    assert list(params) == list(ref_params) and opt["step"] == ref_opt["step"] == STEPS
+    for name in ref_params:
+        assert params[name].shape == ref_params[name].shape
+        assert rel_err(params[name], ref_params[name]) <= BOUND["float64"], (layout, name)
+        for kind in ("m", "v"):
+            assert rel_err(opt[kind][name], ref_opt[kind][name]) <= BOUND["float64"], (layout, kind, name)
+    assert meta["train_config"]["tp"] == tp and meta["train_config"]["zero"] == zero
+    assert seconds < 60, f"{layout}: {seconds:.1f} s"
+
+
+@pytest.mark.mpi
+@needs_mpirun
+def test_float32_tp_x_dp_matches_one_process(data_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    train_mpi(4, args(data_dir, out, B, f"--steps={STEPS}", "--tp=2", "--zero=1", dtype="float32"))
+    assert_metrics_close(read_metrics(out), read_metrics(reference(2, "float32")), BOUND["float32"], "float32")
+
+
+@pytest.mark.mpi
+@needs_mpirun
+def test_only_world_rank_0_logs(layout_run):
+    """One header, one line per logged step and one summary for the whole job (not one per rank); tokens/s counts
+    every dp rank's rows; the summary gives the peak memory of the busiest rank."""
+    layout, run, _, stdout = layout_run
+    n, options = LAYOUTS[layout]
+    lines = stdout.splitlines()
+    assert sum(line.startswith("model: ") for line in lines) == 1, stdout
+    assert sum(line.startswith(f"step {STEPS}/{STEPS} |") for line in lines) == 1, stdout
+    assert f"parallel: {n} ranks = tp {options[0][5:]} x dp {n // int(options[0][5:])}" in stdout
+    assert lines[-1].startswith("done: checkpoint ") and re.search(r"peak memory [\d.]+ GiB per rank", lines[-1])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))  # one writer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resume under mpirun, and resuming with another tp
+
+
+@pytest.mark.mpi
+@needs_mpirun
+def test_resume_under_mpirun_is_bit_identical(data_dir, tmp_path):
+    options = ["--tp=2", "--zero=1"]
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    train_mpi(4, args(data_dir, straight, B, f"--steps={STEPS}", *options))
+    train_mpi(4, args(data_dir, halves, B, f"--steps={STEPS // 2}", f"--lr_decay_steps={STEPS}", *options))
+    proc, _ = train_mpi(4, [f"--resume={halves}", f"--steps={STEPS}", "--peak_tflops=1"])
+    assert f"resumed from step {STEPS // 2}" in proc.stdout
+    assert without_timing(read_metrics(halves)) == without_timing(read_metrics(straight))  # every bit
+    for ckpt in ("ckpt_00000004",):
+        a, b = (load_checkpoint(run / ckpt) for run in (straight, halves))
+        for name in a[0]:
+            assert np.array_equal(a[0][name], b[0][name]), name
+            assert np.array_equal(a[1]["m"][name], b[1]["m"][name]) and np.array_equal(a[1]["v"][name], b[1]["v"][name])
+
+
+@pytest.mark.mpi
+@needs_mpirun
+def test_a_tp2_checkpoint_resumes_on_one_process_and_reshards(data_dir, reference, tmp_path):
+    """Steps 1-2 with tp=2 on 2 ranks, steps 3-4 on one process: the run of one process, to rounding."""
+    run = tmp_path / "run"
+    train_mpi(2, args(data_dir, run, B, f"--steps={STEPS // 2}", f"--lr_decay_steps={STEPS}", "--tp=2"))
+    assert main([f"--resume={run}", f"--steps={STEPS}", "--tp=1", "--peak_tflops=1"]) == 0
+    ref = reference(1)
+    assert_metrics_close(read_metrics(run), read_metrics(ref), BOUND["float64"], "tp=2 then tp=1")
+    # the tp=2 checkpoint itself: any rank of any tp gets its slice of the full tensors
+    full, full_opt, _ = load_checkpoint(run / "ckpt_00000002")
+    for tp in (1, 2, 4):
+        for rank in range(tp):
+            shard, opt, meta, layout = load_checkpoint_shard(run / "ckpt_00000002", rank, tp)
+            assert layout == {"tp": 2, "dp": 1, "zero": 0} and meta["step"] == 2
+            for name, value in full.items():
+                np.testing.assert_array_equal(shard[name], shard_array(name, value, rank, tp))
+                np.testing.assert_array_equal(opt["v"][name], shard_array(name, full_opt["v"][name], rank, tp))
+    assert read_checkpoint_meta(run)["train_config"]["tp"] == 1  # the newest checkpoint is the one-process one
+
+
+# ----------------------------------------------------------------------------------------------------------
+# failures
+
+
+@pytest.mark.mpi
+@needs_mpirun
+def test_an_exception_on_one_rank_ends_the_job(data_dir, tmp_path):
+    start = time.perf_counter()
+    proc, _ = run_mpi(2, "train_fail_on_one_rank.py", "RuntimeError", "1", "2", "--",
+                      *args(data_dir, tmp_path / "run", B, "--steps=4", "--tp=2"), timeout=60, check=False)
+    seconds = time.perf_counter() - start
+    assert proc.returncode != 0 and seconds < 30, (proc.returncode, seconds)
+    assert "[rank 1] uncaught RuntimeError" in proc.stderr and "planted failure on rank 1" in proc.stderr
+    assert "Traceback" in proc.stderr
+    assert not (tmp_path / "run" / "ckpt_00000004").exists()
+
+
+@pytest.mark.mpi
+@needs_mpirun
+def test_bad_input_seen_by_one_rank_is_one_line_from_that_rank(data_dir, tmp_path):
+    start = time.perf_counter()
+    proc, _ = run_mpi(2, "train_fail_on_one_rank.py", "ValueError", "1", "1", "--",
+                      *args(data_dir, tmp_path / "run", B, "--steps=4", "--tp=1"), timeout=60, check=False)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 2 and seconds < 30, (proc.returncode, seconds, proc.stderr)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("npllm.train")]
+    assert ours == ["npllm.train: error: [rank 1] planted failure on rank 1 at step 1"], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.mpi
+@needs_mpirun
+def test_bad_input_seen_by_every_rank_is_said_once(data_dir, tmp_path):
+    proc, seconds = train_mpi(2, args(data_dir, tmp_path / "run", B, "--steps=2", "--tp=3"), check=False)
+    assert proc.returncode == 2 and seconds < 30, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["npllm.train: error: tp=3 does not divide the number of ranks 2; allowed: 1, 2"], proc.stderr
+
+
+def test_tp_without_mpirun_is_one_clear_line(data_dir, tmp_path, capsys):
+    assert main(args(data_dir, tmp_path / "run", B, "--steps=2", "--tp=2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("npllm.train: error: --tp=2 needs 2 ranks") and "mpirun -n 2" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the 7B shapes: tp=4 equals one process
+
+
+@pytest.mark.mpi
+@needs_mpirun
+def test_seven_b_shapes_tp4_equal_one_process(tmp_path):
+    """The real 7B block, embedding and head (vocab 32000) split over 4 ranks: loss, global gradient norm and the
+    projection p^T g q of every gradient on a random rank-one direction equal one process's (float32: 1e-5 of the
+    loss, the norm, and |g|; one process's float32 gradients are themselves 1e-6 from float64 ones here)."""
+    _, seconds = run_mpi(4, "seven_b_shapes.py", f"--out={tmp_path}", timeout=180)
+    ranks = [load_npz(tmp_path / f"rank{r}.npz") for r in range(4)]
+    cfg = get_preset("7b", **SEVEN_B_SHAPES)
+    params = seven_b_params(cfg, 0, 1)
+    tokens, targets = seven_b_batch(cfg)
+    loss, grads = loss_and_grads(params, tokens, targets, cfg)
+    del params
+    norm = math.sqrt(sum(float(np.vdot(g.astype(np.float64), g.astype(np.float64))) for g in grads.values()))
+    for r in ranks:
+        assert abs(float(r["loss"]) - loss) <= 1e-5 * abs(loss)
+        assert abs(float(r["norm"]) - norm) <= 1e-5 * norm
+    shapes = param_shapes(cfg)
+    for name, g in grads.items():
+        want = seven_b_probe_dot(name, g, shapes[name], 0, 1)
+        shards = [float(r[f"dot:{name}"]) for r in ranks]
+        got = sum(shards) if is_split(name) else shards[0]  # a replicated gradient: every rank holds all of it
+        scale = float(np.linalg.norm(g))  # a random direction: an error e moves p^T g q by about |e|
+        assert shards[0] != 0 and abs(got - want) <= 1e-5 * scale, (name, got, want, scale)
+    assert seconds < 60, f"{seconds:.1f} s"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --dry_run and the memory model
+
+
+def independent_7b_numbers(B: int, T: int, tp: int) -> dict:
+    """The 7b preset's numbers per rank, written out by hand from the LLaMA-7B shapes (not from npllm)."""
+    V, C, L, F, H, hs = 32000, 4096, 32, 11008, 32, 128
+    per_layer = 4 * C * C + 3 * C * F + 2 * C  # wq wk wv wo, w1 w3 w2, two norm gains
+    total = 2 * V * C + L * per_layer + C
+    per_rank = 2 * (V // tp) * C + L * (4 * C * C // tp + 3 * C * F // tp + 2 * C) + C
+    replicated = L * 2 * C + C
+    layer_act = (2 * (B * T * C + B * T) + B * T * C + 4 * B * T * (H // tp) * hs + B * (H // tp) * T * T
+                 + B * T * C + 5 * B * T * (F // tp))
+    model_act = 4 * (2 * B * T * C + B * T + 3 * B * T * (V // tp) + 2 * T * hs) + 2 * 8 * B * T + 3 * B * T
+    matmul_weights = total - V * C - replicated  # everything but the embedding lookup and the norm gains
+    return dict(total=total, per_rank=per_rank, replicated=replicated,
+                activations=4 * L * layer_act + model_act, flops_per_token=6 * matmul_weights + 12 * L * C * T)
+
+
+def dry_run(*options, limit_bytes=None) -> subprocess.CompletedProcess:
+    def limit():  # a cap on the address space: the 7B weights alone would need 25 GiB
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "npllm.train", "--preset", "7b", "--dry_run", *options], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, preexec_fn=limit if limit_bytes else None)
+
+
+def number_after(label: str, text: str) -> int:
+    for line in text.splitlines():
+        if line.strip().startswith(label):
+            return int(line.strip()[len(label):].split(" B")[0].replace(",", "").strip())
+    raise AssertionError(f"no line {label!r} in:\n{text}")
+
+
+def test_dry_run_prints_the_7b_numbers_without_allocating():
+    start = time.perf_counter()
+    proc = dry_run("--tp=8", "--batch_size=4", "--seq_len=512", "--device_memory_gb=24", limit_bytes=2 << 30)
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - start < 30
+    out = proc.stdout
+    want = independent_7b_numbers(4, 512, 8)
+    assert want["total"] == 6_738_415_616
+    assert f"parameters: {want['total']:,} in all | {want['per_rank']:,} per rank" in out
+    assert f"({want['replicated']:,} of them replicated" in out
+    assert number_after("weights", out) == number_after("gradients", out) == 4 * want["per_rank"]
+    assert number_after("AdamW moments", out) == 2 * 4 * want["per_rank"]
+    assert number_after("activations", out) == want["activations"]
+    assert f"FLOPs per token: {want['flops_per_token']:,}" in out
+    assert number_after("init temporary", out) == 8 * 32000 * 4096  # tok_emb or lm_head, drawn whole in float64
+    peak = number_after("peak", out)
+    assert peak == 3 * 4 * want["per_rank"] + want["activations"] + 4 * want["per_rank"] + number_after("working", out)
+    assert ("fits: yes" in out) == (peak <= 24 * 2**30)
+
+
+def test_dry_run_zero1_and_the_fit():
+    out = dry_run("--tp=8", "--dp=4", "--zero=1", "--device=cuda").stdout
+    per_rank = independent_7b_numbers(16, 128, 8)["per_rank"]
+    moments = number_after("AdamW moments", out)
+    assert 2 * 4 * per_rank / 4 <= moments <= 2 * 4 * (per_rank / 4 + 4000 * 4096)  # a quarter, + at most a tensor
+    assert "tp=8 x dp=4 = 32 ranks, zero=1" in out and "of 80" not in out and "80.00 GiB" in out
+    assert number_after("comm buffers", out) > 0
+    small = dry_run("--tp=8", "--device_memory_gb=1").stdout
+    assert "fits: NO" in small and "1.00 GiB (--device_memory_gb)" in small
+    bad = dry_run("--tp=3")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("npllm.train: error: tp=3 does not divide n_heads")
+
+
+class FakeTP:
+    """Rank 0 of a tensor-parallel group of 2, whose collectives copy their input: the shapes (and so the memory)
+    of a real rank's forward pass, without MPI."""
+
+    rank, size = 0, 2
+
+    def allreduce(self, x, op="sum"):
+        return x.copy()
+
+
+CACHE_CONFIGS = {
+    "llama": ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=16),
+    "gpt2": ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64, max_seq_len=16,
+                        norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True),
+}
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _arrays(obj, found: dict) -> None:
+    if isinstance(obj, np.ndarray):
+        found[id(_owner(obj))] = _owner(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _arrays(value, found)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _arrays(value, found)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", list(CACHE_CONFIGS))
+def test_activation_model_counts_the_caches_to_the_byte(config, dtype, tp):
+    """Every array that model_forward's cache, the loss's cache, the logits and dlogits hold (parameters and the
+    token batch aside), counted once: exactly npllm.memory.activation_bytes."""
+    cfg = CACHE_CONFIGS[config]
+    comm = FakeTP() if tp == 2 else make_comm(1).tp
+    params = init_params(cfg, dtype=dtype, tp_rank=0, tp_size=tp)
+    rng = np.random.default_rng(0)
+    B, T = 3, 10
+    tokens, targets = rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
+    logits, cache = model_forward(params, tokens, cfg, tp=comm)
+    _, loss_cache = vocab_parallel_cross_entropy_forward(logits, targets, comm)
+    dlogits, _ = vocab_parallel_cross_entropy_backward(1.0, loss_cache)
+    found = {}
+    _arrays([cache, loss_cache, logits, dlogits], found)
+    for a in [*params.values(), tokens, targets]:
+        found.pop(id(_owner(a)), None)
+    assert sum(a.nbytes for a in found.values()) == activation_bytes(cfg, B, T, tp, np.dtype(dtype).itemsize)
+
+
+@pytest.mark.parametrize("mlp, micro_batches", [("swiglu", 1), ("gelu", 1), ("swiglu", 2)])
+def test_peak_of_a_real_step_is_the_planned_peak(mlp, micro_batches):
+    """tracemalloc's peak over one training step (forward, backward, clipping, AdamW), plus the weights and
+    moments allocated before it, is within 5% of MemoryPlan.peak (measured: within 2%)."""
+    cfg = ModelConfig(vocab_size=2048, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=704, max_seq_len=128,
+                      mlp=mlp, norm="layernorm" if mlp == "gelu" else "rmsnorm")
+    B, T = 8, 128
+    comm = make_comm(1)
+    params = init_params(cfg, dtype=np.float32)
+    state = init_optimizer(params, comm)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
+    from npllm.model import accumulate_loss_and_grads
+
+    tracemalloc.start()
+    try:
+        loss, grads = accumulate_loss_and_grads(params, x, y, cfg, micro_batches, tp=comm.tp)
+        grads, _, _ = reduce_and_clip(grads, comm, max_norm=1.0)
+        apply_update(params, grads, state, comm, lr=1e-3)
+        del grads
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    plan = plan_memory(cfg, batch_size=B, seq_len=T, micro_batches=micro_batches)
+    measured = peak + plan.weights + plan.moments
+    assert 0.95 <= measured / plan.peak <= 1.05, (measured, plan.peak, measured / plan.peak)
+
+
+def test_dry_run_report_plans_for_the_mpirun_world():
+    cfg = get_preset("nano")
+    text = dry_run_report(cfg, TrainConfig(tp=2, zero=1, device_memory_gb=1.0), world_size=8)
+    assert "tp=2 x dp=4 = 8 ranks, zero=1" in text and "fits: yes" in text
+
+
+def test_a_model_vocabulary_larger_than_the_tokenizer_is_padding(data_dir, tmp_path, capsys):
+    assert main(args(data_dir, tmp_path / "run", B, "--steps=2", "--vocab_size=512")) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer has 400 tokens and the model vocab_size=512" in out and "400..511 are padding" in out
+    params, _, _ = load_checkpoint(tmp_path / "run")
+    assert params["tok_emb"].shape == (512, 32)
