@@ -51,7 +51,8 @@ def run(command: list[str], out_dir: Path) -> dict:
     proc = subprocess.run([*command, f"--out_dir={out_dir}"], cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                         f"{proc.stderr[-2000:]}")
     print(proc.stdout, end="")
     peak = re.search(r"peak memory ([\d.]+) GiB", proc.stdout)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -19,13 +19,16 @@ run's dtype; every count is this rank's shard: NH_tp = NH / tp, NKV_tp = NKV / t
                    returns another (2 * G); zero=1 packs them once (G) plus its segment, then
                    receives every parameter in the all-gather (W plus its own share)             0 when dp = 1
 
+    AdamW scratch  ``adamw_update``'s one temporary, the size of the tensor it is updating: the
+                   largest tensor whose moments this rank keeps                                      max|P_own| s
     init temporary a fresh run's ``init_params`` draws each full tensor in float64 on the host and
                    keeps this rank's slice: the largest full tensor, 8 bytes an element             8 max|P|
 
     peak ~ max(weights + init temporary,                                       start of a fresh run
                weights + moments + max(activations + loss temporary,           end of the forward pass
                                        activations + gradients + working,      backward
-                                       gradients + comm buffers))              optimizer step
+                                       gradients + max(comm buffers,           optimizer step
+                                                       AdamW scratch)))
 tests/test_memory.py measures the peak of real steps with tracemalloc and compares it with this sum.
 
 The activation caches, per layer, for a batch of B sequences of T tokens (B = batch_size / micro_batches), read off
@@ -127,12 +130,13 @@ class MemoryPlan:
     comm_buffers: int
     loss_temporary: int
     init_temporary: int
+    adamw_scratch: int
 
     @property
     def peak(self) -> int:
         training = self.weights + self.moments + max(self.activations + self.loss_temporary,
                                                      self.activations + self.gradients + self.working,
-                                                     self.gradients + self.comm_buffers)
+                                                     self.gradients + max(self.comm_buffers, self.adamw_scratch))
         return max(self.weights + self.init_temporary, training)
 
     @property
@@ -154,9 +158,11 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, zero: int = 0, dt
     P_tp = sum(sizes.values())
     replicated = sum(n for name, n in sizes.items() if not is_split(name))
     if zero == 1:
-        owned = max(sum(sizes[name] for name in names) for names in dp_partition(shard_shapes, dp))
+        shares = dp_partition(shard_shapes, dp)  # [names of dp rank d]
+        owned = max(sum(sizes[name] for name in names) for names in shares)
+        largest_owned = max(sizes[name] for names in shares for name in names)
     else:
-        owned = P_tp
+        owned, largest_owned = P_tp, max(sizes.values())
     B = batch_size // micro_batches
     weights = P_tp * s
     grads = P_tp * s
@@ -174,6 +180,7 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, zero: int = 0, dt
         working=working_bytes(cfg, B, seq_len, tp, s), comm_buffers=comm,
         loss_temporary=B * seq_len * (cfg.vocab_size // tp) * s,
         init_temporary=8 * max(math.prod(shape) for shape in param_shapes(cfg).values()),
+        adamw_scratch=largest_owned * s_moment,
     )
 
 
@@ -213,11 +220,12 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) 
              f"(B, NH_tp, T, T) is {P_bytes / GIB:.2f} GiB of it"),
         _row("working", plan.working, "largest temporaries of one block's backward (estimate)"),
         _row("loss temporary", plan.loss_temporary, "exp(logits) next to the logits, end of forward"),
+        _row("AdamW scratch", plan.adamw_scratch, "one temporary the size of the largest tensor it updates"),
         _row("comm buffers", plan.comm_buffers, "packed gradients for the data-parallel reduction"
              if plan.dp > 1 else "none with dp=1"),
         _row("init temporary", plan.init_temporary, "the largest full tensor in float64, drawn whole then sliced"),
         _row("peak", plan.peak, "max(weights + init temporary, weights + moments + max(activations + loss "
-             "temporary, activations + gradients + working, gradients + comm buffers))"),
+             "temporary, activations + gradients + working, gradients + max(comm buffers, AdamW scratch)))"),
         f"FLOPs per token: {plan.flops_per_token:,} (training = 3 x forward, matmuls, whole model; each tp rank does "
         f"1/{plan.tp}) | per step of {tokens_per_step:,} tokens: {plan.flops_per_token * tokens_per_step:.3e}",
         f"fits: {'yes' if fits else 'NO'}: {plan.peak / GIB:.2f} GiB per rank "

@@ -394,6 +394,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed=None, log=print, initial=No
         kept = optimizer_names(params, comm, tc.zero)  # the saved moments are complete; keep this rank's
         opt_state = {"step": saved_opt["step"], "m": to_device({n: saved_opt["m"][n] for n in kept}, tc.device),
                      "v": to_device({n: saved_opt["v"][n] for n in kept}, tc.device)}
+        check_same_dp(meta, comm)
         sampler.load_state_dict(meta["sampler"])
         start_step = meta["step"]
         if meta["tokenizer"]["fingerprint"] != data["tokenizer"].fingerprint:
@@ -516,6 +517,19 @@ def _latest_or_none(out_dir: Path):
     return latest_checkpoint(out_dir)
 
 
+def check_same_dp(meta: dict, comm) -> None:
+    """ValueError unless the run has the checkpoint's number of data-parallel ranks (another dp would draw other
+    windows: no exact resume). Another tp is fine: the checkpoint is re-sharded."""
+    saved_dp = meta["sampler"].get("world_size", 1)
+    if saved_dp != comm.dp.size:
+        saved = meta.get("train_config", {})
+        saved_tp = saved.get("tp", 1)
+        raise ValueError(f"the checkpoint was written by tp={saved_tp} x dp={saved_dp} ranks (zero="
+                         f"{saved.get('zero', 0)}) and this run has tp={comm.tp.size} x dp={comm.dp.size}; resuming "
+                         f"needs dp={saved_dp} (another dp draws other data): e.g. mpirun -n {comm.tp.size * saved_dp} "
+                         f"with --tp={comm.tp.size}")
+
+
 def _silent(*args, **kwargs) -> None:
     """The log of every rank but world rank 0."""
 
@@ -596,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
             if vote.rank == 0:
                 print(report)
             return 0
+        check_tp_divides(cfg, tc.tp)
         comm = run_comm(tc)
         if resumed_meta is not None:  # this rank's shards (re-sharded if the checkpoint has another tp)
             resumed = load_checkpoint_shard(train_opts["resume"], comm.tp.rank, comm.tp.size)[:3]

@@ -1,18 +1,19 @@
 """``python -m npllm.train`` under mpirun: every layout equals one process, resume is exact, failures end the job,
 the checkpoint layout loads and re-shards, and the --dry_run memory model counts what the code allocates.
 
-The trainer runs (mpirun jobs, marked ``mpi``) train a small LLaMA-like model (2 layers, GQA, V=400 padded from
-nothing: the tokenizer has 400 tokens) on 50 KB of text, 2 rows per dp rank, in float64, and compare with one
-process on the same global batch: data-parallel rank d draws rows d*B ... (d+1)*B - 1 of the dp*B windows that one
-process with batch_size = dp*B draws at the same step (``BatchSampler``), so the two see the same data in the same
-order. Bounds (relative): float64 1e-10 (measured <= 2e-15 on losses, 4e-15 on parameters); float32 1e-5 (the order
-of the sums differs between layouts: measured <= 3e-7 on losses).
+The trainer runs (mpirun jobs, marked ``mpi``) train a small LLaMA-like model (2 layers, GQA, V=400) on 50 KB of
+text, 2 rows per dp rank, for 4 steps, and compare with one process on the same global batch: data-parallel rank d
+draws rows d*B ... (d+1)*B - 1 of the dp*B windows that one process with batch_size = dp*B draws at the same step
+(``BatchSampler``), so the two see the same data in the same order. Bounds (relative): float64 1e-10 (measured:
+losses, gradient norms and validation losses <= 1.2e-16, parameters <= 5e-15); float32 1e-5 on
+the losses and norms (measured <= 5e-8; the layouts add in different orders).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import resource
 import subprocess
@@ -26,7 +27,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
 from mpi_common import (  # noqa: E402
-    NO_MPIRUN, REPO, SEVEN_B_SHAPES, find_mpirun, load_npz, run_mpi, seven_b_batch, seven_b_params, seven_b_probe_dot,
+    BLAS_THREAD_VARS, NO_MPIRUN, REPO, SEVEN_B_SHAPES, find_mpirun, load_npz, run_mpi, seven_b_batch, seven_b_params,
+    seven_b_probe_dot,
 )
 
 from npllm.checkpoint import (  # noqa: E402
@@ -35,10 +37,11 @@ from npllm.checkpoint import (  # noqa: E402
 from npllm.config import ModelConfig, TrainConfig, get_preset  # noqa: E402
 from npllm.corpus import default_corpus_text  # noqa: E402
 from npllm.data import prepare_data  # noqa: E402
+from npllm.generate import load_model  # noqa: E402
 from npllm.memory import activation_bytes, plan_memory  # noqa: E402
 from npllm.model import init_params, loss_and_grads, model_forward, param_shapes  # noqa: E402
 from npllm.parallel.comm import make_comm  # noqa: E402
-from npllm.parallel.data import apply_update, init_optimizer, reduce_and_clip  # noqa: E402
+from npllm.parallel.data import apply_update, dp_count_weight, init_optimizer, reduce_and_clip  # noqa: E402
 from npllm.parallel.tensor import (  # noqa: E402
     is_split, shard_array, vocab_parallel_cross_entropy_backward, vocab_parallel_cross_entropy_forward,
 )
@@ -73,9 +76,18 @@ def args(data_dir, out_dir, batch_size, *extra, dtype="float64") -> list[str]:
 
 
 def train_mpi(n: int, argv: list[str], timeout: float = 120, check: bool = True):
-    """``mpirun -n n python -m npllm.train argv`` (through run_mpi's environment: repo on the path, BLAS threads
-    left to the ranks). Returns (CompletedProcess, seconds)."""
-    return run_mpi(n, "train_fail_on_one_rank.py", "none", "-1", "0", "--", *argv, timeout=timeout, check=check)
+    """``mpirun -n n python -m npllm.train argv`` from the repository root, the BLAS thread variables left to the
+    ranks. Returns (CompletedProcess, seconds); with check, a non-zero exit fails with the output's tail."""
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_THREAD_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    command = [find_mpirun(), "-n", str(n), sys.executable, "-m", "npllm.train", *argv]
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - start
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {proc.returncode} after {seconds:.1f} s\n"
+                             f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}")
+    return proc, seconds
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
@@ -161,6 +173,8 @@ def test_every_layout_equals_one_process(layout_run, reference):
         for kind in ("m", "v"):
             assert rel_err(opt[kind][name], ref_opt[kind][name]) <= BOUND["float64"], (layout, kind, name)
     assert meta["train_config"]["tp"] == tp and meta["train_config"]["zero"] == zero
+    gen_params, gen_cfg, _ = load_model(run)  # generation and evaluation read any layout as full tensors
+    assert gen_cfg.vocab_size == VOCAB and all(np.array_equal(gen_params[n], params[n]) for n in params)
     assert seconds < 60, f"{layout}: {seconds:.1f} s"
 
 
@@ -199,6 +213,10 @@ def test_resume_under_mpirun_is_bit_identical(data_dir, tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     train_mpi(4, args(data_dir, straight, B, f"--steps={STEPS}", *options))
     train_mpi(4, args(data_dir, halves, B, f"--steps={STEPS // 2}", f"--lr_decay_steps={STEPS}", *options))
+    proc, _ = train_mpi(4, [f"--resume={halves}", f"--steps={STEPS}", "--tp=1"], check=False)  # dp 2 -> 4
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "npllm.train: error: the checkpoint was written by tp=2 x dp=2 ranks (zero=1) and this run has tp=1 x dp=4; "
+        "resuming needs dp=2 (another dp draws other data): e.g. mpirun -n 2 with --tp=1"), proc.stderr
     proc, _ = train_mpi(4, [f"--resume={halves}", f"--steps={STEPS}", "--peak_tflops=1"])
     assert f"resumed from step {STEPS // 2}" in proc.stdout
     assert without_timing(read_metrics(halves)) == without_timing(read_metrics(straight))  # every bit
@@ -228,6 +246,13 @@ def test_a_tp2_checkpoint_resumes_on_one_process_and_reshards(data_dir, referenc
                 np.testing.assert_array_equal(shard[name], shard_array(name, value, rank, tp))
                 np.testing.assert_array_equal(opt["v"][name], shard_array(name, full_opt["v"][name], rank, tp))
     assert read_checkpoint_meta(run)["train_config"]["tp"] == 1  # the newest checkpoint is the one-process one
+
+    # --init_from a one-process checkpoint under tp=2: each rank takes its slices of the weights
+    new = tmp_path / "from_init"
+    train_mpi(2, [*MODEL[1:], *RUN, f"--out_dir={new}", f"--batch_size={B}", "--dtype=float64", "--steps=1",
+                  "--tp=2", f"--init_from={run}", f"--data={data_dir}"])
+    before = read_metrics(new)[0]["val_loss"]  # the untrained step-0 evaluation: the checkpoint's weights
+    assert abs(before - read_metrics(run)[-1]["val_loss"]) <= 1e-10 * before
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,7 +291,10 @@ def test_bad_input_seen_by_every_rank_is_said_once(data_dir, tmp_path):
     proc, seconds = train_mpi(2, args(data_dir, tmp_path / "run", B, "--steps=2", "--tp=3"), check=False)
     assert proc.returncode == 2 and seconds < 30, (proc.returncode, proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["npllm.train: error: tp=3 does not divide the number of ranks 2; allowed: 1, 2"], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("npllm.train: error: tp=3 does not divide n_heads=4"), proc.stderr
+    proc, _ = train_mpi(3, args(data_dir, tmp_path / "run", B, "--steps=2", "--tp=2"), check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["npllm.train: error: tp=2 does not divide the number of ranks 3; allowed: 1, 3"], proc.stderr
 
 
 def test_tp_without_mpirun_is_one_clear_line(data_dir, tmp_path, capsys):
@@ -469,3 +497,35 @@ def test_a_model_vocabulary_larger_than_the_tokenizer_is_padding(data_dir, tmp_p
     assert "tokenizer has 400 tokens and the model vocab_size=512" in out and "400..511 are padding" in out
     params, _, _ = load_checkpoint(tmp_path / "run")
     assert params["tok_emb"].shape == (512, 32)
+
+
+class FakeDP:
+    """One rank's view of a data-parallel group whose ranks count ``total`` targets together."""
+
+    def __init__(self, size: int, total: float):
+        self.size, self.total = size, total
+
+    def allreduce_scalar(self, value, op="sum"):
+        return self.total
+
+
+def test_uneven_targets_over_dp_ranks_give_the_global_batch_mean():
+    """With -100 targets spread unevenly (fine-tuning), averaging the dp ranks' weighted means (dp_count_weight)
+    gives the loss and gradients of the whole global batch, as one process computes them."""
+    cfg = CACHE_CONFIGS["llama"]
+    params = init_params(cfg, seed=1, dtype=np.float64)
+    rng = np.random.default_rng(3)
+    tokens, targets = rng.integers(0, 64, (4, 8)), rng.integers(0, 64, (4, 8))
+    targets[0, :6] = -100  # rank 0 (rows 0-1) counts 10 targets, rank 1 (rows 2-3) counts 16
+    loss, grads = loss_and_grads(params, tokens, targets, cfg)
+    n_total = int((targets != -100).sum())
+    parts = []
+    for rows in (slice(0, 2), slice(2, 4)):
+        part_loss, part_grads = loss_and_grads(params, tokens[rows], targets[rows], cfg)
+        weight = dp_count_weight(int((targets[rows] != -100).sum()), FakeDP(2, n_total))
+        assert weight != 1.0
+        parts.append((weight * part_loss, {n: weight * g for n, g in part_grads.items()}))
+    assert abs((parts[0][0] + parts[1][0]) / 2 - loss) <= 1e-12 * loss
+    for name, g in grads.items():
+        np.testing.assert_allclose((parts[0][1][name] + parts[1][1][name]) / 2, g, rtol=0, atol=1e-12 * abs(g).max())
+    assert dp_count_weight(13, FakeDP(2, 26.0)) == 1.0  # equal counts: exactly 1, so pretraining is untouched
