@@ -100,7 +100,12 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 def parse_value(name: str, annotation, text: str):
     """Turn the text of ``--name=text`` into the field's type ("int", "float", "bool", "str", or "X | None"),
     or raise a one-line ValueError."""
-    type_name = annotation if isinstance(annotation, str) else annotation.__name__
+    if isinstance(annotation, type):
+        type_name = annotation.__name__
+    else:  # "int | None" as a string (dataclass fields here), a union type, or typing.Optional[int]
+        type_name = str(annotation).replace("typing.", "")
+        if type_name.startswith("Optional["):
+            type_name = type_name[len("Optional["):-1] + " | None"
     base = type_name.replace("| None", "").strip()
     if type_name.endswith("| None") and text.lower() in ("none", ""):
         return None
