@@ -9,15 +9,16 @@
 
 Every field of ModelConfig and TrainConfig (npllm/config.py) is an option ``--name=value``. One step:
 
-    x, y = sampler.next()                                         # (B, T) token windows
-    loss, grads = accumulate_loss_and_grads(params, x, y, cfg)    # forward + backward, micro-batches summed
-    norm, _ = clip_grad_norm(grads, grad_clip)                    # one global norm
-    adamw_update(params, grads, opt_state, lr=lr_at(step), ...)   # in place
+    x, y = sampler.next()                                          # (B, T) token windows
+    loss, grads = accumulate_loss_and_grads(params, x, y, cfg, micro_batches, tp=comm.tp)  # forward + backward
+    grads, norm, _ = reduce_and_clip(grads, comm, zero=zero, max_norm=grad_clip)  # one global norm, clipped
+    apply_update(params, grads, opt_state, comm, zero=zero, lr=lr_at(step), ...)   # AdamW, in place
 
-The loop is explained in docs/training.md, fine-tuning (--init_from, --sft) in docs/finetuning.md, runs under
-mpirun (--tp, --zero, the checkpoint layout, --dry_run) in docs/parallelism.md: there every rank runs this same
-loop on its shards and rows, ``reduce_and_clip`` averages the gradients over the data-parallel ranks, and world
-rank 0 alone logs and writes metrics.
+With one process ``comm`` is a size-1 communicator: reduce_and_clip is clip_grad_norm and apply_update is
+adamw_update, the same arithmetic. The loop is explained in docs/training.md, fine-tuning (--init_from, --sft) in
+docs/finetuning.md, runs under mpirun (--tp, --zero, the checkpoint layout, --dry_run) in docs/parallelism.md:
+there every rank runs this same loop on its shards and its rows of the global batch, reduce_and_clip also averages
+the gradients over the data-parallel ranks, and world rank 0 alone logs and writes metrics.
 """
 
 from __future__ import annotations

@@ -1,0 +1,176 @@
+"""npllm/memory.py and ``python -m npllm.train --dry_run``: the printed 7B numbers against a count written out by
+hand, nothing allocated (an address-space limit of 2 GiB), the activation model against the real caches to the byte,
+and the planned peak against tracemalloc's measure of a real training step."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npllm.config import ModelConfig, TrainConfig, get_preset
+from npllm.memory import activation_bytes, plan_memory
+from npllm.model import accumulate_loss_and_grads, init_params, model_forward
+from npllm.parallel.comm import make_comm
+from npllm.parallel.data import apply_update, init_optimizer, reduce_and_clip
+from npllm.parallel.tensor import vocab_parallel_cross_entropy_backward, vocab_parallel_cross_entropy_forward
+from npllm.train import dry_run_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def independent_7b_numbers(B: int, T: int, tp: int) -> dict:
+    """The 7b preset's numbers per rank, written out by hand from the LLaMA-7B shapes (not from npllm)."""
+    V, C, L, F, H, hs = 32000, 4096, 32, 11008, 32, 128
+    per_layer = 4 * C * C + 3 * C * F + 2 * C  # wq wk wv wo, w1 w3 w2, two norm gains
+    total = 2 * V * C + L * per_layer + C
+    per_rank = 2 * (V // tp) * C + L * (4 * C * C // tp + 3 * C * F // tp + 2 * C) + C
+    replicated = L * 2 * C + C
+    layer_act = (2 * (B * T * C + B * T) + B * T * C + 4 * B * T * (H // tp) * hs + B * (H // tp) * T * T
+                 + B * T * C + 5 * B * T * (F // tp))
+    model_act = 4 * (2 * B * T * C + B * T + 3 * B * T * (V // tp) + 2 * T * hs) + 2 * 8 * B * T + 3 * B * T
+    matmul_weights = total - V * C - replicated  # everything but the embedding lookup and the norm gains
+    return dict(total=total, per_rank=per_rank, replicated=replicated,
+                activations=4 * L * layer_act + model_act, flops_per_token=6 * matmul_weights + 12 * L * C * T)
+
+
+def dry_run(*options, limit_bytes=None) -> subprocess.CompletedProcess:
+    def limit():  # a cap on the address space: the 7B weights alone would need 25 GiB
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "npllm.train", "--preset", "7b", "--dry_run", *options], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, preexec_fn=limit if limit_bytes else None)
+
+
+def number_after(label: str, text: str) -> int:
+    for line in text.splitlines():
+        if line.strip().startswith(label):
+            return int(line.strip()[len(label):].split(" B")[0].replace(",", "").strip())
+    raise AssertionError(f"no line {label!r} in:\n{text}")
+
+
+def test_dry_run_prints_the_7b_numbers_without_allocating():
+    start = time.perf_counter()
+    proc = dry_run("--tp=8", "--batch_size=4", "--seq_len=512", "--device_memory_gb=24", limit_bytes=2 << 30)
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - start < 30
+    out = proc.stdout
+    want = independent_7b_numbers(4, 512, 8)
+    assert want["total"] == 6_738_415_616
+    assert f"parameters: {want['total']:,} in all | {want['per_rank']:,} per rank" in out
+    assert f"({want['replicated']:,} of them replicated" in out
+    assert number_after("weights", out) == number_after("gradients", out) == 4 * want["per_rank"]
+    assert number_after("AdamW moments", out) == 2 * 4 * want["per_rank"]
+    assert number_after("activations", out) == want["activations"]
+    assert f"FLOPs per token: {want['flops_per_token']:,}" in out
+    assert number_after("init temporary", out) == 8 * 32000 * 4096  # tok_emb or lm_head, drawn whole in float64
+    peak = number_after("peak", out)
+    assert peak == 3 * 4 * want["per_rank"] + want["activations"] + 4 * want["per_rank"] + number_after("working", out)
+    assert ("fits: yes" in out) == (peak <= 24 * 2**30)
+
+
+def test_dry_run_zero1_and_the_fit():
+    out = dry_run("--tp=8", "--dp=4", "--zero=1", "--device=cuda").stdout
+    per_rank = independent_7b_numbers(16, 128, 8)["per_rank"]
+    moments = number_after("AdamW moments", out)
+    assert 2 * 4 * per_rank / 4 <= moments <= 2 * 4 * (per_rank / 4 + 4000 * 4096)  # a quarter, + at most a tensor
+    assert "tp=8 x dp=4 = 32 ranks, zero=1" in out and "of 80" not in out and "80.00 GiB" in out
+    assert number_after("comm buffers", out) > 0
+    small = dry_run("--tp=8", "--device_memory_gb=1").stdout
+    assert "fits: NO" in small and "1.00 GiB (--device_memory_gb)" in small
+    bad = dry_run("--tp=3")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("npllm.train: error: tp=3 does not divide n_heads")
+
+
+class FakeTP:
+    """Rank 0 of a tensor-parallel group of 2, whose collectives copy their input: the shapes (and so the memory)
+    of a real rank's forward pass, without MPI."""
+
+    rank, size = 0, 2
+
+    def allreduce(self, x, op="sum"):
+        return x.copy()
+
+
+CACHE_CONFIGS = {
+    "llama": ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=16),
+    "gpt2": ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64, max_seq_len=16,
+                        norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True),
+}
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _arrays(obj, found: dict) -> None:
+    if isinstance(obj, np.ndarray):
+        found[id(_owner(obj))] = _owner(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _arrays(value, found)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _arrays(value, found)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", list(CACHE_CONFIGS))
+def test_activation_model_counts_the_caches_to_the_byte(config, dtype, tp):
+    """Every array that model_forward's cache, the loss's cache, the logits and dlogits hold (parameters and the
+    token batch aside), counted once: exactly npllm.memory.activation_bytes."""
+    cfg = CACHE_CONFIGS[config]
+    comm = FakeTP() if tp == 2 else make_comm(1).tp
+    params = init_params(cfg, dtype=dtype, tp_rank=0, tp_size=tp)
+    rng = np.random.default_rng(0)
+    B, T = 3, 10
+    tokens, targets = rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
+    logits, cache = model_forward(params, tokens, cfg, tp=comm)
+    _, loss_cache = vocab_parallel_cross_entropy_forward(logits, targets, comm)
+    dlogits, _ = vocab_parallel_cross_entropy_backward(1.0, loss_cache)
+    found = {}
+    _arrays([cache, loss_cache, logits, dlogits], found)
+    for a in [*params.values(), tokens, targets]:
+        found.pop(id(_owner(a)), None)
+    assert sum(a.nbytes for a in found.values()) == activation_bytes(cfg, B, T, tp, np.dtype(dtype).itemsize)
+
+
+@pytest.mark.parametrize("mlp, micro_batches", [("swiglu", 1), ("gelu", 1), ("swiglu", 2)])
+def test_peak_of_a_real_step_is_the_planned_peak(mlp, micro_batches):
+    """tracemalloc's peak over one training step (forward, backward, clipping, AdamW), plus the weights and
+    moments allocated before it, is within 5% of MemoryPlan.peak (measured: within 2%)."""
+    cfg = ModelConfig(vocab_size=2048, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=704, max_seq_len=128,
+                      mlp=mlp, norm="layernorm" if mlp == "gelu" else "rmsnorm")
+    B, T = 8, 128
+    comm = make_comm(1)
+    params = init_params(cfg, dtype=np.float32)
+    state = init_optimizer(params, comm)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
+    tracemalloc.start()
+    try:
+        loss, grads = accumulate_loss_and_grads(params, x, y, cfg, micro_batches, tp=comm.tp)
+        grads, _, _ = reduce_and_clip(grads, comm, max_norm=1.0)
+        apply_update(params, grads, state, comm, lr=1e-3)
+        del grads
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    plan = plan_memory(cfg, batch_size=B, seq_len=T, micro_batches=micro_batches)
+    measured = peak + plan.weights + plan.moments
+    assert 0.95 <= measured / plan.peak <= 1.05, (measured, plan.peak, measured / plan.peak)
+
+
+def test_dry_run_report_plans_for_the_mpirun_world():
+    cfg = get_preset("nano")
+    text = dry_run_report(cfg, TrainConfig(tp=2, zero=1, device_memory_gb=1.0), world_size=8)
+    assert "tp=2 x dp=4 = 8 ranks, zero=1" in text and "fits: yes" in text
