@@ -182,44 +182,48 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-class BatchSampler:
-    """Random training windows, a pure function of (seed, step, rank).
+class StepSampler:
+    """B distinct items per rank and step, a pure function of (seed, step, rank): the rule every training sampler
+    shares (token windows here, SFT records in npllm/sft.py).
 
-    At step s, all ranks draw the same world_size * B distinct window starts, without replacement, from
-    np.random.default_rng([seed, s]); rank r takes starts r*B .. (r+1)*B - 1. A window is T+1 consecutive
-    tokens; x is its first T, y its last T (y[:, t] is the token after x[:, t]). So data-parallel ranks never
-    share a window within a step, and the sampler's whole position is the step number.
+    At step s, all ranks draw the same world_size * B distinct item indices, without replacement, from
+    np.random.default_rng([seed, s]); rank r takes indices r*B .. (r+1)*B - 1. So data-parallel ranks never share
+    an item within a step, and the sampler's whole position is the step number: exact resume needs only it.
+    A subclass sets ``num_items`` and ``item_name`` and turns chosen indices into a batch in ``rows``.
     """
 
-    def __init__(self, tokens, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1):
+    item_name = "items"
+    state_keys = ("batch_size", "seq_len", "world_size")  # what must match for a saved position to mean the same
+
+    def __init__(self, num_items: int, batch_size: int, seq_len: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
         for name, value in [("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)]:
             _check_positive_int(name, value)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.tokens = tokens  # (N,)
         self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.num_windows = len(tokens) - self.seq_len  # starts 0 .. N-T-1, each window T+1 tokens
-        if self.num_windows < 1:
-            raise ValueError(f"the data has {len(tokens)} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
-        if self.num_windows < self.world_size * self.batch_size:
-            raise ValueError(f"world_size * batch_size = {self.world_size * self.batch_size} distinct windows per "
-                             f"step, but {len(tokens)} tokens hold only {self.num_windows} windows of "
-                             f"seq_len+1={seq_len + 1}; use a smaller batch or more data")
+        self.num_items = int(num_items)
+        if self.num_items < self.world_size * self.batch_size:
+            raise ValueError(f"world_size * batch_size = {self.world_size * self.batch_size} distinct "
+                             f"{self.item_name} per step, but the data holds only {self.num_items} {self.item_name}; use a smaller "
+                             f"--batch_size or more data")
         self.step = 0
+
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The (x, y) batch, each int64 (B, T), of the chosen item indices (B,)."""
+        raise TypeError(f"{type(self).__name__} must define rows(indices)")
 
     def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The (x, y) batch of this rank at `step`, each int64 (B, T). Does not move the sampler."""
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        B, T = self.batch_size, self.seq_len
+        B = self.batch_size
         rng = np.random.default_rng([self.seed, int(step)])
-        starts = rng.choice(self.num_windows, size=self.world_size * B, replace=False)  # (world_size*B,)
-        starts = starts[self.rank * B:(self.rank + 1) * B]  # (B,)
-        windows = np.asarray(self.tokens[starts[:, None] + np.arange(T + 1)], dtype=np.int64)  # (B, T+1)
-        return windows[:, :-1], windows[:, 1:]  # x (B, T), y (B, T)
+        chosen = rng.choice(self.num_items, size=self.world_size * B, replace=False)  # (world_size*B,)
+        return self.rows(chosen[self.rank * B:(self.rank + 1) * B])  # x (B, T), y (B, T)
 
     def next(self) -> tuple[np.ndarray, np.ndarray]:
         """The batch at the current step; then advance one step."""
@@ -228,19 +232,44 @@ class BatchSampler:
         return batch
 
     def state_dict(self) -> dict:
-        return dict(seed=self.seed, step=self.step, rank=self.rank, world_size=self.world_size,
-                    batch_size=self.batch_size, seq_len=self.seq_len)
+        state = dict(seed=self.seed, step=self.step, rank=self.rank)
+        state.update({key: getattr(self, key) for key in self.state_keys})
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at state["step"] with state["seed"]. batch_size, seq_len and world_size must match this
-        sampler's (a different shape would be a different data order); rank stays this process's own."""
-        for key in ("batch_size", "seq_len", "world_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]} but this sampler has "
+        """Resume at state["step"] with state["seed"]. The ``state_keys`` must match this sampler's (a different
+        shape would be a different data order); rank stays this process's own."""
+        for key in self.state_keys:
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state.get(key)} but this sampler has "
                                  f"{key}={getattr(self, key)}; they must match to resume")
         if not isinstance(state["step"], int) or state["step"] < 0:
             raise ValueError(f"sampler state step must be a non-negative integer, got {state['step']!r}")
         self.seed, self.step = int(state["seed"]), state["step"]
+
+
+class BatchSampler(StepSampler):
+    """Random training windows of a token stream (StepSampler's rule over window starts).
+
+    A window is T+1 consecutive tokens starting at one of N-T starts; x is its first T, y its last T
+    (y[:, t] is the token after x[:, t]).
+    """
+
+    item_name = "windows"
+
+    def __init__(self, tokens, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1):
+        _check_positive_int("seq_len", seq_len)
+        num_windows = len(tokens) - int(seq_len)  # starts 0 .. N-T-1, each window T+1 tokens
+        if num_windows < 1:
+            raise ValueError(f"the data has {len(tokens)} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
+        self.tokens = tokens  # (N,)
+        self.num_windows = num_windows
+        super().__init__(num_windows, batch_size, seq_len, seed, rank, world_size)
+
+    def rows(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        T = self.seq_len
+        windows = np.asarray(self.tokens[starts[:, None] + np.arange(T + 1)], dtype=np.int64)  # (B, T+1)
+        return windows[:, :-1], windows[:, 1:]  # x (B, T), y (B, T)
 
 
 def eval_batches(tokens, batch_size: int, seq_len: int,

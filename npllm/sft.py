@@ -31,6 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .data import StepSampler, _check_positive_int
 from .layers.loss import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
@@ -207,69 +208,23 @@ def split_records(n_records: int, val_fraction: float = VAL_FRACTION) -> tuple[n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+class SFTBatchSampler(StepSampler):
+    """Random training records (data.StepSampler's rule over record indices): the same interface and the same
+    guarantees as BatchSampler (distinct records across data-parallel ranks in a step; position = step number)."""
 
-
-class SFTBatchSampler:
-    """Random training records, a pure function of (seed, step, rank): data.BatchSampler's rule, over records.
-
-    At step s, all ranks draw the same world_size * B distinct record indices, without replacement, from
-    np.random.default_rng([seed, s]); rank r takes indices r*B .. (r+1)*B - 1. So data-parallel ranks never share a
-    record within a step, and the sampler's whole position is the step number (exact resume needs only it).
-    Same interface as BatchSampler: sample(step), next(), state_dict(), load_state_dict().
-    """
+    item_name = "training records"
+    state_keys = ("batch_size", "seq_len", "world_size", "num_records")
 
     def __init__(self, examples: SFTExamples, batch_size: int, seq_len: int, seed: int, rank: int = 0,
                  world_size: int = 1):
-        for name, value in [("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)]:
-            _check_positive_int(name, value)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if examples.tokens.shape[1] != seq_len:
             raise ValueError(f"the examples are rows of {examples.tokens.shape[1]} tokens but seq_len={seq_len}")
         self.examples = examples
-        self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
-        self.rank, self.world_size = int(rank), int(world_size)
         self.num_records = len(examples)
-        if self.num_records < self.world_size * self.batch_size:
-            raise ValueError(f"world_size * batch_size = {self.world_size * self.batch_size} distinct records per "
-                             f"step, but there are only {self.num_records} training records; use a smaller "
-                             f"--batch_size or more records")
-        self.step = 0
+        super().__init__(self.num_records, batch_size, seq_len, seed, rank, world_size)
 
-    def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """The (x, y) batch of this rank at `step`, each int64 (B, T). Does not move the sampler."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        B = self.batch_size
-        rng = np.random.default_rng([self.seed, int(step)])
-        chosen = rng.choice(self.num_records, size=self.world_size * B, replace=False)  # (world_size*B,)
-        return self.examples.rows(chosen[self.rank * B:(self.rank + 1) * B])  # x (B, T), y (B, T)
-
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
-        """The batch at the current step; then advance one step."""
-        batch = self.sample(self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return dict(seed=self.seed, step=self.step, rank=self.rank, world_size=self.world_size,
-                    batch_size=self.batch_size, seq_len=self.seq_len, num_records=self.num_records)
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at state["step"] with state["seed"]. batch_size, seq_len, world_size and the number of training
-        records must match (anything else would be a different data order); rank stays this process's own."""
-        for key in ("batch_size", "seq_len", "world_size", "num_records"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state.get(key)} but this SFT sampler has "
-                                 f"{key}={getattr(self, key)}; they must match to resume")
-        if not isinstance(state["step"], int) or state["step"] < 0:
-            raise ValueError(f"sampler state step must be a non-negative integer, got {state['step']!r}")
-        self.seed, self.step = int(state["seed"]), state["step"]
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.examples.rows(indices)  # x (B, T), y (B, T)
 
 
 def sft_eval_batches(examples: SFTExamples, batch_size: int,
