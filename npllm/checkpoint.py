@@ -193,6 +193,17 @@ def _check_optim_state(params, optim_state):
             )
 
 
+def _finish_and_rename(tmp_dir: Path, final_dir: Path, record: dict) -> None:
+    """Write meta.json last into the complete temp directory, fsync it, and rename it to ``final_dir`` in one
+    rename(2) (replacing an older save of the same step); then fsync the run directory so the rename is durable."""
+    _write_json(tmp_dir / META_FILE, record)
+    _fsync_path(tmp_dir)
+    if final_dir.exists():
+        _remove_dir(final_dir)
+    os.replace(tmp_dir, final_dir)
+    _fsync_path(final_dir.parent)
+
+
 def save_checkpoint(run_dir, step, params, optim_state=None, meta=None, *, keep=3):
     """Save ``params`` (and AdamW ``optim_state``, and the caller's JSON ``meta``) as ``run_dir/ckpt_{step:08d}``.
 
@@ -241,15 +252,9 @@ def save_checkpoint(run_dir, step, params, optim_state=None, meta=None, *, keep=
             "files": manifest,
             "meta": meta,
         }
-        _write_json(tmp_dir / META_FILE, record)
-        _fsync_path(tmp_dir)
-
         # 2. publish the directory with one rename (replacing an older save of the same step)
         final_dir = run_dir / name
-        if final_dir.exists():
-            _remove_dir(final_dir)
-        os.replace(tmp_dir, final_dir)
-        _fsync_path(run_dir)
+        _finish_and_rename(tmp_dir, final_dir, record)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -539,12 +544,7 @@ def save_checkpoint_sharded(run_dir, step, params, optim_state, meta, comm, *, z
             "meta": meta,
         }
         try:
-            _write_json(tmp_dir / META_FILE, record)
-            _fsync_path(tmp_dir)
-            if final_dir.exists():
-                _remove_dir(final_dir)
-            os.replace(tmp_dir, final_dir)
-            _fsync_path(run_dir)
+            _finish_and_rename(tmp_dir, final_dir, record)
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
