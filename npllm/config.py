@@ -214,3 +214,16 @@ class TrainConfig:
     @property
     def warmup(self) -> int:
         return self.decay_steps // 10 if self.warmup_steps is None else self.warmup_steps
+
+
+def describe_fields(cls) -> list[tuple[str, str, str]]:
+    """(name, default, comment) of every field of a config dataclass; the comment is the one on its line above."""
+    import inspect
+    import re
+
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return [(f.name, repr(f.default), comments.get(f.name, "")) for f in dataclasses.fields(cls)]

@@ -41,7 +41,9 @@ from .backend import asnumpy, to_device, xp_for_device  # noqa: E402
 from .checkpoint import (  # noqa: E402
     load_checkpoint, load_checkpoint_shard, read_checkpoint_meta, save_checkpoint_sharded,
 )
-from .config import ModelConfig, TrainConfig, field_types, get_preset, parse_value  # noqa: E402
+from .config import (  # noqa: E402
+    PRESETS, ModelConfig, TrainConfig, describe_fields, field_types, get_preset, parse_value,
+)
 from .data import BatchSampler, eval_batches, load_tokens, read_meta  # noqa: E402
 from .layers.loss import IGNORE_INDEX  # noqa: E402
 from .memory import default_device_memory_gib, format_plan, plan_memory  # noqa: E402
@@ -592,8 +594,23 @@ def report_error(err: Exception, code: int, vote: ErrorVote) -> int:
     abort_job(code)
 
 
+def usage() -> str:
+    """--help: the command's docstring, then every option with its default and meaning, model then training."""
+    lines = [__doc__.split("\n\nEvery field")[0], "", "Model options (a preset sets them all; options override it):"]
+    for name, default, comment in describe_fields(ModelConfig):
+        lines.append(f"  {'--' + name + '=' + default:<26} {comment}")
+    lines += ["", "Training options:"]
+    for name, default, comment in describe_fields(TrainConfig):
+        lines.append(f"  {'--' + name + '=' + default:<26} {comment}")
+    lines += ["", f"Presets: {', '.join(PRESETS)}. Docs: docs/training.md, docs/finetuning.md, docs/parallelism.md."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return 0
     vote = ErrorVote()  # under mpirun: how the ranks find out whether an error below hit all of them
     try:
         model_opts, train_opts = parse_options(argv)

@@ -439,3 +439,13 @@ def test_runs_on_the_default_corpus_when_no_data_is_given(tmp_path, monkeypatch)
     _, _, meta = load_checkpoint(run)
     assert Path(meta["data_dir"]).parent == tmp_path / "cache"
     assert (Path(meta["data_dir"]) / "train.bin").is_file()
+
+
+def test_help_lists_every_option_with_its_meaning(capsys):
+    from npllm.config import ModelConfig, TrainConfig, field_types
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in list(field_types(ModelConfig)) + list(field_types(TrainConfig)):
+        line = next(line for line in out.splitlines() if line.strip().startswith(f"--{name}="))
+        assert len(line.split(None, 1)) == 2, f"--{name} has no description: {line!r}"
