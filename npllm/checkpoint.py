@@ -193,6 +193,23 @@ def _check_optim_state(params, optim_state):
             )
 
 
+def _record(step: int, params: dict, optim_state, files: dict, meta: dict, layout: dict | None = None) -> dict:
+    """What meta.json holds: the format, the step, the parameter order, the optimizer's step, each file's size and
+    sha256, the tensor-parallel layout (sharded saves only) and the caller's meta."""
+    record = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "step": step,
+        "param_names": list(params),
+        "optim_step": None if optim_state is None else int(optim_state["step"]),
+        "files": files,
+    }
+    if layout is not None:
+        record["layout"] = layout
+    record["meta"] = meta
+    return record
+
+
 def _finish_and_rename(tmp_dir: Path, final_dir: Path, record: dict) -> None:
     """Write meta.json last into the complete temp directory, fsync it, and rename it to ``final_dir`` in one
     rename(2) (replacing an older save of the same step); then fsync the run directory so the rename is durable."""
@@ -243,15 +260,7 @@ def save_checkpoint(run_dir, step, params, optim_state=None, meta=None, *, keep=
             _write_safetensors(tmp_dir / file_name, tensors)
             written = tmp_dir / file_name
             manifest[file_name] = {"bytes": written.stat().st_size, "sha256": _sha256(written)}
-        record = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "step": step,
-            "param_names": list(params),
-            "optim_step": None if optim_state is None else int(optim_state["step"]),
-            "files": manifest,
-            "meta": meta,
-        }
+        record = _record(step, params, optim_state, manifest, meta)
         # 2. publish the directory with one rename (replacing an older save of the same step)
         final_dir = run_dir / name
         _finish_and_rename(tmp_dir, final_dir, record)
@@ -533,16 +542,7 @@ def save_checkpoint_sharded(run_dir, step, params, optim_state, meta, comm, *, z
     # 4. world rank 0 publishes: meta.json, one rename, latest, old checkpoints out (save_checkpoint's steps 2-4)
     final_dir = run_dir / name
     if comm.world.rank == 0:
-        record = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "step": step,
-            "param_names": list(params),
-            "optim_step": None if optim_state is None else int(optim_state["step"]),
-            "files": dict(sorted(every.items())),
-            "layout": layout,
-            "meta": meta,
-        }
+        record = _record(step, params, optim_state, dict(sorted(every.items())), meta, layout)
         try:
             _finish_and_rename(tmp_dir, final_dir, record)
         except BaseException:
