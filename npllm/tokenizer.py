@@ -162,7 +162,10 @@ class Tokenizer:
                              f"{str(e).splitlines()[0][:120]}") from None
         info_path = directory / INFO_FILE
         if info_path.is_file():
-            recorded = json.loads(info_path.read_text()).get("fingerprint")
+            try:
+                recorded = json.loads(info_path.read_text()).get("fingerprint")
+            except (ValueError, AttributeError) as err:  # not JSON, or JSON that is not an object
+                raise ValueError(f"{info_path} is corrupt ({type(err).__name__}: {err})") from None
             if recorded != tokenizer.fingerprint:
                 raise ValueError(f"{info_path} records fingerprint {recorded} but {model_path} has "
                                  f"{tokenizer.fingerprint}; the two files do not belong together")

@@ -158,3 +158,13 @@ def test_cli_missing_input_is_one_line_error(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: input file not found: {tmp_path / 'missing.txt'}"]
     assert not (tmp_path / "tok").exists()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_a_corrupt_tokenizer_json_is_one_error_naming_the_file(tmp_path, content):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400 + "0123456789 " * 50)
+    train_tokenizer([corpus], 300, tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").write_text(content)
+    with pytest.raises(ValueError, match="tokenizer.json is corrupt"):
+        Tokenizer.load(tmp_path / "tok")
