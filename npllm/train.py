@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             resumed = load_checkpoint_shard(train_opts["resume"], comm.tp.rank, comm.tp.size)[:3]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are caught per step
             train(cfg, tc, resumed, initial=initial, comm=comm)
-    except (ValueError, FileNotFoundError, TrainingError) as err:
+    except (ValueError, FileNotFoundError, TrainingError, ImportError) as err:  # ImportError: --device=cuda, no CuPy
         return report_error(err, 1 if isinstance(err, TrainingError) else 2, vote)
     except KeyboardInterrupt:
         if vote.rank == 0:

@@ -449,3 +449,11 @@ def test_help_lists_every_option_with_its_meaning(capsys):
     for name in list(field_types(ModelConfig)) + list(field_types(TrainConfig)):
         line = next(line for line in out.splitlines() if line.strip().startswith(f"--{name}="))
         assert len(line.split(None, 1)) == 2, f"--{name} has no description: {line!r}"
+
+
+def test_cuda_without_cupy_is_one_clear_line(data_dir, tmp_path):
+    """Where CuPy is missing (CI, a laptop), --device=cuda says how to get it instead of a traceback."""
+    script = ("import sys; sys.modules['cupy'] = None; from npllm.train import main; "
+              "sys.exit(main(sys.argv[1:]))")
+    proc = run_cli(*tiny(data_dir, tmp_path / "run", "--steps=2"), "--device=cuda", script=script)
+    assert_one_line_error(proc, "device 'cuda' needs CuPy", "npllm[gpu]")
