@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import asnumpy, get_array_module
+from .cli import run_command
 from .config import ModelConfig
 from .model import model_forward
 from .sampling import log_softmax
@@ -186,15 +187,7 @@ def run(argv, out=None) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"npllm.evaluate: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
-    return 0
+    return run_command("npllm.evaluate", run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

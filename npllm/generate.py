@@ -31,6 +31,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 
 from .backend import asnumpy, get_array_module, to_device
+from .cli import run_command
 from .config import ModelConfig
 from .model import model_forward
 from .sampling import SamplingConfig, log_softmax, sample_token
@@ -391,15 +392,7 @@ def run(args, out=None) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse_args(sys.argv[1:] if argv is None else argv))
-    except (ValueError, FileNotFoundError, ImportError) as err:  # ImportError: --device=cuda without CuPy
-        print(f"npllm.generate: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
-    return 0
+    return run_command("npllm.generate", lambda a: run(parse_args(a)), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
