@@ -1,0 +1,413 @@
+"""Flash-style self-attention: the contract of npllm.layers.attention, computed tile by tile.
+
+The projections, RoPE and the output projection are those of the reference. The core differs: instead of the full
+(T, Tk) probability matrix P per head, it walks over tiles of query rows x keys with an online softmax and keeps for
+backward only the output o and each query row's logsumexp L. The backward recomputes each tile's P from q, k and L
+and uses D = rowsum(do * o) (FlashAttention-2). Derivation: docs/derivations/attention.md, the last section.
+
+Layout. The core works on "rows": the G query heads that share key/value head kv are laid out query-position-major,
+row r = t * G + g, so q becomes (S, R, hs) with S = B * NKV slices and R = T * G rows per slice. A tile is then one
+matrix product per slice with M = (query positions of the tile) * G, k and v are broadcast over the G heads of their
+group without a copy, and the sum over those G heads in dk, dv is the matrix product's own sum over rows.
+
+    forward, per query tile Q_i and each key tile K_j, V_j not entirely above the causal diagonal:
+        s = (Q_i * scale) @ K_j^T  (masked: -inf)        m_new = max(m, rowmax(s))
+        p = exp(s - m_new)                                l = l * exp(m - m_new) + rowsum(p)
+        acc = acc * exp(m - m_new) + p @ V_j              m = m_new
+    o = acc / l,  L = m + log(l)
+    backward, with D = rowsum(do * o), per tile:
+        P = exp(s - L)    dv_j += P^T @ do_i    dS = P * (do_i @ V_j^T - D)
+        dq_i += dS @ K_j * scale                dk_j += dS^T @ Q_i * scale
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from ..backend import get_array_module
+from ..layers.rope import rope_backward, rope_forward
+from ..parallel.threads import available_cores, ranks_on_this_node
+
+# Tile sizes in query positions / keys, chosen by measurement (benchmarks/bench_attention.py --tune, float32, C=256,
+# NH=4, hs=64, on 2 cores): see the comment in that file's docstring for the numbers.
+Q_TILE = 256
+K_TILE = 512
+
+# Below this many score entries (S * R * Tk) a call runs in the calling thread: a thread pool's hand-off (~50 us)
+# would cost more than it saves (decoding one token, tests' tiny shapes).
+MIN_WORK_FOR_THREADS = 1 << 18
+
+
+def _find_local_blas_threads_setter():
+    """OpenBLAS's openblas_set_num_threads_local (sets the BLAS threads of the calling thread only), or None.
+
+    Looked up in the OpenBLAS that NumPy loaded (Linux: /proc/self/maps). The core's pool threads each call it with
+    1: two Python threads each running a 2-thread BLAS on 2 cores ran the core 10-50x slower (oversubscription).
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+        for path in paths:
+            setter = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
+            if setter is not None:
+                setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+                return setter
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+_set_local_blas_threads = _find_local_blas_threads_setter()
+
+
+def _blas_threads_from_environment():
+    """The BLAS thread count the environment fixed (OPENBLAS/OMP/MKL_NUM_THREADS), or None."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def default_threads() -> int:
+    """Threads for the core: this process's share of the node's cores, max(1, cores // MPI ranks on this node),
+    divided by the threads each BLAS call may start where the pool's threads cannot limit their BLAS to one."""
+    share = max(1, available_cores() // ranks_on_this_node(os.environ))
+    if _set_local_blas_threads is not None:
+        return share
+    return max(1, share // (_blas_threads_from_environment() or share))
+
+
+def _single_threaded_blas():
+    if _set_local_blas_threads is not None:
+        _set_local_blas_threads(1)
+
+
+_pool = None  # created on first use, grown when a call asks for more threads
+_pool_size = 0
+
+
+def _executor(n):
+    global _pool, _pool_size
+    if _pool is None or _pool_size < n:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="npllm-attention",
+                                   initializer=_single_threaded_blas)
+        _pool_size = n
+    return _pool
+
+
+def _run_over_slices(xp, fn, S, work, threads):
+    """fn(lo, hi) over the slices [0, S), split into contiguous chunks run on up to ``threads`` threads.
+
+    The chunks touch disjoint slices of every output, so no two threads write the same memory. NumPy releases the GIL
+    inside BLAS and its ufuncs, which is where the time goes. (CuPy: one thread; the GPU runs the work.)
+    """
+    n = min(threads, S) if work >= MIN_WORK_FOR_THREADS and xp.__name__ == "numpy" else 1
+    if n <= 1:
+        fn(0, S)
+        return
+    bounds = [S * c // n for c in range(n + 1)]
+    futures = [_executor(n).submit(fn, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for f in futures:
+        f.result()  # re-raises a worker's exception here
+
+
+def _positive_int(name, value, default):
+    if value is None:
+        return default
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} is not allowed; it must be a positive int")
+    return int(value)
+
+
+def _check_core_args(qg, k, v, causal, T_past, key_mask):
+    if qg.ndim != 5:
+        raise ValueError(f"qg has shape {qg.shape}; expected (B, NKV, G, T, hs)")
+    B, NKV, G, T, hs = qg.shape
+    if k.ndim != 4 or k.shape[:2] != (B, NKV) or k.shape[3] != hs or v.shape != k.shape:
+        raise ValueError(f"k {k.shape} and v {v.shape} must both be (B, NKV, Tk, hs) = ({B}, {NKV}, Tk, {hs})")
+    Tk = k.shape[2]
+    if causal and T_past + T != Tk:
+        raise ValueError(f"causal attention needs Tk = T_past + T; got Tk={Tk}, T_past={T_past}, T={T}")
+    if not causal and T_past != 0:
+        raise ValueError(f"T_past={T_past} is the query offset of causal attention; use 0 when causal=False")
+    if key_mask is not None and (key_mask.shape != (B, Tk) or key_mask.dtype != bool):
+        raise ValueError(f"key_mask must be a boolean (B, Tk) = ({B}, {Tk}) array; got {key_mask.dtype} "
+                         f"{key_mask.shape}")
+    return B, NKV, G, T, hs, Tk
+
+
+def _rows(a):
+    """(B, NKV, G, T, X) -> (B*NKV, T*G, X), row r = t * G + g; free when a is a view of a (B, NKV, T, G, X) array."""
+    B, NKV, G, T = a.shape[:4]
+    return a.transpose(0, 1, 3, 2, *range(4, a.ndim)).reshape(B * NKV, T * G, *a.shape[4:])
+
+
+def _unrows(a, B, NKV, G):
+    """(B*NKV, T*G, X) -> the (B, NKV, G, T, X) view of it (no copy)."""
+    S, R = a.shape[:2]
+    return a.reshape(B, NKV, R // G, G, *a.shape[2:]).transpose(0, 1, 3, 2, *range(4, a.ndim + 2))
+
+
+class _Tiling:
+    """Which tiles exist and which need a mask; the masks themselves. Shared by forward and backward."""
+
+    def __init__(self, xp, B, NKV, G, T, Tk, causal, T_past, key_mask, q_tile, k_tile, dtype):
+        self.G, self.T, self.Tk, self.causal, self.T_past = G, T, Tk, causal, T_past
+        self.q_tile, self.k_tile = q_tile, k_tile
+        self.row_pos = T_past + xp.arange(T * G) // G  # (R,): the absolute position of each query row
+        self.key_pos = xp.arange(Tk)  # (Tk,)
+        self.key_bias = None
+        if key_mask is not None:  # 0 for a real key, -inf for padding, one row per slice s = b * NKV + kv
+            bias = xp.where(key_mask, 0.0, -xp.inf).astype(dtype)  # (B, Tk)
+            self.key_bias = xp.repeat(bias, NKV, axis=0)[:, None, :]  # (S, 1, Tk)
+
+    def query_tiles(self):
+        """(r0, r1, i0, i1): rows [r0, r1) of query positions [i0, i1)."""
+        for i0 in range(0, self.T, self.q_tile):
+            i1 = min(self.T, i0 + self.q_tile)
+            yield i0 * self.G, i1 * self.G, i0, i1
+
+    def key_tiles(self, i0, i1):
+        """(j0, j1, crosses): key tiles that some query of [i0, i1) may see; crosses: the tile needs the causal mask.
+
+        Causal: query i sits at position T_past + i and sees keys j <= T_past + i, so keys past T_past + i1 - 1 are
+        seen by no query of the tile (those tiles are skipped), and a tile whose last key j1 - 1 <= T_past + i0 is
+        seen whole by every query (no mask).
+        """
+        j_end = min(self.Tk, self.T_past + i1) if self.causal else self.Tk
+        for j0 in range(0, j_end, self.k_tile):
+            j1 = min(j_end, j0 + self.k_tile)
+            yield j0, j1, self.causal and j1 - 1 > self.T_past + i0
+
+    def mask(self, xp, s, lo, hi, r0, r1, j0, j1, crosses):
+        """Set the scores s (n, rows, keys) of invisible keys to -inf, in place."""
+        if crosses:
+            future = self.key_pos[None, j0:j1] > self.row_pos[r0:r1, None]  # (rows, keys)
+            xp.copyto(s, -xp.inf, where=future)
+        if self.key_bias is not None:
+            s += self.key_bias[lo:hi, :, j0:j1]
+
+
+def _append_column(xp, a, column):
+    """[a, column]: (S, N, X) and a scalar or (S, N, 1) -> (S, N, X+1)."""
+    out = xp.empty(a.shape[:-1] + (a.shape[-1] + 1,), dtype=a.dtype)  # (S, N, X+1)
+    out[..., :-1] = a
+    out[..., -1:] = column
+    return out
+
+
+def _view(buf, shape):
+    """A C-contiguous array of ``shape`` at the start of the flat buffer ``buf``."""
+    return buf[:math.prod(shape)].reshape(shape)
+
+
+def flash_core_forward(qg, k, v, scale, causal=True, T_past=0, key_mask=None, *, q_tile=None, k_tile=None,
+                       threads=None):
+    """Attention of the queries qg over keys k and values v, tile by tile; returns o and the row logsumexp L.
+
+    qg: (B, NKV, G, T, hs), query head h = kv * G + g reads key/value head kv.  k, v: (B, NKV, Tk, hs).
+    scale: the score factor (1 / sqrt(hs)).  causal: query i (at position T_past + i) sees keys j <= T_past + i, and
+    then Tk = T_past + T; causal=False: every query sees every key.  key_mask: None or a boolean (B, Tk), True for a
+    real key, False for padding that no query sees.  A query row that sees no key at all gets o = 0 and L = +inf
+    (so that the backward's exp(s - L) is 0 there).
+    q_tile / k_tile: tile sizes in query positions / keys (default Q_TILE, K_TILE).  threads: how many threads share
+    the (batch, kv-head) slices (default: this process's share of the cores, default_threads()).
+    Returns o (B, NKV, G, T, hs) and L (B, NKV, G, T), both views of row-major (B, NKV, T, G, ...) arrays.
+    """
+    xp = get_array_module(qg, k, v)
+    B, NKV, G, T, hs, Tk = _check_core_args(qg, k, v, causal, T_past, key_mask)
+    q_tile, k_tile = _positive_int("q_tile", q_tile, Q_TILE), _positive_int("k_tile", k_tile, K_TILE)
+    threads = _positive_int("threads", threads, None) or default_threads()
+    S, R, dtype = B * NKV, T * G, qg.dtype
+    qs = _rows(qg) * scale  # (S, R, hs): scaled once here instead of once per score tile
+    k3 = k.reshape(S, Tk, hs)  # (S, Tk, hs)
+    v1 = _append_column(xp, v.reshape(S, Tk, hs), 1.0)  # (S, Tk, hs+1): [v, 1], so p @ v1 = [p @ v, rowsum(p)]
+    o = xp.empty((S, R, hs), dtype=dtype)  # (S, R, hs)
+    L = xp.empty((S, R), dtype=dtype)  # (S, R)
+    tiling = _Tiling(xp, B, NKV, G, T, Tk, causal, T_past, key_mask, q_tile, k_tile, dtype)
+    safe = key_mask is not None  # only padding can leave a row with no visible key so far (its max is then -inf)
+
+    def chunk(lo, hi):
+        n = hi - lo
+        sbuf = xp.empty(n * min(R, q_tile * G) * min(Tk, k_tile), dtype=dtype)  # one score tile, reused
+        for r0, r1, i0, i1 in tiling.query_tiles():
+            q_t = qs[lo:hi, r0:r1]  # (n, rows, hs)
+            m = acc = None
+            for j0, j1, crosses in tiling.key_tiles(i0, i1):
+                s = _view(sbuf, (n, r1 - r0, j1 - j0))  # (n, rows, keys)
+                xp.matmul(q_t, k3[lo:hi, j0:j1].swapaxes(-1, -2), out=s)
+                tiling.mask(xp, s, lo, hi, r0, r1, j0, j1, crosses)
+                m_tile = s.max(axis=-1, keepdims=True)  # (n, rows, 1)
+                m_new = m_tile if m is None else xp.maximum(m, m_tile)  # (n, rows, 1): the running row max
+                m_sub = m_new  # what this tile's exponents are taken relative to
+                if safe:  # a row with no visible key yet: subtract 0, not -inf (exp(-inf - -inf) is NaN); p = 0
+                    m_sub = xp.where(xp.isneginf(m_new), 0.0, m_new).astype(dtype, copy=False)
+                s -= m_sub
+                xp.exp(s, out=s)  # p = exp(s - m_new): the tile's unnormalised probabilities
+                if m is None:  # first key tile: nothing to rescale
+                    acc = s @ v1[lo:hi, j0:j1]  # (n, rows, hs+1): [sum_j p v_j, l = sum_j p]
+                else:  # the old terms were relative to the old max: rescale them by exp(m_old - m_new) <= 1
+                    acc *= xp.exp(m - m_sub)
+                    acc += s @ v1[lo:hi, j0:j1]
+                m = m_new
+            l = acc[..., hs:]  # (n, rows, 1)
+            if safe:
+                empty = l == 0  # (n, rows, 1): rows that saw no key
+                l = xp.where(empty, 1.0, l).astype(dtype, copy=False)
+                xp.divide(acc[..., :hs], l, out=o[lo:hi, r0:r1])
+                L[lo:hi, r0:r1] = xp.where(empty, xp.inf, m + xp.log(l))[..., 0]
+            else:
+                xp.divide(acc[..., :hs], l, out=o[lo:hi, r0:r1])
+                L[lo:hi, r0:r1] = (m + xp.log(l))[..., 0]
+
+    _run_over_slices(xp, chunk, S, S * R * Tk, threads)
+    return _unrows(o, B, NKV, G), _unrows(L, B, NKV, G)
+
+
+def flash_core_backward(do, qg, k, v, o, L, scale, causal=True, T_past=0, key_mask=None, *, q_tile=None,
+                        k_tile=None, threads=None):
+    """Backward of flash_core_forward: from do (B, NKV, G, T, hs) and the forward's inputs, o and L, return dq
+    (B, NKV, G, T, hs), dk and dv (B, NKV, Tk, hs).  Same tiles as the forward (any tile sizes give the same result).
+
+    forward was o = softmax(qg @ k^T * scale, masked) @ v per head; P is recomputed per tile as exp(s - L).
+    """
+    xp = get_array_module(do, qg, k, v)
+    B, NKV, G, T, hs, Tk = _check_core_args(qg, k, v, causal, T_past, key_mask)
+    q_tile, k_tile = _positive_int("q_tile", q_tile, Q_TILE), _positive_int("k_tile", k_tile, K_TILE)
+    threads = _positive_int("threads", threads, None) or default_threads()
+    S, R, dtype = B * NKV, T * G, qg.dtype
+    do3 = _rows(do)  # (S, R, hs)
+    D = xp.einsum("srd,srd->sr", do3, _rows(o))[..., None]  # (S, R, 1): rowsum(do * o) = rowsum(dP * P)
+    # the subtractions s - L and dP - D ride in the matrix products as one more column:
+    # [q * scale, -L] @ [k, 1]^T = s - L  and  [do, -D] @ [v, 1]^T = dP - D
+    q1 = _append_column(xp, _rows(qg) * scale, -_rows(L[..., None]))  # (S, R, hs+1)
+    k1 = _append_column(xp, k.reshape(S, Tk, hs), 1.0)  # (S, Tk, hs+1)
+    do1 = _append_column(xp, do3, -D)  # (S, R, hs+1)
+    v1 = _append_column(xp, v.reshape(S, Tk, hs), 1.0)  # (S, Tk, hs+1)
+    dq = xp.zeros((S, R, hs), dtype=dtype)  # (S, R, hs)
+    dk = xp.zeros((S, Tk, hs), dtype=dtype)  # (S, Tk, hs)
+    dv = xp.zeros((S, Tk, hs), dtype=dtype)  # (S, Tk, hs)
+    tiling = _Tiling(xp, B, NKV, G, T, Tk, causal, T_past, key_mask, q_tile, k_tile, dtype)
+
+    def chunk(lo, hi):
+        n = hi - lo
+        rows, keys = min(R, q_tile * G), min(Tk, k_tile)
+        pbuf = xp.empty(n * rows * keys, dtype=dtype)  # P of one tile
+        dsbuf = xp.empty(n * rows * keys, dtype=dtype)  # dP - D, then dS, of one tile
+        kvbuf = xp.empty(n * keys * hs, dtype=dtype)  # a tile's contribution to dk or dv
+        qbuf = xp.empty(n * rows * hs, dtype=dtype)  # a tile's contribution to dq
+        for r0, r1, i0, i1 in tiling.query_tiles():
+            q_t, do_t = q1[lo:hi, r0:r1], do1[lo:hi, r0:r1]  # (n, rows, hs+1) each
+            dq_t = dq[lo:hi, r0:r1]  # (n, rows, hs): accumulated over the key tiles
+            for j0, j1, crosses in tiling.key_tiles(i0, i1):
+                k_t, v_t = k1[lo:hi, j0:j1], v1[lo:hi, j0:j1]  # (n, keys, hs+1) each
+                P = _view(pbuf, (n, r1 - r0, j1 - j0))  # (n, rows, keys)
+                xp.matmul(q_t, k_t.swapaxes(-1, -2), out=P)  # s - L, recomputed
+                tiling.mask(xp, P, lo, hi, r0, r1, j0, j1, crosses)
+                xp.exp(P, out=P)  # P = exp(s - L): the forward's probabilities, 0 where masked
+                tmp = _view(kvbuf, (n, j1 - j0, hs))  # (n, keys, hs)
+                # forward was o = P @ v, so dv = P^T @ do (the G heads of a group are rows: the product sums them)
+                dv[lo:hi, j0:j1] += xp.matmul(P.swapaxes(-1, -2), do_t[..., :hs], out=tmp)
+                dS = _view(dsbuf, (n, r1 - r0, j1 - j0))  # (n, rows, keys)
+                xp.matmul(do_t, v_t.swapaxes(-1, -2), out=dS)  # dP - D, with dP = do @ v^T
+                dS *= P  # forward was P = softmax(s), so dS = P * (dP - rowsum(dP * P)) = P * (dP - D)
+                # forward was s = (q * scale) @ k^T: dq = dS @ k * scale (scaled at the end), dk = dS^T @ (q * scale)
+                dq_t += xp.matmul(dS, k_t[..., :hs], out=_view(qbuf, (n, r1 - r0, hs)))
+                dk[lo:hi, j0:j1] += xp.matmul(dS.swapaxes(-1, -2), q_t[..., :hs], out=tmp)
+        dq[lo:hi] *= scale
+
+    _run_over_slices(xp, chunk, S, S * R * Tk, threads)
+    return _unrows(dq, B, NKV, G), dk.reshape(B, NKV, Tk, hs), dv.reshape(B, NKV, Tk, hs)
+
+
+def _project(x, p, w, b):
+    y = x @ p[w]  # (B, T, out)
+    return y + p[b] if b in p else y
+
+
+def flash_attention_forward(p, x, n_heads, n_kv_heads, rope=None, past_kv=None, *, q_tile=None, k_tile=None,
+                            threads=None):
+    """Causal self-attention; the contract of npllm.layers.attention.attention_forward, computed by flash tiles.
+
+    p: {"wq": (C, NH*hs), "wk": (C, NKV*hs), "wv": (C, NKV*hs), "wo": (NH*hs, C)}, and "bq", "bk", "bv", "bo".
+    x: (B, T, C).  rope: (cos, sin) tables (T, hs) for the positions of x, or None.
+    past_kv: (k, v) of earlier positions, each (B, NKV, T_past, hs), for cached decoding; forward only.
+    q_tile, k_tile, threads: see flash_core_forward.
+    Returns y (B, T, C) and the cache; cache["k"], cache["v"] hold all keys/values (past included).
+    """
+    if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}")
+    xp = get_array_module(x)
+    B, T, _ = x.shape
+    NKV, G = n_kv_heads, n_heads // n_kv_heads
+    q = _project(x, p, "wq", "bq")  # (B, T, NH*hs)
+    hs = q.shape[-1] // n_heads
+    q = q.reshape(B, T, NKV, G, hs)  # (B, T, NKV, G, hs): query head h = kv * G + g
+    k = _project(x, p, "wk", "bk").reshape(B, T, NKV, hs)  # (B, T, NKV, hs)
+    v = _project(x, p, "wv", "bv").reshape(B, T, NKV, hs)  # (B, T, NKV, hs)
+    if rope is not None:  # the reference's rope on (B, H, T, hs), here with the tables broadcast over the head axes
+        cos, sin = rope
+        q, _ = rope_forward(q, cos[:, None, None], sin[:, None, None])
+        k, _ = rope_forward(k, cos[:, None], sin[:, None])
+    q = xp.ascontiguousarray(q.transpose(0, 2, 1, 3, 4))  # (B, NKV, T, G, hs): the core's row layout
+    k = xp.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (B, NKV, T, hs)
+    v = xp.ascontiguousarray(v.transpose(0, 2, 1, 3))  # (B, NKV, T, hs)
+    T_past = 0
+    if past_kv is not None:
+        T_past = past_kv[0].shape[2]
+        k = xp.concatenate([past_kv[0], k], axis=2)  # (B, NKV, T_past+T, hs)
+        v = xp.concatenate([past_kv[1], v], axis=2)  # (B, NKV, T_past+T, hs)
+    qg = q.transpose(0, 1, 3, 2, 4)  # (B, NKV, G, T, hs), a view
+    scale = 1.0 / math.sqrt(hs)
+    tiles = dict(q_tile=q_tile, k_tile=k_tile, threads=threads)
+    o, L = flash_core_forward(qg, k, v, scale, causal=True, T_past=T_past, **tiles)  # (B, NKV, G, T, hs), (.., T)
+    o_merged = o.transpose(0, 3, 1, 2, 4).reshape(B, T, n_heads * hs)  # (B, T, NH*hs)
+    y = _project(o_merged, p, "wo", "bo")  # (B, T, C)
+    # keep x, qg, k, v (after RoPE), o_merged and the row logsumexp L (B, NKV, G, T); P is recomputed per tile
+    cache = dict(p=p, x=x, q=qg, k=k, v=v, o=o_merged, L=L, rope=rope, scale=scale, n_heads=n_heads,
+                 n_kv_heads=n_kv_heads, T_past=T_past, tiles=tiles)
+    return y, cache
+
+
+def flash_attention_backward(dy, cache):
+    """Backward of flash_attention_forward (without past_kv). Returns dx (B, T, C) and grads with the keys of p."""
+    if cache["T_past"]:
+        raise ValueError("flash_attention_backward does not support past_kv (cached decoding is forward-only)")
+    p, x, qg, k, v, o_merged, L, rope, scale = (cache[n] for n in ("p", "x", "q", "k", "v", "o", "L", "rope",
+                                                                     "scale"))
+    n_heads, NKV = cache["n_heads"], cache["n_kv_heads"]
+    B, T, C = x.shape
+    G, hs = n_heads // NKV, k.shape[-1]
+    grads = {}
+    # forward was y = o_merged @ wo + bo
+    x_rows = x.reshape(B * T, C)  # (BT, C)
+    dy_rows = dy.reshape(B * T, C)  # (BT, C)
+    grads["wo"] = o_merged.reshape(B * T, -1).T @ dy_rows  # (NH*hs, C)
+    if "bo" in p:
+        grads["bo"] = dy_rows.sum(axis=0)  # (C,)
+    do = (dy @ p["wo"].T).reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)  # (B, NKV, G, T, hs), a view
+    o = o_merged.reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)  # (B, NKV, G, T, hs), a view
+    # forward was o = softmax(qg @ k^T * scale, causal) @ v
+    dq, dk, dv = flash_core_backward(do, qg, k, v, o, L, scale, causal=True, T_past=0, **cache["tiles"])
+    dq = dq.transpose(0, 3, 1, 2, 4)  # (B, T, NKV, G, hs), a view
+    dk = dk.transpose(0, 2, 1, 3)  # (B, T, NKV, hs), a view
+    dv = dv.transpose(0, 2, 1, 3)  # (B, T, NKV, hs), a view
+    if rope is not None:  # forward was q = rope(q_lin), k = rope(k_lin)
+        cos, sin = rope
+        dq, _ = rope_backward(dq, (cos[:, None, None], sin[:, None, None]))
+        dk, _ = rope_backward(dk, (cos[:, None], sin[:, None]))
+    rows = {name: d.reshape(B * T, -1) for name, d in (("q", dq), ("k", dk), ("v", dv))}  # (BT, H*hs)
+    for name, d_rows in rows.items():  # forward was q_lin = x @ wq + bq (and likewise k, v)
+        grads["w" + name] = x_rows.T @ d_rows  # (C, H*hs)
+        if "b" + name in p:
+            grads["b" + name] = d_rows.sum(axis=0)  # (H*hs,)
+    dx = (rows["q"] @ p["wq"].T + rows["k"] @ p["wk"].T + rows["v"] @ p["wv"].T).reshape(B, T, C)  # (B, T, C)
+    return dx, {name: grads[name] for name in p}
