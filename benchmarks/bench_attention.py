@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py                     # the target shapes, best of 5, float32, 2 threads
     python benchmarks/bench_attention.py --repeats 9 --shapes 8x256 1x2048
     python benchmarks/bench_attention.py --tune              # the fast path over tile sizes and thread counts
+    python benchmarks/bench_attention.py --core              # the attention core alone: fast vs torch sdpa
 
 Each case is one attention layer, C=256, NH=4, hs=64, float32: "llama" (NKV=2, RoPE, no biases) and "gpt2" (NKV=4,
 biases, no RoPE), at B x T = 8x256, 2x1024, 1x2048. All three implementations compute the whole layer: the q/k/v
@@ -16,10 +17,15 @@ The three run in turn inside each repeat (so a disturbance from other work hits 
 
 Peak memory of one forward+backward beyond its inputs and parameters:
   numpy (reference, fast): tracemalloc's peak (NumPy reports its allocations to it), in a separate untimed run.
-  torch: the growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before the run),
-         measured in a fresh subprocess per case; it includes the allocator's and the kernels' own working memory.
+  torch: the growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) during one
+         forward+backward after a warm-up, in a fresh subprocess per case whose glibc returns every freed block of
+         64 KiB or more to the system (MALLOC_MMAP_THRESHOLD_=65536), so that the resident set follows the live
+         memory; it includes the kernels' own working memory.
 The two are not the same measure; compare the fast path's numbers across shapes (at fixed B*T only the tiles depend
 on T), and the reference's against the fast path's.
+
+--core times only the attention core, q, k, v (after RoPE) -> o and back: flash_core_forward + flash_core_backward
+against scaled_dot_product_attention and its autograd backward.
 
 --tune prints the fast path's time for each (q_tile, k_tile, threads); the defaults in npllm/fast/attention.py were
 chosen from it (see the report of the commit that set them).
@@ -170,9 +176,49 @@ def torch_peak_child(variant, shape, threads):
 
 
 def torch_peak_bytes(variant, shape, threads):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, __file__, "--torch_peak_child", variant, shape, str(threads)],
-                         check=True, capture_output=True, text=True)
+                         check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def core_times(cases, repeats, threads):
+    """{(variant, shape): {"fast core": s, "torch sdpa": s}}: the attention core alone, forward + backward."""
+    import torch
+
+    torch.set_num_threads(threads)
+    results = {}
+    for variant, shape in cases:
+        B, T = map(int, shape.split("x"))
+        p, x, dy, rope, NKV = make_case(variant, B, T)
+        _, cache = fast.flash_attention_forward(p, x, NH, NKV, rope=rope)
+        qg, k, v, scale = cache["q"], cache["k"], cache["v"], cache["scale"]  # (B, NKV, G, T, hs), (B, NKV, T, hs)
+        do = np.random.default_rng(1).standard_normal(qg.shape).astype(np.float32)  # (B, NKV, G, T, hs)
+        tq = torch.from_numpy(np.ascontiguousarray(qg).reshape(B, NH, T, HS)).requires_grad_(True)
+        tk, tv = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (k, v))
+        tdo = torch.from_numpy(do.reshape(B, NH, T, HS))
+
+        def fast_core():
+            o, L = fast.flash_core_forward(qg, k, v, scale, threads=threads)
+            return fast.flash_core_backward(do, qg, k, v, o, L, scale, threads=threads)
+
+        def torch_core():
+            for t in (tq, tk, tv):
+                t.grad = None
+            o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=NKV < NH)
+            o.backward(tdo)
+
+        impls = {"fast core": fast_core, "torch sdpa": torch_core}
+        best = dict.fromkeys(impls, float("inf"))
+        for fn in impls.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name, fn in impls.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+        results[variant, shape] = best
+    return results
 
 
 def tune(cases, repeats, threads_list, q_tiles, k_tiles):
@@ -201,6 +247,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="threads for torch and for the fast path's core")
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--tune", action="store_true", help="time the fast path over tile sizes and threads")
+    parser.add_argument("--core", action="store_true", help="time only the attention core (fast vs torch sdpa)")
     parser.add_argument("--q_tiles", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     parser.add_argument("--k_tiles", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     parser.add_argument("--torch_peak_child", nargs=3, help=argparse.SUPPRESS)
@@ -212,6 +259,13 @@ def main(argv=None):
     cases = [(v, s) for v in args.variants for s in args.shapes]
     if args.tune:
         tune(cases, args.repeats, sorted({1, args.threads}), args.q_tiles, args.k_tiles)
+        return
+    if args.core:
+        print(f"attention core only (q, k, v -> o -> dq, dk, dv), float32, {args.threads} threads, "
+              f"best of {args.repeats}")
+        for (variant, shape), best in core_times(cases, args.repeats, args.threads).items():
+            print(f"{variant + ' ' + shape:<18} fast core {1e3 * best['fast core']:7.1f}ms   torch sdpa "
+                  f"{1e3 * best['torch sdpa']:7.1f}ms   torch/fast {best['torch sdpa'] / best['fast core']:5.2f}")
         return
 
     print(f"C={C} NH={NH} hs={HS} float32, {args.threads} threads (torch and the fast path), best of {args.repeats}; "

@@ -31,10 +31,21 @@ from ..backend import get_array_module
 from ..layers.rope import rope_backward, rope_forward
 from ..parallel.threads import available_cores, ranks_on_this_node
 
-# Tile sizes in query positions / keys, chosen by measurement (benchmarks/bench_attention.py --tune, float32, C=256,
-# NH=4, hs=64, on 2 cores): see the comment in that file's docstring for the numbers.
-Q_TILE = 256
+# Default tile sizes, chosen by measurement (benchmarks/bench_attention.py --tune; float32, NH=4, hs=64, 2 cores).
+# A query tile cut by the causal diagonal wastes about half of its last key tile, q_tile^2 / 2 scores, so the waste
+# is ~q_tile / T of the useful work, while every tile costs ~10-20 NumPy calls of overhead. T / 8 positions per
+# query tile (8 query tiles per sequence) within [32, 256] balanced the two: at T=256 q_tile=32 took about half
+# the time of one 256 x 256 tile, at T=2048 q_tile=256 was as fast as 64 or 128. Key tiles of 512 were as fast as
+# larger ones there and keep the score tile at (q_tile * G) x 512 whatever T is.
+Q_TILES_PER_SEQUENCE = 8
+Q_TILE_MIN, Q_TILE_MAX = 32, 256
 K_TILE = 512
+
+
+def default_q_tile(T: int) -> int:
+    """Query positions per tile when the caller gives none: T / 8 within [32, 256]."""
+    return min(Q_TILE_MAX, max(Q_TILE_MIN, T // Q_TILES_PER_SEQUENCE))
+
 
 # Below this many score entries (S * R * Tk) a call runs in the calling thread: a thread pool's hand-off (~50 us)
 # would cost more than it saves (decoding one token, tests' tiny shapes).
@@ -189,17 +200,30 @@ class _Tiling:
 
     def mask(self, xp, s, lo, hi, r0, r1, j0, j1, crosses):
         """Set the scores s (n, rows, keys) of invisible keys to -inf, in place."""
-        if crosses:
-            future = self.key_pos[None, j0:j1] > self.row_pos[r0:r1, None]  # (rows, keys)
-            xp.copyto(s, -xp.inf, where=future)
+        if crosses:  # only keys past the tile's first query position can be in anyone's future
+            c0 = max(j0, self.T_past + r0 // self.G + 1)
+            future = self.key_pos[None, c0:j1] > self.row_pos[r0:r1, None]  # (rows, keys after c0)
+            xp.copyto(s[..., c0 - j0:], -xp.inf, where=future)
         if self.key_bias is not None:
             s += self.key_bias[lo:hi, :, j0:j1]
 
 
-def _append_column(xp, a, column):
-    """[a, column]: (S, N, X) and a scalar or (S, N, 1) -> (S, N, X+1)."""
-    out = xp.empty(a.shape[:-1] + (a.shape[-1] + 1,), dtype=a.dtype)  # (S, N, X+1)
-    out[..., :-1] = a
+def _append_column(xp, a, column, factor=None):
+    """[a * factor, column] as (S, N, X+1), in one pass over a.
+
+    a: (S, N, X), or (B, NKV, G, T, X) which is laid out as rows (S, T*G, X); column: a scalar or (S, N, 1).
+    """
+    if a.ndim == 5:
+        B, NKV, G, T, X = a.shape
+        out = xp.empty((B * NKV, T * G, X + 1), dtype=a.dtype)  # (S, R, X+1)
+        dest, a = out.reshape(B, NKV, T, G, X + 1)[..., :X], a.transpose(0, 1, 3, 2, 4)  # both (B, NKV, T, G, X)
+    else:
+        out = xp.empty(a.shape[:-1] + (a.shape[-1] + 1,), dtype=a.dtype)  # (S, N, X+1)
+        dest = out[..., :-1]
+    if factor is None:
+        dest[...] = a
+    else:
+        xp.multiply(a, factor, out=dest)
     out[..., -1:] = column
     return out
 
@@ -218,13 +242,13 @@ def flash_core_forward(qg, k, v, scale, causal=True, T_past=0, key_mask=None, *,
     then Tk = T_past + T; causal=False: every query sees every key.  key_mask: None or a boolean (B, Tk), True for a
     real key, False for padding that no query sees.  A query row that sees no key at all gets o = 0 and L = +inf
     (so that the backward's exp(s - L) is 0 there).
-    q_tile / k_tile: tile sizes in query positions / keys (default Q_TILE, K_TILE).  threads: how many threads share
-    the (batch, kv-head) slices (default: this process's share of the cores, default_threads()).
+    q_tile / k_tile: tile sizes in query positions / keys (default default_q_tile(T), K_TILE).  threads: how many
+    threads share the (batch, kv-head) slices (default: this process's share of the cores, default_threads()).
     Returns o (B, NKV, G, T, hs) and L (B, NKV, G, T), both views of row-major (B, NKV, T, G, ...) arrays.
     """
     xp = get_array_module(qg, k, v)
     B, NKV, G, T, hs, Tk = _check_core_args(qg, k, v, causal, T_past, key_mask)
-    q_tile, k_tile = _positive_int("q_tile", q_tile, Q_TILE), _positive_int("k_tile", k_tile, K_TILE)
+    q_tile, k_tile = _positive_int("q_tile", q_tile, default_q_tile(T)), _positive_int("k_tile", k_tile, K_TILE)
     threads = _positive_int("threads", threads, None) or default_threads()
     S, R, dtype = B * NKV, T * G, qg.dtype
     qs = _rows(qg) * scale  # (S, R, hs): scaled once here instead of once per score tile
@@ -281,16 +305,15 @@ def flash_core_backward(do, qg, k, v, o, L, scale, causal=True, T_past=0, key_ma
     """
     xp = get_array_module(do, qg, k, v)
     B, NKV, G, T, hs, Tk = _check_core_args(qg, k, v, causal, T_past, key_mask)
-    q_tile, k_tile = _positive_int("q_tile", q_tile, Q_TILE), _positive_int("k_tile", k_tile, K_TILE)
+    q_tile, k_tile = _positive_int("q_tile", q_tile, default_q_tile(T)), _positive_int("k_tile", k_tile, K_TILE)
     threads = _positive_int("threads", threads, None) or default_threads()
     S, R, dtype = B * NKV, T * G, qg.dtype
-    do3 = _rows(do)  # (S, R, hs)
-    D = xp.einsum("srd,srd->sr", do3, _rows(o))[..., None]  # (S, R, 1): rowsum(do * o) = rowsum(dP * P)
+    D = xp.einsum("bngtd,bngtd->bngt", do, o)  # (B, NKV, G, T): rowsum(do * o) = rowsum(dP * P)
     # the subtractions s - L and dP - D ride in the matrix products as one more column:
     # [q * scale, -L] @ [k, 1]^T = s - L  and  [do, -D] @ [v, 1]^T = dP - D
-    q1 = _append_column(xp, _rows(qg) * scale, -_rows(L[..., None]))  # (S, R, hs+1)
+    q1 = _append_column(xp, qg, -_rows(L[..., None]), factor=scale)  # (S, R, hs+1)
     k1 = _append_column(xp, k.reshape(S, Tk, hs), 1.0)  # (S, Tk, hs+1)
-    do1 = _append_column(xp, do3, -D)  # (S, R, hs+1)
+    do1 = _append_column(xp, do, -_rows(D[..., None]))  # (S, R, hs+1)
     v1 = _append_column(xp, v.reshape(S, Tk, hs), 1.0)  # (S, Tk, hs+1)
     dq = xp.zeros((S, R, hs), dtype=dtype)  # (S, R, hs)
     dk = xp.zeros((S, Tk, hs), dtype=dtype)  # (S, Tk, hs)
