@@ -21,8 +21,12 @@ from hypothesis import strategies as st
 
 from npllm.backend import asnumpy
 from npllm.fast import attention as fast
-from npllm.fast.attention import (flash_attention_backward, flash_attention_forward, flash_core_backward,
-                                  flash_core_forward)
+from npllm.fast.attention import (
+    flash_attention_backward,
+    flash_attention_forward,
+    flash_core_backward,
+    flash_core_forward,
+)
 from npllm.layers.attention import attention_backward, attention_forward
 from npllm.layers.rope import rope_tables
 
@@ -49,15 +53,15 @@ def to(backend, p):
     return {name: backend.asarray(value) for name, value in p.items()}
 
 
-def assert_agree(got: dict, want: dict, what):
-    """Each array within AGREE of max(its own largest entry, 1e-4 x the largest entry of all of them)."""
+def assert_agree(got: dict, want: dict, what, floor=1e-4):
+    """Each array within AGREE of max(its own largest entry, floor x the largest entry of all of them)."""
     got = {n: asnumpy(a) for n, a in got.items()}
     want = {n: asnumpy(a) for n, a in want.items()}
     assert list(got) == list(want), f"{what}: keys {list(got)} != {list(want)}"
     overall = max(float(np.abs(a).max()) for a in want.values() if a.size)
     for name, a in want.items():
         assert got[name].shape == a.shape and got[name].dtype == a.dtype, f"{what}: {name}"
-        scale = max(float(np.abs(a).max()) if a.size else 0.0, 1e-4 * overall)
+        scale = max(float(np.abs(a).max()) if a.size else 0.0, floor * overall)
         err = float(np.abs(got[name] - a).max()) if a.size else 0.0
         assert err <= AGREE * scale, f"{what}: {name} differs by {err:.3g}, scale {scale:.3g}"
 
@@ -131,8 +135,7 @@ def masked_softmax_attention(qg, k, v, scale, causal, T_past, key_mask):
 
     Returns o and a function do -> (dq, dk, dv). A row that sees no key gets P = 0, so o = 0 and no gradient.
     """
-    B, NKV, G, T, hs = qg.shape
-    Tk = k.shape[2]
+    B, T, Tk = qg.shape[0], qg.shape[3], k.shape[2]
     s = np.einsum("bngtd,bnjd->bngtj", qg, k) * scale  # (B, NKV, G, T, Tk)
     visible = np.ones((B, 1, 1, T, Tk), dtype=bool)
     if causal:
@@ -289,19 +292,23 @@ def test_the_cache_grows_like_T_not_T_squared():
 
 
 def test_huge_scores_stay_finite():
-    # scores ~1e4: exp would overflow without the running max; several key tiles make the max grow tile by tile
+    # scores ~1e6: exp would overflow without the running max; several key tiles make the max grow tile by tile
     rng = np.random.default_rng(0)
     p = make_params(rng, 4, 2, 1, 2, bias=False)
     p["wq"] *= 1e3
     p["wk"] *= 1e3
     x = rng.standard_normal((1, 9, 4))
-    with np.errstate(over="raise", invalid="raise", divide="raise"):
-        y, cache = flash_attention_forward(p, x, 2, 1, q_tile=2, k_tile=2)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # (it holds in this thread: threads=1)
+        y, cache = flash_attention_forward(p, x, 2, 1, q_tile=2, k_tile=2, threads=1)
         dx, grads = flash_attention_backward(np.ones_like(y), cache)
     y_ref, cache_ref = attention_forward(p, x, 2, 1)
     dx_ref, grads_ref = attention_backward(np.ones_like(y), cache_ref)
-    assert_agree({"y": y}, {"y": y_ref}, "huge scores forward")
     assert np.isfinite(dx).all() and all(np.isfinite(g).all() for g in grads.values())
+    assert_agree({"y": y}, {"y": y_ref}, "huge scores forward")
+    # The softmax is one-hot to float64 precision, so the reference's dq (hence dwq) is exactly 0, and the fast path's
+    # is rounding of terms as large as the other gradients (s - L, recomputed in another order, is ~eps * |s| ~ 1e-10
+    # off zero on the chosen key): here every array is held to AGREE of the layer's largest gradient entry.
+    assert_agree({"x": dx, **grads}, {"x": dx_ref, **grads_ref}, "huge scores backward", floor=1.0)
 
 
 def test_bad_arguments_are_one_line_errors():

@@ -22,6 +22,7 @@ group without a copy, and the sum over those G heads in dk, dv is the matrix pro
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import os
@@ -125,7 +126,7 @@ def _run_over_slices(xp, fn, S, work, threads):
         fn(0, S)
         return
     bounds = [S * c // n for c in range(n + 1)]
-    futures = [_executor(n).submit(fn, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    futures = [_executor(n).submit(fn, lo, hi) for lo, hi in itertools.pairwise(bounds)]
     for f in futures:
         f.result()  # re-raises a worker's exception here
 
@@ -163,7 +164,7 @@ def _rows(a):
 
 def _unrows(a, B, NKV, G):
     """(B*NKV, T*G, X) -> the (B, NKV, G, T, X) view of it (no copy)."""
-    S, R = a.shape[:2]
+    R = a.shape[1]
     return a.reshape(B, NKV, R // G, G, *a.shape[2:]).transpose(0, 1, 3, 2, *range(4, a.ndim + 2))
 
 
