@@ -35,16 +35,16 @@ from ..parallel.threads import available_cores, ranks_on_this_node
 # Default tile sizes, chosen by measurement (benchmarks/bench_attention.py --tune; float32, NH=4, hs=64, 2 cores).
 # A query tile cut by the causal diagonal wastes about half of its last key tile, q_tile^2 / 2 scores, so the waste
 # is ~q_tile / T of the useful work, while every tile costs ~10-20 NumPy calls of overhead. T / 8 positions per
-# query tile (8 query tiles per sequence) within [32, 256] balanced the two: at T=256 q_tile=32 took about half
-# the time of one 256 x 256 tile, at T=2048 q_tile=256 was as fast as 64 or 128. Key tiles of 512 were as fast as
-# larger ones there and keep the score tile at (q_tile * G) x 512 whatever T is.
+# query tile within [32, 128] balanced the two: at T=256, q_tile=32 took half the time of one 256 x 256 tile; at
+# T=1024 and 2048, q_tile=128 was 5-10% faster than 256 and as fast as 64. Key tiles of 512 were as fast as 1024 or
+# faster, and keep the score tile at (q_tile * G) x 512 whatever T is.
 Q_TILES_PER_SEQUENCE = 8
-Q_TILE_MIN, Q_TILE_MAX = 32, 256
+Q_TILE_MIN, Q_TILE_MAX = 32, 128
 K_TILE = 512
 
 
 def default_q_tile(T: int) -> int:
-    """Query positions per tile when the caller gives none: T / 8 within [32, 256]."""
+    """Query positions per tile when the caller gives none: T / 8 within [32, 128]."""
     return min(Q_TILE_MAX, max(Q_TILE_MIN, T // Q_TILES_PER_SEQUENCE))
 
 
@@ -274,7 +274,7 @@ def flash_core_forward(qg, k, v, scale, causal=True, T_past=0, key_mask=None, *,
                 m_new = m_tile if m is None else xp.maximum(m, m_tile)  # (n, rows, 1): the running row max
                 m_sub = m_new  # what this tile's exponents are taken relative to
                 if safe:  # a row with no visible key yet: subtract 0, not -inf (exp(-inf - -inf) is NaN); p = 0
-                    m_sub = xp.where(xp.isneginf(m_new), 0.0, m_new).astype(dtype, copy=False)
+                    m_sub = xp.where(m_new == -xp.inf, 0.0, m_new).astype(dtype, copy=False)
                 s -= m_sub
                 xp.exp(s, out=s)  # p = exp(s - m_new): the tile's unnormalised probabilities
                 if m is None:  # first key tile: nothing to rescale
