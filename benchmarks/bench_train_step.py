@@ -13,9 +13,9 @@ import time
 import numpy as np
 
 from npllm.config import get_preset
-from npllm.model import flops_per_token, init_params, loss_and_grads
+from npllm.models.decoder import flops_per_token, init_params, loss_and_grads
 from npllm.optim import adamw_init, adamw_update, clip_grad_norm
-from npllm.train import measure_peak_flops
+from npllm.metrics import measure_peak_flops
 
 
 def best_of(repeats, fn):

@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from npllm.corpus import default_corpus_text  # noqa: E402
 from npllm.data import prepare_data  # noqa: E402
-from npllm.generate import generate, load_model, prompt_ids  # noqa: E402
+from npllm.generate import generate, prompt_ids  # noqa: E402
+from npllm.run import load_trained  # noqa: E402
 from npllm.sampling import SamplingConfig  # noqa: E402
 from npllm.tokenizer import train_tokenizer  # noqa: E402
-from npllm.train import main as train_main, read_metrics  # noqa: E402
+from npllm.metrics import read_metrics  # noqa: E402
+from npllm.train import main as train_main  # noqa: E402
 
 # A 2-layer LLaMA-shaped model (RMSNorm, RoPE, SwiGLU, grouped-query attention), ~0.2M parameters.
 MODEL = ["--vocab_size=512", "--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--ffn_dim=176",
@@ -123,7 +125,7 @@ def main() -> None:
         print(f"\n   val loss on held-out records (response tokens only): {val[0]:.3f} before -> {val[-1]:.4f} after")
 
         print("\n3. answers to prompts whose numbers are in no record (greedy):")
-        params, cfg, tokenizer = load_model(run)
+        params, cfg, tokenizer = load_trained(run)[:3]
         held_out = random_numbers(np.random.default_rng(1), 20, exclude=used)
         prompts = [task_record(kind, n) for n in held_out for kind in ("Copy", "Reverse")]
         answers = answer(params, cfg, tokenizer, [p["prompt"] for p in prompts])
@@ -134,7 +136,7 @@ def main() -> None:
             pairs = [(p, a) for p, a in zip(prompts, answers) if p["prompt"].startswith(kind)]
             right = sum(a == p["response"] for p, a in pairs)
             print(f"   {kind}: {right}/{len(pairs)} held-out answers exactly right")
-        before, _, _ = load_model(base)
+        before, _, _ = load_trained(base)[:3]
         untrained = answer(before, cfg, tokenizer, [prompts[0]["prompt"]])[0]
         print(f"   (the model before fine-tuning answered {prompts[0]['prompt']!r} with {untrained!r})")
         print(f"\ntotal time {time.perf_counter() - start:.0f} s")

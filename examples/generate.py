@@ -24,8 +24,9 @@ from npllm.config import get_preset  # noqa: E402
 from npllm.corpus import default_corpus_text  # noqa: E402
 from npllm.data import encode_documents  # noqa: E402
 from npllm.evaluate import evaluate_tokens  # noqa: E402
-from npllm.generate import beam_search, generate, load_model, prompt_ids, stream  # noqa: E402
-from npllm.model import init_params, loss_and_grads  # noqa: E402
+from npllm.generate import beam_search, generate, prompt_ids, stream  # noqa: E402
+from npllm.run import load_trained  # noqa: E402
+from npllm.models.decoder import init_params, loss_and_grads  # noqa: E402
 from npllm.optim import adamw_init, adamw_update, clip_grad_norm  # noqa: E402
 from npllm.sampling import SamplingConfig  # noqa: E402
 from npllm.tokenizer import train_tokenizer  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.ckpt:
-            params, cfg, tokenizer = load_model(args.ckpt)
+            params, cfg, tokenizer = load_trained(args.ckpt)[:3]
             val = encode_documents([default_corpus_text()[-20_000:]], tokenizer)
             untrained = None
         else:

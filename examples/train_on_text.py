@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
 
         # 2. token shards   (CLI: python -m npllm.data prepare --input FILE --tokenizer OUT/tokenizer --out OUT/data)
         meta = prepare_data([text_file], out / "tokenizer", out / "data")
-        print(f"data: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens in {out / 'data'}")
+        print(f"data: {meta.train_tokens:,} train + {meta.val_tokens:,} val tokens in {out / 'data'}")
 
         # 3. training   (CLI: python -m npllm.train --preset=nano --dim=64 ... --data=OUT/data --out_dir=OUT/run)
         cfg = get_preset("nano", **MODEL)

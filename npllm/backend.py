@@ -22,7 +22,7 @@ def _import_cupy():
         import cupy
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise ImportError(
-            "device 'cuda' needs CuPy: install npllm with the gpu extra (pip install 'npllm[gpu]')"
+            "device 'cuda' needs CuPy: in the npllm checkout, pip install -e '.[gpu]' (CUDA 12) or -e '.[gpu-cuda13]'"
         ) from e
     return cupy
 
@@ -61,10 +61,6 @@ def to_device(x, device: str):
 def xp_for_device(device: str):
     """The array module that ``device`` computes with."""
     return np if check_device(device) == "cpu" else _import_cupy()
-
-
-def device_of(x) -> str:
-    return "cuda" if _is_cupy_array(x) else "cpu"
 
 
 def cupy_available() -> bool:

@@ -17,3 +17,17 @@ def run_command(prog: str, run, *args) -> int:
         print("", file=sys.stderr)
         return 130
     return 0
+
+
+def report_error(prog: str, err: Exception, code: int, vote) -> int:
+    """One line for an expected error of a command that may run under mpirun: said once by world rank 0 when every
+    rank hit it (then every rank returns ``code``), else by the rank that hit it, which then aborts the job (the
+    others wait in a collective). vote: the ``npllm.parallel.comm.ErrorVote`` made at the command's start."""
+    from .parallel.comm import abort_job
+
+    if vote.all_failed():
+        if vote.rank == 0:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        return code
+    print(f"{prog}: error: [rank {vote.rank}] {err}", file=sys.stderr)
+    abort_job(code)

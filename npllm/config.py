@@ -1,13 +1,16 @@
-"""Model configuration: one frozen dataclass, named presets, and ``--key=value`` overrides.
+"""Configuration: the model's and the run's frozen dataclasses, named presets, and ``--key=value`` parsing.
 
-``param_shapes(cfg)`` in ``npllm.model`` turns a config into the ordered list of parameters; nothing else in the
-project lists parameters.
+Every field carries a comment; the command line's options and their help are read off these dataclasses, so they
+are the one source of options. ``param_specs(cfg)`` in ``npllm.models.decoder`` turns a ModelConfig into the ordered
+list of parameters (name, shape, split axis, init); nothing else lists parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+from .checks import check_choice, check_int, check_number
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
@@ -33,16 +36,12 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("mlp", self.mlp, MLPS)
-        _check_choice("pos", self.pos, POSITIONS)
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps={self.norm_eps!r} must be > 0")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta={self.rope_theta!r} must be > 0")
+            check_int(name, getattr(self, name))
+        check_choice("norm", self.norm, NORMS)
+        check_choice("mlp", self.mlp, MLPS)
+        check_choice("pos", self.pos, POSITIONS)
+        check_number("norm_eps", self.norm_eps, 0, low_open=True)
+        check_number("rope_theta", self.rope_theta, 0, low_open=True)
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -53,11 +52,6 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:  # hs
         return self.dim // self.n_heads
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
 
 
 PRESETS: dict[str, dict] = {
@@ -99,7 +93,8 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 
 def parse_value(name: str, annotation, text: str):
     """Turn the text of ``--name=text`` into the field's type ("int", "float", "bool", "str", or "X | None"),
-    or raise a one-line ValueError."""
+    or raise a one-line ValueError. Numbers take any Python spelling (``2e3`` and ``2_000`` are the integer 2000);
+    ``none`` is None for an optional field; an empty value is refused (an unset shell variable, say)."""
     if isinstance(annotation, type):
         type_name = annotation.__name__
     else:  # "int | None" as a string (dataclass fields here), a union type, or typing.Optional[int]
@@ -107,7 +102,11 @@ def parse_value(name: str, annotation, text: str):
         if type_name.startswith("Optional["):
             type_name = type_name[len("Optional["):-1] + " | None"
     base = type_name.replace("| None", "").strip()
-    if type_name.endswith("| None") and text.lower() in ("none", ""):
+    optional = type_name.endswith("| None")
+    if text == "":
+        raise ValueError(f"--{name}= is empty; give a value" + (" (or none)" if optional else "")
+                         + " or leave the option out")
+    if optional and text.lower() == "none":
         return None
     if base == "bool":
         lowered = text.lower()
@@ -116,12 +115,66 @@ def parse_value(name: str, annotation, text: str):
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"--{name}={text!r} is not a boolean; use true or false")
-    if base in ("int", "float"):
+    if base == "int":
         try:
-            return int(text) if base == "int" else float(text)
+            return int(text)
         except ValueError:
-            raise ValueError(f"--{name}={text!r} is not {'an integer' if base == 'int' else 'a number'}") from None
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        if number is not None and number.is_integer():
+            return int(number)
+        raise ValueError(f"--{name}={text!r} is not an integer")
+    if base == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--{name}={text!r} is not a number") from None
     return text
+
+
+def parse_options(argv: list[str], *classes) -> list[dict]:
+    """Command-line words -> one dict of typed values per config dataclass in ``classes`` (in that order).
+
+    Accepts ``--name=value`` and ``--name value``; a bare ``--flag`` is true for a boolean field; the last of
+    repeated options wins (a script's defaults can be overridden by appending). An unknown name is refused with the
+    nearest known names.
+    """
+    types = [field_types(cls) for cls in classes]
+    out: list[dict] = [{} for _ in classes]
+    words, i = list(argv), 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("--") or len(word) == 2:
+            raise ValueError(f"unexpected argument {word!r}; options look like --name=value or --name value")
+        name, has_value, text = word[2:].partition("=")
+        group = next((g for g, t in enumerate(types) if name in t), None)
+        if group is None:
+            raise ValueError(f"unknown option --{name}{_suggest(name, types)}")
+        annotation = types[group][name]
+        if not has_value:
+            is_bool = str(annotation).replace("| None", "").strip() in ("bool", "<class 'bool'>")
+            if i + 1 < len(words) and not words[i + 1].startswith("--"):
+                text, i = words[i + 1], i + 1
+            elif is_bool:
+                text = "true"
+            else:
+                raise ValueError(f"option --{name} needs a value (--{name}=VALUE or --{name} VALUE)")
+        out[group][name] = parse_value(name, annotation, text)
+        i += 1
+    return out
+
+
+def _suggest(name: str, types: list[dict]) -> str:
+    import difflib
+
+    names = sorted(set().union(*types))
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    if close:
+        return "; did you mean " + " or ".join("--" + c for c in close) + "? (--help lists every option)"
+    return "; --help lists every option"
 
 
 def field_types(cls) -> dict:
@@ -172,40 +225,35 @@ class TrainConfig:
     device_memory_gb: float | None = None  # GiB per rank for --dry_run's fit; None: 80 (cuda), RAM / ranks (cpu)
 
     def __post_init__(self):
-        _check_choice("device", self.device, ("cpu", "cuda"))
-        _check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, ("cpu", "cuda"))
+        check_choice("dtype", self.dtype, DTYPES)
         for name in ("steps", "batch_size", "micro_batches", "seq_len", "eval_interval", "eval_batches",
                      "log_interval", "ckpt_interval", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.seed < 0:
-            raise ValueError(f"seed={self.seed!r} must be >= 0")
+            check_int(name, getattr(self, name))
+        check_int("seed", self.seed, 0)
+        check_number("lr", self.lr, 0)
+        check_number("min_lr", self.min_lr, 0, self.lr)
+        check_number("beta1", self.beta1, 0, 1, high_open=True)
+        check_number("beta2", self.beta2, 0, 1, high_open=True)
+        check_number("eps", self.eps, 0, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("grad_clip", self.grad_clip, 0)  # 0 disables clipping
+        check_int("lr_decay_steps", self.lr_decay_steps, optional=True)
+        check_int("warmup_steps", self.warmup_steps, 0, optional=True)
+        check_number("peak_tflops", self.peak_tflops, 0, low_open=True, optional=True)
+        check_int("tp", self.tp)
+        check_int("dp", self.dp, optional=True)
+        check_choice("zero", self.zero, (0, 1))
+        check_number("device_memory_gb", self.device_memory_gb, 0, low_open=True, optional=True)
         if self.sft is not None and self.init_from is None:
             raise ValueError(f"--sft={self.sft} needs --init_from=CKPT: fine-tuning starts from a trained "
                              f"checkpoint's weights and tokenizer")
         if self.sft is not None and self.data is not None:
             raise ValueError(f"--sft={self.sft} and --data={self.data} are two kinds of training data; give one")
-        if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
-            raise ValueError(f"lr_decay_steps={self.lr_decay_steps!r} must be a positive integer")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be >= 0")
         if self.batch_size % self.micro_batches:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by micro_batches={self.micro_batches}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
         if self.warmup > self.decay_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be <= lr_decay_steps={self.decay_steps}")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ValueError(f"peak_tflops={self.peak_tflops} must be > 0")
-        for name in ("tp", "dp"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.zero not in (0, 1):
-            raise ValueError(f"zero={self.zero!r} is not supported; allowed: 0, 1")
-        if self.device_memory_gb is not None and not self.device_memory_gb > 0:
-            raise ValueError(f"device_memory_gb={self.device_memory_gb} must be > 0")
 
     @property
     def decay_steps(self) -> int:
@@ -227,3 +275,9 @@ def describe_fields(cls) -> list[tuple[str, str, str]]:
         if match:
             comments[match.group(1)] = match.group(2)
     return [(f.name, repr(f.default), comments.get(f.name, "")) for f in dataclasses.fields(cls)]
+
+
+def options_help(cls) -> str:
+    """One line per field of a config dataclass: ``--name=default   meaning``."""
+    return "\n".join(f"  {'--' + name + '=' + default:<26} {comment}"
+                     for name, default, comment in describe_fields(cls))

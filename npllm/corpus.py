@@ -14,10 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from npllm.data import write_dataset
-from npllm.tokenizer import atomic_write_bytes, train_tokenizer
+from .data import write_dataset
+from .files import atomic_write
+from .tokenizer import train_tokenizer
 
 DEFAULT_VOCAB_SIZE = 2048  # small enough for the nano model's embedding, large enough for whole common words
+# The corpus (~465 KB of text) trains tokenizers up to MAX_VOCAB_SIZE; a model with a larger vocabulary trains on the
+# usual DEFAULT_VOCAB_SIZE tokenizer, its other embedding rows and logits being padding (npllm.data.load_token_data).
+MAX_VOCAB_SIZE = 8192
 VAL_FRACTION = 0.1
 BUILD_RECIPE = 1  # bump when the way the cache is built changes, so old cache entries are not reused
 
@@ -41,6 +45,20 @@ def default_corpus_text() -> str:
 def default_cache_dir() -> Path:
     """$NPLLM_CACHE if set, else ~/.cache/npllm."""
     return Path(os.environ.get("NPLLM_CACHE") or Path.home() / ".cache" / "npllm")
+
+
+def default_data_dir(model_vocab_size: int, world=None) -> Path:
+    """The default corpus's data directory for a model of ``model_vocab_size`` rows, built on first use: its
+    tokenizer has the model's vocabulary when the corpus can train one that large, else DEFAULT_VOCAB_SIZE tokens.
+
+    world: under mpirun, world rank 0 builds the data first and the others then find it built.
+    """
+    vocab = model_vocab_size if model_vocab_size <= MAX_VOCAB_SIZE else DEFAULT_VOCAB_SIZE
+    if world is not None and world.size > 1:
+        if world.rank == 0:
+            ensure_default_data(vocab_size=vocab)
+        world.barrier()  # one rank trains the tokenizer; the others wait, then read its cache
+    return ensure_default_data(vocab_size=vocab)
 
 
 def ensure_default_data(vocab_size: int = DEFAULT_VOCAB_SIZE, cache_dir: str | Path | None = None) -> Path:
@@ -70,7 +88,7 @@ def build_default_data(target: Path, vocab_size: int) -> None:
     build = Path(tempfile.mkdtemp(prefix=f".{target.name}.building.", dir=target.parent))
     try:
         text = default_corpus_text()
-        atomic_write_bytes(build / "corpus.txt", text.encode())
+        atomic_write(build / "corpus.txt", text)
         tokenizer = train_tokenizer([build / "corpus.txt"], vocab_size, build / "tokenizer")
         write_dataset(default_corpus_documents(), tokenizer, build, VAL_FRACTION,
                       sources=["pydoc_data.topics (CPython)"])

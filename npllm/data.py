@@ -21,16 +21,18 @@ Shard file (little-endian), see docs/data.md:
 from __future__ import annotations
 
 import argparse
-import json
 import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from npllm.tokenizer import Tokenizer, atomic_write_bytes, check_text_files
+from .checks import check_int
+from .files import atomic_write, check_input_files
+from .run import DataMeta, read_data_meta, write_data_meta
+from .tokenizer import Tokenizer
 
 MAGIC = b"NPLLMTOK"
 FORMAT_VERSION = 1
@@ -38,6 +40,7 @@ HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQI")  # magic, version, bytes per token, token count, vocab size
 TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # bytes per token -> dtype
 ENCODE_CHUNK_CHARS = 1 << 20  # documents are encoded about 1 MiB of text at a time, to bound memory
+CHECK_CHUNK = 1 << 24  # token ids are range-checked 16M at a time
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def write_tokens(path: str | Path, tokens, vocab_size: int) -> None:
         raise ValueError(f"token ids must be in [0, {vocab_size}), got min {tokens.min()} max {tokens.max()}")
     dtype = token_dtype(vocab_size)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, dtype.itemsize, tokens.size, vocab_size).ljust(HEADER_BYTES, b"\0")
-    atomic_write_bytes(path, header, np.ascontiguousarray(tokens, dtype=dtype))
+    atomic_write(path, [header, np.ascontiguousarray(tokens, dtype=dtype)])
 
 
 def read_header(path: str | Path) -> ShardHeader:
@@ -92,10 +95,22 @@ def read_header(path: str | Path) -> ShardHeader:
     return ShardHeader(version, TOKEN_DTYPES[itemsize], count, vocab_size)
 
 
-def load_tokens(path: str | Path) -> np.memmap:
-    """The tokens of a shard as a read-only memmap of shape (N,); nothing is read until it is indexed."""
+def load_tokens(path: str | Path, vocab_size: int | None = None) -> np.memmap:
+    """The tokens of a shard as a read-only memmap of shape (N,); nothing is read until it is indexed.
+
+    vocab_size: when given, every id is checked to be below it (one vectorised pass over the file, a chunk at a
+    time): an id the model has no embedding row for would train on garbage without a word.
+    """
     header = read_header(path)
-    return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.count,))
+    tokens = np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.count,))
+    if vocab_size is not None:
+        for start in range(0, len(tokens), CHECK_CHUNK):
+            largest = int(tokens[start:start + CHECK_CHUNK].max())
+            if largest >= vocab_size:
+                position = start + int(np.argmax(tokens[start:start + CHECK_CHUNK] >= vocab_size))
+                raise ValueError(f"{path}: token id {int(tokens[position])} at position {position} is out of range "
+                                 f"for vocab_size={vocab_size} (ids must be in [0, {vocab_size}))")
+    return tokens
 
 
 def _line_chunks(text: str, chunk_chars: int) -> Iterator[str]:
@@ -123,9 +138,9 @@ def encode_documents(documents: Iterable[str], tokenizer: Tokenizer) -> np.ndarr
 
 
 def write_dataset(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path,
-                  val_fraction: float = 0.1, sources: list[str] | None = None) -> dict:
+                  val_fraction: float = 0.1, sources: list[str] | None = None) -> DataMeta:
     """Encode documents, split the stream (last floor(N * val_fraction) tokens are val), and write
-    out_dir/train.bin, out_dir/val.bin and out_dir/meta.json. Returns the meta dict."""
+    out_dir/train.bin, out_dir/val.bin and out_dir/meta.json. Returns the DataMeta."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     tokens = encode_documents(documents, tokenizer)  # (N,)
@@ -139,18 +154,18 @@ def write_dataset(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str |
     tokenizer_dir = tokenizer.model_path.parent.resolve()
     if tokenizer_dir.is_relative_to(out_dir.resolve()):  # a tokenizer inside the data dir moves with it
         tokenizer_dir = tokenizer_dir.relative_to(out_dir.resolve())
-    meta = dict(format="npllm-tokens", version=FORMAT_VERSION, tokenizer_dir=str(tokenizer_dir),
-                tokenizer_fingerprint=tokenizer.fingerprint, vocab_size=tokenizer.vocab_size,
-                eos_id=tokenizer.eos_id, dtype=str(token_dtype(tokenizer.vocab_size)), val_fraction=val_fraction,
-                train_tokens=len(tokens) - n_val, val_tokens=n_val, sources=sources or [])
-    atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=2).encode() + b"\n")
+    meta = DataMeta(tokenizer_dir=str(tokenizer_dir), tokenizer_fingerprint=tokenizer.fingerprint,
+                    vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+                    dtype=str(token_dtype(tokenizer.vocab_size)), val_fraction=val_fraction,
+                    train_tokens=len(tokens) - n_val, val_tokens=n_val, sources=sources or [])
+    write_data_meta(out_dir, meta)
     return meta
 
 
 def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
-                 val_fraction: float = 0.1) -> dict:
-    """Tokenize UTF-8 text files (each file is one document) into shards in out_dir. Returns the meta dict."""
-    paths = check_text_files(inputs)
+                 val_fraction: float = 0.1) -> DataMeta:
+    """Tokenize UTF-8 text files (each file is one document) into shards in out_dir. Returns the DataMeta."""
+    paths = check_input_files(inputs)
     tokenizer = Tokenizer.load(tokenizer_dir)
 
     def documents():
@@ -163,23 +178,43 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
     return write_dataset(documents(), tokenizer, out_dir, val_fraction, sources=[str(p) for p in paths])
 
 
-def read_meta(data_dir: str | Path) -> dict:
-    """DIR/meta.json, with "tokenizer_dir" made an absolute path."""
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no token data in {data_dir}: {path} is missing "
-                                f"(make it with `python -m npllm.data prepare`)")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is corrupt, not valid JSON ({e})") from None
-    meta["tokenizer_dir"] = str((Path(data_dir) / meta["tokenizer_dir"]).resolve())
-    return meta
+class TrainingData(NamedTuple):
+    """What the trainer trains and validates on: token windows of a data directory, or SFT records."""
+
+    dir: str  # the data directory (or the SFT file), absolute
+    train: object  # token stream (N,) memmap, or npllm.sft.SFTExamples
+    val: object
+    tokenizer: Tokenizer
+    unit: str  # "tokens" or "records", for the log line
+    sft: dict | None = None  # SFT runs: the file's path, sha256 and record counts (a resume checks the sha256)
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def load_token_data(data_dir, vocab_size: int, seq_len: int) -> TrainingData:
+    """Train/val token shards of a data directory and the tokenizer that made them, checked against a model of
+    ``vocab_size`` rows: the tokenizer's fingerprint must be the one recorded in DATA/meta.json, it may not have
+    more tokens than the model, and every token id must be below the model's vocab_size.
+
+    The model's vocab_size may exceed the tokenizer's: the extra embedding rows and logits are padding that no
+    token uses (how Megatron pads a vocabulary so that tp splits it evenly).
+    """
+    data_dir = Path(data_dir)
+    meta = read_data_meta(data_dir)
+    tokenizer_dir = meta.tokenizer_path(data_dir)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if tokenizer.fingerprint != meta.tokenizer_fingerprint:
+        raise ValueError(f"{data_dir / 'meta.json'}: the shards were made with tokenizer fingerprint "
+                         f"{meta.tokenizer_fingerprint[:12]}, but {tokenizer_dir} now holds "
+                         f"{tokenizer.fingerprint[:12]} (retrained?); prepare the data again with this tokenizer")
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens but the model "
+                         f"has vocab_size={vocab_size}, too few rows for them; pass --vocab_size="
+                         f"{tokenizer.vocab_size} or use matching data")
+    train = load_tokens(data_dir / "train.bin", vocab_size)
+    val = load_tokens(data_dir / "val.bin", vocab_size)
+    if len(val) < seq_len + 1:
+        raise ValueError(f"the validation split in {data_dir} has {len(val)} tokens, fewer than "
+                         f"seq_len+1={seq_len + 1}")
+    return TrainingData(dir=str(data_dir.resolve()), train=train, val=val, tokenizer=tokenizer, unit="tokens")
 
 
 class StepSampler:
@@ -198,17 +233,17 @@ class StepSampler:
     def __init__(self, num_items: int, batch_size: int, seq_len: int, seed: int, rank: int = 0,
                  world_size: int = 1):
         for name, value in [("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)]:
-            _check_positive_int(name, value)
+            check_int(name, value)
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+            raise ValueError(f"rank={rank} is not allowed; use an integer in [0, world_size={world_size})")
+        check_int("seed", seed, 0)
         self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_items = int(num_items)
         if self.num_items < self.world_size * self.batch_size:
             raise ValueError(f"world_size * batch_size = {self.world_size * self.batch_size} distinct "
-                             f"{self.item_name} per step, but the data holds only {self.num_items} {self.item_name}; use a smaller "
+                             f"{self.item_name} per step, but the data holds only {self.num_items} "
+                             f"{self.item_name}; use a smaller "
                              f"--batch_size or more data")
         self.step = 0
 
@@ -218,8 +253,7 @@ class StepSampler:
 
     def sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The (x, y) batch of this rank at `step`, each int64 (B, T). Does not move the sampler."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        check_int("step", step, 0)
         B = self.batch_size
         rng = np.random.default_rng([self.seed, int(step)])
         chosen = rng.choice(self.num_items, size=self.world_size * B, replace=False)  # (world_size*B,)
@@ -258,7 +292,7 @@ class BatchSampler(StepSampler):
     item_name = "windows"
 
     def __init__(self, tokens, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1):
-        _check_positive_int("seq_len", seq_len)
+        check_int("seq_len", seq_len)
         num_windows = len(tokens) - int(seq_len)  # starts 0 .. N-T-1, each window T+1 tokens
         if num_windows < 1:
             raise ValueError(f"the data has {len(tokens)} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
@@ -279,10 +313,10 @@ def eval_batches(tokens, batch_size: int, seq_len: int,
     The x rows tile the stream without overlap, so every token after the first is a target exactly once.
     Yields int64 (B, T) pairs; the last batch may have fewer rows. At most max_batches batches (None: all).
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("seq_len", seq_len)
+    check_int("batch_size", batch_size)
+    check_int("seq_len", seq_len)
     if max_batches is not None:
-        _check_positive_int("max_batches", max_batches)
+        check_int("max_batches", max_batches)
     B, T = batch_size, seq_len
     num_rows = (len(tokens) - 1) // T
     if num_rows < 1:
@@ -300,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m npllm.data", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="tokenize text files into train.bin / val.bin")
-    prepare.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one document each")
+    prepare.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                         help="UTF-8 text files, one document each")
     prepare.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
     prepare.add_argument("--out", required=True, metavar="DIR", help="output directory")
     prepare.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of tokens kept for validation")
@@ -309,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         meta = prepare_data(args.input, args.tokenizer, args.out, args.val_fraction)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {meta['train_tokens']} train + {meta['val_tokens']} val tokens ({meta['dtype']}) to {args.out}")
+    print(f"wrote {meta.train_tokens} train + {meta.val_tokens} val tokens ({meta.dtype}) to {args.out}")
 
 
 if __name__ == "__main__":

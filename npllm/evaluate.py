@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from .backend import asnumpy, get_array_module
+from .checks import check_int
 from .cli import run_command
 from .config import ModelConfig
-from .model import model_forward
+from .models.decoder import model_forward
+from .run import read_data_meta, load_trained
 from .sampling import log_softmax
 
 
@@ -46,9 +48,8 @@ def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
     """The windows that score targets 1 .. n_tokens - 1 once each (see the module docstring)."""
     if n_tokens < 2:
         raise ValueError(f"need at least 2 tokens to score one, got {n_tokens}")
-    for name, value in (("seq_len", seq_len), ("stride", stride)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name}={value!r} is not allowed; use a positive integer")
+    check_int("seq_len", seq_len)
+    check_int("stride", stride)
     if stride > seq_len:
         raise ValueError(f"stride={stride} is larger than seq_len={seq_len}; tokens between windows would be skipped")
     last_target = n_tokens - 1
@@ -69,11 +70,10 @@ def evaluate_tokens(params, cfg: ModelConfig, tokens, seq_len: int | None = None
     Returns dict(loss, ppl, n_tokens); the sum of -log p is accumulated in float64 on the host.
     """
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
-    if isinstance(seq_len, (int, np.integer)) and not isinstance(seq_len, bool) and seq_len > cfg.max_seq_len:
+    if check_int("seq_len", seq_len) > cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is longer than the model's context max_seq_len={cfg.max_seq_len}")
     stride = max(1, seq_len // 2) if stride is None else stride
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is not allowed; use a positive integer")
+    check_int("batch_size", batch_size)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
         raise ValueError(f"tokens must be a 1-D array of integer ids, got shape {tokens.shape} dtype {tokens.dtype}")
@@ -123,10 +123,9 @@ def load_eval_tokens(data, tokenizer, split: str = "val") -> tuple[np.ndarray, s
         if not shard.is_file():
             raise FileNotFoundError(f"{data} has no {split}.bin; pass a directory made by `python -m npllm.data "
                                     f"prepare`, a .bin shard, or a text file")
-        meta_path = path / "meta.json"
-        if meta_path.is_file():
-            recorded = json.loads(meta_path.read_text()).get("tokenizer_fingerprint")
-            if recorded is not None and recorded != tokenizer.fingerprint:
+        if (path / "meta.json").is_file():
+            recorded = read_data_meta(path).tokenizer_fingerprint
+            if recorded != tokenizer.fingerprint:
                 raise ValueError(f"{data} was tokenized with another tokenizer (fingerprint {recorded[:12]}) than "
                                  f"the model's ({tokenizer.fingerprint[:12]})")
         path = shard
@@ -166,12 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv, out=None) -> dict:
     out = sys.stdout if out is None else out
-    from .generate import load_model
-
     args = build_parser().parse_args(argv)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max_tokens={args.max_tokens} is not allowed; use an integer >= 2")
-    params, cfg, tokenizer = load_model(args.ckpt, args.device, args.tokenizer)
+    params, cfg, tokenizer, _, _ = load_trained(args.ckpt, args.device, args.tokenizer)
     tokens, source = load_eval_tokens(args.data, tokenizer, args.split)
     if args.max_tokens is not None:
         tokens = tokens[:args.max_tokens]

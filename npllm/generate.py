@@ -30,10 +30,12 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from .backend import asnumpy, get_array_module, to_device
+from .backend import asnumpy, get_array_module
+from .checks import check_int, check_number
 from .cli import run_command
 from .config import ModelConfig
-from .model import model_forward
+from .models.decoder import model_forward
+from .run import load_trained
 from .sampling import SamplingConfig, log_softmax, sample_token
 
 DEFAULT_LENGTH_PENALTY = 1.0  # beam score = sum of log-probs / (generated length ** alpha)
@@ -63,9 +65,7 @@ def check_prompt(prompt, cfg: ModelConfig, max_new_tokens: int) -> list[int]:
 
 
 def check_max_new_tokens(max_new_tokens) -> int:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed; use an integer >= 1")
-    return int(max_new_tokens)
+    return check_int("max_new_tokens", max_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,10 +201,8 @@ def beam_search(params, cfg: ModelConfig, prompt, max_new_tokens: int, beams: in
     in eos_id is finished and leaves the beam, which shrinks by one; search ends when the beam is empty or after
     max_new_tokens. The final ranking, across lengths, is by ``normalized_score``. With beams=1 this is greedy.
     """
-    if isinstance(beams, bool) or not isinstance(beams, (int, np.integer)) or beams < 1:
-        raise ValueError(f"beams={beams!r} is not allowed; use an integer >= 1 (1 is greedy)")
-    if not isinstance(length_penalty, (int, float)) or not np.isfinite(length_penalty) or length_penalty < 0:
-        raise ValueError(f"length_penalty={length_penalty!r} is not allowed; use a finite number >= 0")
+    check_int("beams", beams)
+    check_number("length_penalty", length_penalty, 0)
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     prompt = check_prompt(prompt, cfg, max_new_tokens)
     V = cfg.vocab_size
@@ -241,33 +239,7 @@ def beam_search(params, cfg: ModelConfig, prompt, max_new_tokens: int, beams: in
 
 
 # ----------------------------------------------------------------------------------------------------------
-# loading a trained model
-
-
-def load_model(ckpt, device: str = "cpu", tokenizer_dir=None):
-    """(params, cfg, tokenizer) of a checkpoint written by ``npllm.train`` (a run dir or a ckpt_XXXXXXXX dir).
-
-    The tokenizer is the one named in the checkpoint's meta (``tokenizer.dir``) unless ``tokenizer_dir`` is given;
-    either way its fingerprint must match the one recorded at training time.
-    """
-    from .checkpoint import load_checkpoint
-    from .tokenizer import Tokenizer
-
-    params, _, meta = load_checkpoint(ckpt)
-    if "model_config" not in meta or "tokenizer" not in meta:
-        raise ValueError(f"{ckpt}: the checkpoint's meta has no model_config/tokenizer; was it written by npllm.train?")
-    try:
-        cfg = ModelConfig(**meta["model_config"])
-    except TypeError as err:  # a field this npllm does not know
-        raise ValueError(f"{ckpt}: the checkpoint's model_config does not fit this npllm's ModelConfig ({err})") from None
-    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir is not None else meta["tokenizer"]["dir"])
-    if tokenizer.fingerprint != meta["tokenizer"]["fingerprint"]:
-        raise ValueError(f"the tokenizer at {tokenizer.model_path} is not the one this model was trained with "
-                         f"(fingerprint {tokenizer.fingerprint[:12]}, checkpoint has "
-                         f"{meta['tokenizer']['fingerprint'][:12]})")
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model has vocab_size={cfg.vocab_size}")
-    return to_device(params, device), cfg, tokenizer
+# text
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
@@ -355,7 +327,10 @@ def parse_args(argv):
 
 def run(args, out=None) -> None:
     out = sys.stdout if out is None else out
-    params, cfg, tokenizer = load_model(args.ckpt, args.device, args.tokenizer)
+    params, cfg, tokenizer, _, ckpt_dir = load_trained(args.ckpt, args.device, args.tokenizer)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"the model in {ckpt_dir} has vocab_size={cfg.vocab_size} but its tokenizer "
+                         f"{tokenizer.vocab_size} tokens: generation cannot sample a padded vocabulary yet")
     prompts = [prompt_ids(tokenizer, text) for text in args.prompts]
     for ids in prompts:
         check_prompt(ids, cfg, args.max_new_tokens)  # refuse an overlong request before generating anything

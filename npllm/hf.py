@@ -37,7 +37,7 @@ import numpy as np
 
 from .backend import asnumpy
 from .config import ModelConfig
-from .model import param_shapes
+from .models.decoder import param_shapes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -55,11 +55,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ModelConfig
-from .model import flops_per_token, num_params, param_shapes, param_shard_shapes
+from .config import ModelConfig, TrainConfig
+from .models.decoder import flops_per_token, num_params, param_shapes, param_shard_shapes, split_axes
 from .optim import moment_dtype
 from .parallel.data import dp_partition
-from .parallel.tensor import is_split
 
 GIB = 1 << 30
 CUDA_DEVICE_MEMORY_GIB = 80.0  # the default device memory for --device cuda: an 80 GB A100 / H100
@@ -156,7 +155,8 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, zero: int = 0, dt
     s_moment = moment_dtype(np.dtype(dtype)).itemsize
     sizes = {name: math.prod(shape) for name, shape in shard_shapes.items()}
     P_tp = sum(sizes.values())
-    replicated = sum(n for name, n in sizes.items() if not is_split(name))
+    axes = split_axes(cfg)
+    replicated = sum(n for name, n in sizes.items() if axes[name] is None)
     if zero == 1:
         shares = dp_partition(shard_shapes, dp)  # [names of dp rank d]
         owned = max(sum(sizes[name] for name in names) for names in shares)
@@ -231,3 +231,15 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) 
         f"fits: {'yes' if fits else 'NO'}: {plan.peak / GIB:.2f} GiB per rank "
         f"{'<=' if fits else '>'} {device_memory_gib:.2f} GiB ({memory_source})",
     ])
+
+
+def dry_run_report(cfg: ModelConfig, tc: TrainConfig, world_size: int = 1) -> str:
+    """The text of ``python -m npllm.train --dry_run``: what one rank of this run would hold, from shapes alone."""
+    dp = tc.dp if tc.dp is not None else max(1, world_size // tc.tp)
+    plan = plan_memory(cfg, tp=tc.tp, dp=dp, zero=tc.zero, dtype=tc.dtype, batch_size=tc.batch_size,
+                       seq_len=tc.seq_len, micro_batches=tc.micro_batches)
+    if tc.device_memory_gb is not None:
+        memory, source = tc.device_memory_gb, "--device_memory_gb"
+    else:
+        memory, source = default_device_memory_gib(tc.device, tc.tp * dp)
+    return format_plan(plan, memory, source)

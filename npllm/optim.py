@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from npllm.backend import get_array_module
+from .backend import get_array_module
 
 # grad_sq_sum casts gradients to float64 this many elements at a time, so the float64 copy stays small
 # (2**22 float64 values = 32 MiB) even for a (V, C) embedding gradient of a 7B model (131M elements).
@@ -71,32 +71,6 @@ def adamw_init(params):
     return {"step": 0, "m": m, "v": v}
 
 
-def _check_adamw_args(params, grads, state, lr, beta1, beta2, eps, weight_decay):
-    """Raise ValueError on a hyper-parameter out of range or dicts whose keys or shapes disagree."""
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr={lr!r}: must be a finite number >= 0")
-    if not 0 <= beta1 < 1:
-        raise ValueError(f"beta1={beta1!r}: must be in [0, 1)")
-    if not 0 <= beta2 < 1:
-        raise ValueError(f"beta2={beta2!r}: must be in [0, 1)")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps={eps!r}: must be a finite number > 0")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay={weight_decay!r}: must be a finite number >= 0")
-    if not isinstance(state, dict) or set(state) != {"step", "m", "v"}:
-        raise ValueError("state must be the dict made by adamw_init, with keys 'step', 'm', 'v'")
-    for what, other in (("grads", grads), ("state['m']", state["m"]), ("state['v']", state["v"])):
-        if set(other) != set(params):
-            missing = sorted(set(params) - set(other))
-            extra = sorted(set(other) - set(params))
-            raise ValueError(f"{what} keys differ from params keys: missing {missing}, unexpected {extra}")
-        for name, p in params.items():
-            if tuple(other[name].shape) != tuple(p.shape):
-                raise ValueError(
-                    f"{what}[{name!r}] has shape {tuple(other[name].shape)}, params[{name!r}] has {tuple(p.shape)}"
-                )
-
-
 def adamw_update(params, grads, state, *, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
     """One AdamW step. Updates ``params`` and ``state["m"]``, ``state["v"]`` IN PLACE; returns None.
 
@@ -106,9 +80,9 @@ def adamw_update(params, grads, state, *, lr, beta1=0.9, beta2=0.95, eps=1e-8, w
 
     ``state["step"]`` is incremented first, so the first call uses t = 1 in the bias corrections.
     ``lr`` is this step's learning rate (from ``lr_at``). Weight decay is decoupled (not added to g) and
-    applied only where ``decays(name, p.shape)``.
+    applied only where ``decays(name, p.shape)``. The hyperparameters are checked once where they enter
+    (``TrainConfig``), not here on every step; grads and state must have the keys and shapes of params.
     """
-    _check_adamw_args(params, grads, state, lr, beta1, beta2, eps, weight_decay)
     state["step"] += 1
     t = state["step"]                                   # t = 1, 2, 3, ...
     bias1 = 1.0 - beta1**t                              # 1 - beta1^t: corrects m's pull towards m_0 = 0
@@ -181,8 +155,8 @@ def clip_grad_norm(grads, max_norm, norm=None):
     Returns ``(norm, scale)``: the global norm before clipping and the factor the grads were multiplied by.
       scale = max_norm / norm   when norm > max_norm      (after it, the global norm is exactly max_norm)
       scale = 1.0               otherwise; also when max_norm <= 0 (clipping disabled) and when the norm
-                                is inf or nan (grads are left as they are so the trainer can see the
-                                overflow and skip the step instead of stepping on garbage).
+                                is inf or nan (grads are left as they are: the trainer sees the
+                                non-finite norm and stops before the update, naming the last good checkpoint).
     ``norm``: pass the global norm when it was computed elsewhere (a parallel run all-reduces
     ``grad_sq_sum`` of each rank's shard and passes the square root); default ``global_grad_norm(grads)``.
     """
@@ -203,12 +177,6 @@ def clip_grad_norm(grads, max_norm, norm=None):
 # learning-rate schedule
 
 
-def _check_int(name, value, minimum):
-    """Raise ValueError unless ``value`` is an int (not bool) >= ``minimum``."""
-    if isinstance(value, bool) or not hasattr(value, "__index__") or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
-
-
 def lr_at(step, *, lr, warmup_steps, total_steps, min_lr):
     """Learning rate for the 0-based optimizer ``step``: linear warmup, cosine decay, then flat at min_lr.
 
@@ -218,20 +186,9 @@ def lr_at(step, *, lr, warmup_steps, total_steps, min_lr):
         s >= S:         lr_at(s) = min_lr
 
     The warmup never starts at 0 (the first step already moves the weights). With W = 0 there is no
-    warmup; with S = W there is no decay segment (lr until W, then min_lr).
-    Requires 0 <= W <= S, 0 <= min_lr <= lr, step >= 0.
+    warmup; with S = W there is no decay segment (lr until W, then min_lr). Needs 0 <= W <= S and
+    0 <= min_lr <= lr, which ``TrainConfig`` checks where they enter.
     """
-    _check_int("step", step, 0)
-    _check_int("warmup_steps", warmup_steps, 0)
-    _check_int("total_steps", total_steps, 0)
-    if total_steps < warmup_steps:
-        raise ValueError(
-            f"total_steps={total_steps!r} < warmup_steps={warmup_steps!r}: need warmup_steps <= total_steps"
-        )
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr={lr!r}: must be a finite number >= 0")
-    if not (math.isfinite(min_lr) and 0 <= min_lr <= lr):
-        raise ValueError(f"min_lr={min_lr!r}: must be a finite number in [0, lr={lr!r}]")
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps                       # linear: lr/W, 2 lr/W, ..., lr
     if step >= total_steps:

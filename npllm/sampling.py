@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import asnumpy
+from .checks import check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,9 @@ class SamplingConfig:
 
 def check_sampling(temperature, top_k, top_p) -> None:
     """Raise a one-line ValueError naming the bad value and what is allowed."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
-            or not np.isfinite(temperature):
-        raise ValueError(f"temperature={temperature!r} is not allowed; use a finite number >= 0 (0 is greedy)")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r} is not allowed; use an integer >= 0 (0 keeps every token)")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} is not allowed; use a number in (0, 1] (1 keeps every token)")
+    check_number("temperature", temperature, 0)  # 0 is greedy
+    check_int("top_k", top_k, 0)  # 0 keeps every token
+    check_number("top_p", top_p, 0, 1, low_open=True)  # 1 keeps every token
 
 
 def log_softmax(logits) -> np.ndarray:

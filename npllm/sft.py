@@ -31,7 +31,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .data import StepSampler, _check_positive_int
+from .checks import check_int
+from .data import StepSampler, TrainingData
 from .layers.loss import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
@@ -132,8 +133,7 @@ def encode_sft_example(tok: Tokenizer, prompt: str, response: str, seq_len: int)
                          f"{type(response).__name__}")
     if response == "":
         raise ValueError("the response is empty; the loss is taken over the response, so it needs at least one token")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    check_int("seq_len", seq_len)
     sequence, P = _sequence(tok, prompt, response)
     n = len(sequence)
     if n > seq_len + 1:
@@ -199,7 +199,7 @@ def split_records(n_records: int, val_fraction: float = VAL_FRACTION) -> tuple[n
     """(train indices, val indices), each sorted: val is the first max(1, floor(N * val_fraction)) positions of
     np.random.default_rng(SPLIT_SEED).permutation(N). A fixed permutation rather than "the last 10%" because
     files are often sorted or cycle through templates; fixed, so every run on the same file validates alike."""
-    if isinstance(n_records, bool) or not isinstance(n_records, (int, np.integer)) or n_records < 2:
+    if check_int("n_records", n_records) < 2:
         raise ValueError(f"need at least 2 records (one is held out for the validation loss), got {n_records}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -231,9 +231,9 @@ def sft_eval_batches(examples: SFTExamples, batch_size: int,
                      max_batches: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Validation batches: the examples in file order, B at a time (the last batch may be smaller), at most
     max_batches of them (None: all). Yields int64 (B, T) pairs."""
-    _check_positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     if max_batches is not None:
-        _check_positive_int("max_batches", max_batches)
+        check_int("max_batches", max_batches)
     num_batches = -(-len(examples) // batch_size)
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)
@@ -245,21 +245,8 @@ def sft_eval_batches(examples: SFTExamples, batch_size: int,
 # what the trainer loads
 
 
-def checkpoint_tokenizer(meta: dict, where="the checkpoint") -> Tokenizer:
-    """The tokenizer a checkpoint was trained with (meta["tokenizer"]["dir"]), checked against its fingerprint."""
-    info = meta.get("tokenizer")
-    if not isinstance(info, dict) or "dir" not in info or "fingerprint" not in info:
-        raise ValueError(f"{where} names no tokenizer (meta['tokenizer'] with 'dir' and 'fingerprint'); only "
-                         f"checkpoints written by npllm.train can be fine-tuned")
-    tokenizer = Tokenizer.load(info["dir"])
-    if tokenizer.fingerprint != info["fingerprint"]:
-        raise ValueError(f"the tokenizer at {tokenizer.model_path} is not the one {where} was trained with "
-                         f"(fingerprint {tokenizer.fingerprint[:12]}, recorded {info['fingerprint'][:12]})")
-    return tokenizer
-
-
-def load_sft_data(path, tokenizer: Tokenizer, seq_len: int) -> dict:
-    """A JSONL file as the trainer's data: dict(dir, train, val, tokenizer, unit, sft).
+def load_sft_data(path, tokenizer: Tokenizer, seq_len: int) -> TrainingData:
+    """A JSONL file as the trainer's data (``npllm.data.TrainingData``).
 
     train / val are SFTExamples (split_records); ``dir`` is the file's absolute path; ``sft`` is what a checkpoint
     records about the file (path, sha256 of its bytes, record counts) so that a resume can check it is unchanged.
@@ -269,7 +256,7 @@ def load_sft_data(path, tokenizer: Tokenizer, seq_len: int) -> dict:
     examples = encode_sft_records(records, tokenizer, seq_len, source=path)
     train_index, val_index = split_records(len(examples))
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    return dict(dir=str(path), train=examples.subset(train_index), val=examples.subset(val_index),
-                tokenizer=tokenizer, unit="records",
-                sft=dict(path=str(path), sha256=sha256, records=len(examples), train_records=len(train_index),
-                         val_records=len(val_index)))
+    return TrainingData(dir=str(path), train=examples.subset(train_index), val=examples.subset(val_index),
+                        tokenizer=tokenizer, unit="records",
+                        sft=dict(path=str(path), sha256=sha256, records=len(examples),
+                                 train_records=len(train_index), val_records=len(val_index)))

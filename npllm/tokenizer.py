@@ -21,13 +21,14 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import re
 import sys
-import uuid
 from pathlib import Path
 
 import sentencepiece as spm
+
+from .checks import is_int
+from .files import atomic_write, check_input_files
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, -1
 NUM_BYTE_PIECES = 256
@@ -55,37 +56,6 @@ TRAINER_OPTIONS = dict(
     minloglevel=2,  # keep sentencepiece's training log quiet
 )
 RANDOM_SEED = 0
-
-
-def atomic_write_bytes(path: str | Path, *parts) -> None:
-    """Write bytes-like `parts` to `path` so that readers see the old file or the whole new one, never half.
-
-    Writes to a temp name in the same directory, flushes and fsyncs it, then os.replace()s it over `path`.
-    (Also used by npllm.data and npllm.corpus.)
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def check_text_files(inputs) -> list[Path]:
-    """The inputs as Paths; FileNotFoundError for the first that is not a file. (Also used by npllm.data.)"""
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise ValueError("no input files given; pass at least one text file")
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"input file not found: {p}")
-    return paths
 
 
 def _training_lines(paths: list[Path]):
@@ -117,10 +87,10 @@ def _clear_training_error(err: RuntimeError, vocab_size: int) -> Exception:
 
 def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Path) -> "Tokenizer":
     """Train a BPE tokenizer with exactly `vocab_size` ids on UTF-8 text files; write it to `out_dir`."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+    if not is_int(vocab_size) or vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be an integer >= {MIN_VOCAB_SIZE} (3 special ids + 256 bytes + "
                          f"learned pieces), got {vocab_size!r}")
-    paths = check_text_files(inputs)
+    paths = check_input_files(inputs)
     spm.set_random_generator_seed(RANDOM_SEED)  # seeds the line sampling above
     model = io.BytesIO()
     try:
@@ -132,8 +102,8 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     model_bytes = model.getvalue()
     tokenizer = Tokenizer(model_bytes, out_dir / MODEL_FILE)
-    atomic_write_bytes(out_dir / MODEL_FILE, model_bytes)
-    atomic_write_bytes(out_dir / INFO_FILE, json.dumps(tokenizer.info(), indent=2).encode() + b"\n")
+    atomic_write(out_dir / MODEL_FILE, model_bytes)
+    atomic_write(out_dir / INFO_FILE, json.dumps(tokenizer.info(), indent=2) + "\n")
     return tokenizer
 
 

@@ -218,7 +218,7 @@ def test_missing_or_garbled_files(saved):
     with pytest.raises(ValueError, match="optim.safetensors: missing from checkpoint"):
         load_checkpoint(saved)
     (saved / "meta.json").write_text('{"format": "npllm-checkpoint", "step": ')
-    with pytest.raises(ValueError, match="meta.json: corrupt checkpoint metadata, not valid JSON"):
+    with pytest.raises(ValueError, match="meta.json: damaged metadata, not valid JSON"):
         load_checkpoint(saved)
     (saved / "meta.json").write_text('{"hello": 1}')
     with pytest.raises(ValueError, match="meta.json: not an npllm checkpoint"):

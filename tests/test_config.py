@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from npllm.config import PRESETS, ModelConfig, field_types, get_preset, parse_value
+from npllm.config import PRESETS, ModelConfig, TrainConfig, field_types, get_preset, parse_options, parse_value
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -37,17 +37,17 @@ def test_overrides_replace_fields_and_configs_are_frozen():
     (dict(norm="batchnorm"), r"norm='batchnorm' is not allowed; choose one of: rmsnorm, layernorm"),
     (dict(mlp="relu"), r"mlp='relu' is not allowed; choose one of: swiglu, gelu"),
     (dict(pos="alibi"), r"pos='alibi' is not allowed; choose one of: rope, learned"),
-    (dict(vocab_size=0), r"vocab_size=0 must be a positive integer"),
-    (dict(dim=-8), r"dim=-8 must be a positive integer"),
-    (dict(n_layers=0), r"n_layers=0 must be a positive integer"),
-    (dict(n_heads=0), r"n_heads=0 must be a positive integer"),
-    (dict(n_kv_heads=0), r"n_kv_heads=0 must be a positive integer"),
-    (dict(ffn_dim=0), r"ffn_dim=0 must be a positive integer"),
-    (dict(max_seq_len=0), r"max_seq_len=0 must be a positive integer"),
-    (dict(n_layers=2.0), r"n_layers=2.0 must be a positive integer"),
-    (dict(n_layers=True), r"n_layers=True must be a positive integer"),
-    (dict(norm_eps=0.0), r"norm_eps=0.0 must be > 0"),
-    (dict(rope_theta=-1.0), r"rope_theta=-1.0 must be > 0"),
+    (dict(vocab_size=0), r"vocab_size=0 is not allowed; use a positive integer"),
+    (dict(dim=-8), r"dim=-8 is not allowed; use a positive integer"),
+    (dict(n_layers=0), r"n_layers=0 is not allowed; use a positive integer"),
+    (dict(n_heads=0), r"n_heads=0 is not allowed; use a positive integer"),
+    (dict(n_kv_heads=0), r"n_kv_heads=0 is not allowed; use a positive integer"),
+    (dict(ffn_dim=0), r"ffn_dim=0 is not allowed; use a positive integer"),
+    (dict(max_seq_len=0), r"max_seq_len=0 is not allowed; use a positive integer"),
+    (dict(n_layers=2.0), r"n_layers=2.0 is not allowed; use a positive integer"),
+    (dict(n_layers=True), r"n_layers=True is not allowed; use a positive integer"),
+    (dict(norm_eps=0.0), r"norm_eps=0.0 is not allowed; use a finite number in \(0, inf\]"),
+    (dict(rope_theta=-1.0), r"rope_theta=-1.0 is not allowed; use a finite number in \(0, inf\]"),
 ])
 def test_each_broken_rule_raises_a_value_error_naming_the_value(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -74,8 +74,8 @@ def test_direct_construction_is_validated_too():
 @pytest.mark.parametrize("annotation, text, expected", [
     (int, "42", 42), ("int", "-3", -3), (float, "1e-5", 1e-5), ("float", "3", 3.0),
     (bool, "true", True), (bool, "Yes", True), ("bool", "1", True), (bool, "off", False), (bool, "0", False),
-    (str, "rmsnorm", "rmsnorm"), ("str", "", ""),
-    ("int | None", "none", None), ("int | None", "7", 7), ("float | None", "", None), ("float | None", "0.5", 0.5),
+    (str, "rmsnorm", "rmsnorm"), ("int", "2e3", 2000), ("int", "1_000", 1000), (int, "-4.0", -4),
+    ("int | None", "none", None), ("int | None", "7", 7), ("float | None", "NONE", None), ("float | None", "0.5", 0.5),
     ("str | None", "None", None), ("str | None", "data/x", "data/x"),
 ])
 def test_parse_value(annotation, text, expected):
@@ -86,7 +86,9 @@ def test_parse_value(annotation, text, expected):
 
 @pytest.mark.parametrize("annotation, text, message", [
     (int, "4.5", r"--dim='4.5' is not an integer"),
-    (int, "", r"--dim='' is not an integer"),
+    (int, "", r"--dim= is empty; give a value or leave the option out"),
+    ("str | None", "", r"--dim= is empty; give a value \(or none\) or leave the option out"),
+    (int, "2.5e0", r"--dim='2.5e0' is not an integer"),
     (float, "fast", r"--dim='fast' is not a number"),
     (bool, "maybe", r"--dim='maybe' is not a boolean; use true or false"),
     ("int | None", "x", r"--dim='x' is not an integer"),
@@ -102,3 +104,37 @@ def test_every_model_field_parses_from_its_own_text():
     cfg = get_preset("nano-gpt2")
     parsed = {name: parse_value(name, types[name], str(getattr(cfg, name))) for name in types}
     assert ModelConfig(**parsed) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(lr=-1.0), r"lr=-1.0 is not allowed; use a finite number in \[0, inf\]"),
+    (dict(lr=float("nan")), r"lr=nan is not allowed"),
+    (dict(min_lr=2e-3), r"min_lr=0.002 is not allowed; use a finite number in \[0, 0.001\]"),
+    (dict(beta1=1.0), r"beta1=1.0 is not allowed; use a finite number in \[0, 1\)"),
+    (dict(beta2=-0.1), r"beta2=-0.1 is not allowed"),
+    (dict(eps=0.0), r"eps=0.0 is not allowed; use a finite number in \(0, inf\]"),
+    (dict(weight_decay=-0.1), r"weight_decay=-0.1 is not allowed"),
+    (dict(grad_clip=float("nan")), r"grad_clip=nan is not allowed"),
+    (dict(grad_clip=float("inf")), r"grad_clip=inf is not allowed"),
+    (dict(warmup_steps=-1), r"warmup_steps=-1 is not allowed; use an integer >= 0 or None"),
+    (dict(warmup_steps=50, lr_decay_steps=10), r"warmup_steps=50 must be <= lr_decay_steps=10"),
+    (dict(seed=-1), r"seed=-1 is not allowed; use an integer >= 0"),
+    (dict(zero=2), r"zero=2 is not allowed; choose one of: 0, 1"),
+    (dict(steps=1.5), r"steps=1.5 is not allowed; use a positive integer"),
+])
+def test_train_config_checks_every_hyperparameter_once_where_it_enters(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**overrides)
+
+
+def test_parse_options_takes_both_spellings_and_suggests_the_nearest_name():
+    model, train = parse_options(["--preset", "nano", "--steps", "2e3", "--dim=64", "--dry_run"], ModelConfig,
+                                 TrainConfig)
+    assert model == {"dim": 64} and train == {"preset": "nano", "steps": 2000, "dry_run": True}
+    with pytest.raises(ValueError, match=r"unknown option --step; did you mean --steps"):
+        parse_options(["--step=3"], ModelConfig, TrainConfig)
+    assert parse_options(["--steps=3", "--steps", "4"], ModelConfig, TrainConfig)[1] == {"steps": 4}  # last wins
+    with pytest.raises(ValueError, match=r"option --lr needs a value"):
+        parse_options(["--lr", "--steps=3"], ModelConfig, TrainConfig)
+    with pytest.raises(ValueError, match=r"unexpected argument 'nano'"):
+        parse_options(["nano"], ModelConfig, TrainConfig)

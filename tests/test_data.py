@@ -11,7 +11,8 @@ import pytest
 import npllm.corpus as corpus
 import npllm.data as data
 from npllm.data import (HEADER_BYTES, BatchSampler, encode_documents, eval_batches, load_tokens, prepare_data,
-                        read_header, read_meta, write_tokens)
+                        read_header, write_tokens)
+from npllm.run import read_data_meta
 from npllm.tokenizer import Tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,10 +123,10 @@ def test_prepare_data(text_files, tok, tmp_path):
     np.testing.assert_array_equal(np.concatenate([train, val]), stream)  # val is the end of the stream
     assert stream[-1] == tok.eos_id
     on_disk = json.loads((tmp_path / "meta.json").read_text())
-    assert on_disk == meta
-    assert (meta["vocab_size"], meta["tokenizer_fingerprint"], meta["dtype"]) == (512, tok.fingerprint, "uint16")
-    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
-    assert Tokenizer.load(read_meta(tmp_path)["tokenizer_dir"]).fingerprint == tok.fingerprint
+    assert on_disk == meta.to_json() and read_data_meta(tmp_path) == meta
+    assert (meta.vocab_size, meta.tokenizer_fingerprint, meta.dtype) == (512, tok.fingerprint, "uint16")
+    assert (meta.train_tokens, meta.val_tokens) == (len(train), len(val))
+    assert Tokenizer.load(read_data_meta(tmp_path).tokenizer_path(tmp_path)).fingerprint == tok.fingerprint
 
 
 def test_prepare_data_errors(text_files, tok, tmp_path):
@@ -137,7 +138,7 @@ def test_prepare_data_errors(text_files, tok, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         prepare_data(text_files, tmp_path / "no_tokenizer", tmp_path)
     with pytest.raises(FileNotFoundError, match="meta.json"):
-        read_meta(tmp_path / "nothing")
+        read_data_meta(tmp_path / "nothing")
 
 
 def run_cli(*args):
@@ -149,8 +150,8 @@ def test_cli_prepare(text_files, tok, tmp_path):
     result = run_cli("prepare", "--input", *text_files, "--tokenizer", tok.model_path.parent, "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 1
-    meta = read_meta(tmp_path)
-    assert len(load_tokens(tmp_path / "val.bin")) == meta["val_tokens"] > 0
+    meta = read_data_meta(tmp_path)
+    assert len(load_tokens(tmp_path / "val.bin")) == meta.val_tokens > 0
 
 
 def test_cli_missing_input_is_one_line_error(tok, tmp_path):
@@ -226,9 +227,10 @@ def test_load_state_dict_rejects_a_different_shape():
     (16, dict(batch_size=1, seq_len=16), "needs at least 17"),
     (17, dict(batch_size=2, seq_len=16), "only 1 windows"),
     (100, dict(batch_size=30, seq_len=10, rank=1, world_size=4), "120 distinct windows"),
-    (100, dict(batch_size=0, seq_len=10), "batch_size must be a positive integer"),
-    (100, dict(batch_size=2, seq_len=10, rank=2, world_size=2), "rank must be in"),
-    (100, dict(batch_size=2, seq_len=10, seed=-1), "seed must be"),
+    (100, dict(batch_size=0, seq_len=10), "batch_size=0 is not allowed; use a positive integer"),
+    (100, dict(batch_size=2, seq_len=10, rank=2, world_size=2),
+     r"rank=2 is not allowed; use an integer in \[0, world_size=2\)"),
+    (100, dict(batch_size=2, seq_len=10, seed=-1), "seed=-1 is not allowed"),
 ])
 def test_sampler_errors(n_tokens, kwargs, match):
     kwargs = dict(dict(seed=0), **kwargs)
@@ -270,12 +272,12 @@ def test_default_corpus_text():
 def test_default_data_builds_once_then_is_cached(tmp_path, monkeypatch):
     data_dir = corpus.ensure_default_data(vocab_size=512, cache_dir=tmp_path)
     assert data_dir.parent == tmp_path and "v512" in data_dir.name
-    meta = read_meta(data_dir)
-    tok = Tokenizer.load(meta["tokenizer_dir"])
-    assert Path(meta["tokenizer_dir"]) == data_dir / "tokenizer"
-    assert tok.vocab_size == meta["vocab_size"] == 512 and tok.fingerprint == meta["tokenizer_fingerprint"]
+    meta = read_data_meta(data_dir)
+    tok = Tokenizer.load(meta.tokenizer_path(data_dir))
+    assert meta.tokenizer_path(data_dir) == (data_dir / "tokenizer").resolve()
+    assert tok.vocab_size == meta.vocab_size == 512 and tok.fingerprint == meta.tokenizer_fingerprint
     train = load_tokens(data_dir / "train.bin")
-    assert len(train) == meta["train_tokens"] > 50_000
+    assert len(train) == meta.train_tokens > 50_000
     assert tok.decode(train[:200]) in corpus.default_corpus_text()
 
     def no_training(*args, **kwargs):
@@ -305,7 +307,7 @@ def test_concurrent_first_use_from_two_processes(tmp_path):
     paths = {out.strip() for out, _ in outputs}
     assert len(paths) == 1 and [p.name for p in tmp_path.iterdir()] == [Path(paths.pop()).name]
     data_dir = next(tmp_path.iterdir())
-    assert len(load_tokens(data_dir / "val.bin")) == read_meta(data_dir)["val_tokens"]
+    assert len(load_tokens(data_dir / "val.bin")) == read_data_meta(data_dir).val_tokens
 
 
 def test_missing_pydoc_data_says_to_pass_data(monkeypatch, tmp_path):

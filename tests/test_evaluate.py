@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from npllm.config import get_preset
 from npllm.data import write_tokens
 from npllm.evaluate import evaluate_tokens, main, sliding_windows
-from npllm.model import init_params, model_forward
+from npllm.models.decoder import init_params, model_forward
 from npllm.sampling import log_softmax
 
 CFG = get_preset("nano", vocab_size=400, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)
@@ -126,13 +126,13 @@ def run_dir(tmp_path_factory):
 
 
 def test_cli_text_file_matches_the_python_function(run_dir, tmp_path, capsys):
-    from npllm.generate import load_model
+    from npllm.run import load_trained
 
     text = tmp_path / "t.txt"
     text.write_text("def f(x):\n    return x + 1\n\nThe quick brown fox.\n", encoding="utf-8")
     assert main([f"--ckpt={run_dir}", f"--data={text}", "--json", "--seq_len=8", "--stride=4"]) == 0
     got = json.loads(capsys.readouterr().out)
-    params, cfg, tok = load_model(run_dir)
+    params, cfg, tok = load_trained(run_dir)[:3]
     tokens = [tok.eos_id] + tok.encode(text.read_text()) + [tok.eos_id]
     expected = evaluate_tokens(params, cfg, np.array(tokens), seq_len=8, stride=4)
     assert got["n_tokens"] == len(tokens) - 1 == expected["n_tokens"]
@@ -141,9 +141,9 @@ def test_cli_text_file_matches_the_python_function(run_dir, tmp_path, capsys):
 
 
 def test_cli_shard_dir_and_max_tokens(run_dir, tmp_path, capsys):
-    from npllm.generate import load_model
+    from npllm.run import load_trained
 
-    params, cfg, tok = load_model(run_dir)
+    params, cfg, tok = load_trained(run_dir)[:3]
     tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, 70)
     data_dir = tmp_path / "data"
     data_dir.mkdir()

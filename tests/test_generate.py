@@ -19,7 +19,7 @@ import pytest
 from npllm.backend import asnumpy, get_array_module
 from npllm.config import get_preset
 from npllm.generate import (Hypothesis, beam_search, decode_steps, generate, normalized_score, stream)
-from npllm.model import init_params, model_forward
+from npllm.models.decoder import init_params, model_forward
 from npllm.sampling import SamplingConfig, log_softmax, sampling_distribution
 
 REL_TOL = {np.float64: 1e-10, np.float32: 1e-5}
@@ -261,12 +261,13 @@ def cli(argv, capsys):
 
 
 def test_cli_streams_one_prompt_and_matches_the_python_api(run_dir, capsys):
-    from npllm.generate import load_model, prompt_ids
+    from npllm.generate import prompt_ids
+    from npllm.run import load_trained
 
     code, out, err = cli([f"--ckpt={run_dir}", "--prompt=The value", "--max_new_tokens=8", "--temperature=0.9",
                           "--top_k=20", "--seed=4"], capsys)
     assert code == 0 and err == ""
-    params, cfg, tok = load_model(run_dir)
+    params, cfg, tok = load_trained(run_dir)[:3]
     ids = prompt_ids(tok, "The value")
     assert ids[0] == tok.eos_id
     new = generate(params, cfg, [ids], 8, SamplingConfig(0.9, 20), seed=4, eos_id=tok.eos_id)[0]
@@ -274,13 +275,14 @@ def test_cli_streams_one_prompt_and_matches_the_python_api(run_dir, capsys):
 
 
 def test_cli_several_prompts_each_printed_when_done(run_dir, capsys):
-    from npllm.generate import load_model, prompt_ids
+    from npllm.generate import prompt_ids
+    from npllm.run import load_trained
 
     prompts = ["a", "The value of", "def"]
     code, out, _ = cli([f"--ckpt={run_dir}"] + [f"--prompt={p}" for p in prompts] +
                        ["--max_new_tokens=5", "--temperature=0"], capsys)
     assert code == 0
-    params, cfg, tok = load_model(run_dir)
+    params, cfg, tok = load_trained(run_dir)[:3]
     ids = [prompt_ids(tok, p) for p in prompts]
     expected = generate(params, cfg, ids, 5, eos_id=tok.eos_id)
     lines = sorted(out.splitlines())
@@ -290,13 +292,14 @@ def test_cli_several_prompts_each_printed_when_done(run_dir, capsys):
 
 
 def test_cli_beams_and_no_kv_cache(run_dir, capsys):
-    from npllm.generate import load_model, prompt_ids
+    from npllm.generate import prompt_ids
+    from npllm.run import load_trained
 
     args = [f"--ckpt={run_dir}", "--prompt=x = ", "--max_new_tokens=6", "--beams=3"]
     code, cached, _ = cli(args, capsys)
     code2, plain, _ = cli(args + ["--no_kv_cache"], capsys)
     assert code == code2 == 0 and cached == plain
-    params, cfg, tok = load_model(run_dir)
+    params, cfg, tok = load_trained(run_dir)[:3]
     ids = prompt_ids(tok, "x = ")
     best = beam_search(params, cfg, ids, 6, 3, eos_id=tok.eos_id)[0]
     assert cached == tok.decode(ids + best.tokens) + "\n"
@@ -332,9 +335,10 @@ def test_cli_runs_as_a_module(run_dir):
 
 
 def test_text_stream_holds_back_partial_characters(run_dir):
-    from npllm.generate import TextStream, load_model
+    from npllm.generate import TextStream
+    from npllm.run import load_trained
 
-    _, _, tok = load_model(run_dir)
+    _, _, tok = load_trained(run_dir)[:3]
     ids = tok.encode("naïve café ☕ done")
     stream_ = TextStream(tok, [tok.eos_id])
     pieces = [stream_.push(t) for t in ids]

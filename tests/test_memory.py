@@ -16,11 +16,11 @@ import pytest
 
 from npllm.config import ModelConfig, TrainConfig, get_preset
 from npllm.memory import activation_bytes, plan_memory
-from npllm.model import accumulate_loss_and_grads, init_params, model_forward
+from npllm.models.decoder import accumulate_loss_and_grads, init_params, model_forward, split_axes
 from npllm.parallel.comm import make_comm
 from npllm.parallel.data import apply_update, init_optimizer, reduce_and_clip
 from npllm.parallel.tensor import vocab_parallel_cross_entropy_backward, vocab_parallel_cross_entropy_forward
-from npllm.train import dry_run_report
+from npllm.memory import dry_run_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,7 +159,7 @@ def test_peak_of_a_real_step_is_the_planned_peak(mlp, micro_batches):
     tracemalloc.start()
     try:
         loss, grads = accumulate_loss_and_grads(params, x, y, cfg, micro_batches, tp=comm.tp)
-        grads, _, _ = reduce_and_clip(grads, comm, max_norm=1.0)
+        grads, _, _ = reduce_and_clip(grads, split_axes(cfg), comm, max_norm=1.0)
         apply_update(params, grads, state, comm, lr=1e-3)
         del grads
         _, peak = tracemalloc.get_traced_memory()

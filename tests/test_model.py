@@ -1,4 +1,4 @@
-"""Tests for npllm/model.py: parameter layout and counts, the full-model gradient, causality, cached decoding,
+"""Tests for npllm/models/decoder.py: parameter layout and counts, the full-model gradient, causality, cached decoding,
 and a small model overfitting one batch.
 
 The full-model check perturbs every parameter of the initialised model by 0.3 N(0, 1): at init the norms are
@@ -17,16 +17,18 @@ from hypothesis import strategies as st
 from npllm.backend import asnumpy
 from npllm.config import get_preset
 from npllm.layers.loss import IGNORE_INDEX, cross_entropy_forward
-from npllm.model import (
+from npllm.models.decoder import (
     flops_per_token,
     forward,
-    init_param,
     init_params,
     loss_and_grads,
     model_forward,
     num_params,
     param_shapes,
+    param_specs,
+    split_axes,
 )
+from npllm.models.spec import initial_value
 
 # (preset, fixed overrides): the two presets and the mixes between them
 VARIANTS = {
@@ -292,9 +294,9 @@ def test_init_values():
             assert abs(value.std() / expected_std - 1) < 0.2, name
     # deterministic per (seed, name); another seed gives other weights
     again = init_params(cfg, seed=3, dtype=np.float64)
-    for name in params:
-        np.testing.assert_array_equal(again[name], init_param(name, param_shapes(cfg)[name], cfg, seed=3))
-        np.testing.assert_array_equal(params[name], again[name].astype(np.float32))
+    for index, spec in enumerate(param_specs(cfg)):
+        np.testing.assert_array_equal(again[spec.name], initial_value(spec, seed=3, index=index))
+        np.testing.assert_array_equal(params[spec.name], again[spec.name].astype(np.float32))
     assert not np.array_equal(init_params(cfg, seed=4)["tok_emb"], params["tok_emb"])
 
 
@@ -306,3 +308,18 @@ def test_forward_shapes_and_loss_at_init():
     loss, grads = loss_and_grads(params, tokens, targets, cfg)
     assert abs(loss - math.log(40)) < 0.01
     assert all(asnumpy(g).dtype == np.float64 for g in grads.values())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_param_specs_are_the_one_list_everything_reads(variant):
+    preset, overrides = VARIANTS[variant]
+    cfg = get_preset(preset, **overrides)
+    specs = param_specs(cfg)
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names))  # each parameter once
+    assert param_shapes(cfg) == {s.name: s.shape for s in specs}
+    assert split_axes(cfg) == {s.name: s.split_axis for s in specs}
+    assert list(init_params(cfg)) == names
+    for s in specs:  # 1-D tensors are norm gains (ones) or biases (zeros); weights are drawn
+        assert s.init == ("ones" if s.name.endswith("norm.w") else "zeros" if len(s.shape) == 1 else "normal"), s
+        assert s.split_axis is None or s.split_axis < len(s.shape)

@@ -194,29 +194,6 @@ def test_float16_params_take_a_float32_moment_step():
     np.testing.assert_allclose(params["w"], 0.75, rtol=1e-3)     # 1 - lr * 2 / (2 + eps)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=-1.0), "lr="), (dict(lr=float("nan")), "lr="), (dict(lr=0.1, beta1=1.0), "beta1="),
-    (dict(lr=0.1, beta2=-0.1), "beta2="), (dict(lr=0.1, eps=0.0), "eps="),
-    (dict(lr=0.1, weight_decay=-0.1), "weight_decay="),
-])
-def test_adamw_rejects_bad_hyper_parameters(kwargs, match):
-    params = {"w": np.ones((2, 2))}
-    with pytest.raises(ValueError, match=match):
-        adamw_update(params, {"w": np.ones((2, 2))}, adamw_init(params), **kwargs)
-
-
-def test_adamw_rejects_mismatched_grads():
-    params = {"w": np.ones((2, 2)), "b": np.ones(2)}
-    state = adamw_init(params)
-    with pytest.raises(ValueError, match=r"grads keys differ.*missing \['b'\]"):
-        adamw_update(params, {"w": np.ones((2, 2))}, state, lr=0.1)
-    with pytest.raises(ValueError, match=r"grads\['b'\] has shape \(3,\)"):
-        adamw_update(params, {"w": np.ones((2, 2)), "b": np.ones(3)}, state, lr=0.1)
-    with pytest.raises(ValueError, match="adamw_init"):
-        adamw_update(params, {"w": np.ones((2, 2)), "b": np.ones(2)}, {"m": {}}, lr=0.1)
-    assert state["step"] == 0                                    # nothing moved on a rejected call
-
-
 # ----------------------------------------------------------------------------------------------------------
 # norm and clipping
 
@@ -311,24 +288,6 @@ def test_lr_schedule_without_warmup_or_decay():
     assert lr_at(3, lr=2.0, warmup_steps=3, total_steps=3, min_lr=0.5) == 0.5
     # constant schedule: min_lr == lr
     assert {lr_at(s, lr=0.3, warmup_steps=0, total_steps=5, min_lr=0.3) for s in range(8)} == {0.3}
-
-
-@pytest.mark.parametrize("step,kw,match", [
-    (-1, {}, "step=-1"),
-    (1.5, {}, "step=1.5"),
-    (True, {}, "step=True"),
-    (0, dict(warmup_steps=-1), "warmup_steps=-1"),
-    (0, dict(total_steps=2, warmup_steps=3), "total_steps=2 < warmup_steps=3"),
-    (0, dict(lr=-0.1), "lr=-0.1"),
-    (0, dict(lr=float("inf")), "lr=inf"),
-    (0, dict(min_lr=2.0), r"min_lr=2.0.*\[0, lr=1.0\]"),
-    (0, dict(min_lr=-0.5), "min_lr=-0.5"),
-])
-def test_lr_schedule_rejects_bad_arguments(step, kw, match):
-    args = dict(lr=1.0, warmup_steps=3, total_steps=10, min_lr=0.1)
-    args.update(kw)
-    with pytest.raises(ValueError, match=match):
-        lr_at(step, **args)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,17 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
-from mpi_common import NO_MPIRUN, find_mpirun, load_npz, run_mpi  # noqa: E402
+from tests.mpi_scripts.mpi_common import NO_MPIRUN, find_mpirun, load_npz, run_mpi
 
-from npllm.parallel.comm import (  # noqa: E402
+from npllm.parallel.comm import (
     LAUNCHER_VARS, LocalComm, check_tp, launched_by_mpirun, make_comm, run_main,
 )
-from npllm.parallel.mappings import (  # noqa: E402
-    copy_to_tp, copy_to_tp_backward, gather_from_tp, gather_from_tp_backward, reduce_from_tp,
-    reduce_from_tp_backward, scatter_to_tp, scatter_to_tp_backward,
+from npllm.parallel.mappings import (
+    copy_to_tp, copy_to_tp_backward, reduce_from_tp, reduce_from_tp_backward,
 )
-from npllm.parallel.threads import THREAD_VARS, limit_blas_threads, ranks_on_this_node  # noqa: E402
+from npllm.parallel.threads import THREAD_VARS, limit_blas_threads, ranks_on_this_node
 
 needs_mpirun = pytest.mark.skipif(find_mpirun() is None, reason=NO_MPIRUN)
 
@@ -44,8 +42,7 @@ def test_local_comm_collectives_return_their_input():
 def test_mappings_on_one_rank_are_identities():
     comm = LocalComm()
     x = np.random.default_rng(0).standard_normal((2, 3, 4))
-    for op in (copy_to_tp, copy_to_tp_backward, reduce_from_tp, reduce_from_tp_backward, gather_from_tp,
-               gather_from_tp_backward, scatter_to_tp, scatter_to_tp_backward):
+    for op in (copy_to_tp, copy_to_tp_backward, reduce_from_tp, reduce_from_tp_backward):
         np.testing.assert_array_equal(op(x, comm), x)
 
 
@@ -68,8 +65,8 @@ def test_make_comm_without_mpi_is_one_process():
 
 @pytest.mark.parametrize("tp, world, message", [
     (3, 4, r"tp=3 does not divide the number of ranks 4; allowed: 1, 2, 4"),
-    (0, 4, r"tp=0 must be a positive integer"),
-    (True, 4, r"tp=True must be a positive integer"),
+    (0, 4, r"tp=0 is not allowed; use a positive integer"),
+    (True, 4, r"tp=True is not allowed; use a positive integer"),
     (8, 4, r"tp=8 does not divide the number of ranks 4"),
 ])
 def test_check_tp_errors(tp, world, message):
@@ -79,7 +76,7 @@ def test_check_tp_errors(tp, world, message):
 
 def test_one_process_never_imports_mpi4py():
     code = ("import sys; import numpy as np; from npllm.parallel.comm import make_comm; "
-            "from npllm.config import get_preset; from npllm.model import init_params, loss_and_grads; "
+            "from npllm.config import get_preset; from npllm.models.decoder import init_params, loss_and_grads; "
             "cfg = get_preset('nano', n_layers=1); comm = make_comm(); "
             "loss_and_grads(init_params(cfg), np.zeros((1, 4), int), np.ones((1, 4), int), cfg, tp=comm.tp); "
             "print('mpi4py' in sys.modules)")
@@ -163,9 +160,8 @@ def test_collectives_under_mpirun_4_ranks_tp2(tmp_path):
         np.testing.assert_array_equal(got["world_reduce_scatter"], total[start:start + counts[r]])
         np.testing.assert_array_equal(got["world_reduce_scatter_even"], np.full(2, float(sum(range(world)))))
         np.testing.assert_array_equal(got["world_bcast"], xs[-1])
-        np.testing.assert_array_equal(got["tp_gather_from"], np.concatenate([xs[k] for k in group], axis=-1))
-        mine = slice(2 * tp_rank, 2 * tp_rank + 2)
-        np.testing.assert_array_equal(got["tp_scatter_to"], np.arange(8.0).reshape(2, 4)[:, mine])
+        np.testing.assert_array_equal(got["tp_reduce_from"], sum(xs[k] for k in group))
+        np.testing.assert_array_equal(got["tp_copy_to_backward"], sum(xs[k] for k in group))
         np.testing.assert_array_equal(got["input_unchanged"], xs[r])
         # 4 ranks on this node: each limited BLAS to its share of the cores (the test removed any user setting)
         threads = max(1, int(got["cores"]) // world)

@@ -1,12 +1,10 @@
 """npllm.parallel.data in one process: flat buffers, the ZeRO-1 partition, which rank counts which gradient in the
 global norm, and that one process's optimizer_step is exactly clip_grad_norm + adamw_update. The multi-rank runs
-(dp=2, zero=1) are compared with one process under mpirun in test_parallel_training.py."""
+(dp=2, zero=1) are compared with one process under mpirun in test_parallel_equivalence.py."""
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllm.config import get_preset
-from npllm.model import init_params, loss_and_grads, param_shapes
+from npllm.models.decoder import init_params, loss_and_grads, param_shapes, split_axes
 from npllm.optim import adamw_init, adamw_update, clip_grad_norm
 from npllm.parallel.comm import make_comm
 from npllm.parallel.data import (
     check_zero, dp_allreduce_grads, dp_partition, flatten, init_optimizer, norm_counted_names, optimizer_step,
     unflatten,
 )
-from npllm.parallel.tensor import is_split
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
-from mpi_common import FEW_TENSOR_STEPS, NO_MPIRUN, few_tensor_problem, find_mpirun, load_npz, run_mpi  # noqa: E402
+from tests.mpi_scripts.mpi_common import (
+    FEW_TENSOR_STEPS, NO_MPIRUN, few_tensor_problem, find_mpirun, load_npz, run_mpi,
+)
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -69,19 +66,20 @@ def test_dp_partition_of_a_model_balances_and_rejects_bad_sizes():
 
 
 def test_norm_counts_every_gradient_once_across_ranks():
-    names = list(param_shapes(get_preset("nano-gpt2")))
-    on_rank0 = norm_counted_names(names, tp_rank=0, counts_dp_replicas=True)
-    on_rank1 = norm_counted_names(names, tp_rank=1, counts_dp_replicas=True)
+    axes = split_axes(get_preset("nano-gpt2"))
+    names = list(axes)
+    on_rank0 = norm_counted_names(names, axes, tp_rank=0, counts_dp_replicas=True)
+    on_rank1 = norm_counted_names(names, axes, tp_rank=1, counts_dp_replicas=True)
     assert on_rank0 == names  # shards of split tensors and the replicated tensors
-    assert on_rank1 == [n for n in names if is_split(n)]  # shards only: the replicated copy counts on rank 0
+    assert on_rank1 == [n for n in names if axes[n] is not None]  # shards only: the replicated copy counts on rank 0
     assert "norm.w" not in on_rank1 and "layers.0.attn.bo" not in on_rank1 and "pos_emb" not in on_rank1
-    assert norm_counted_names(names, tp_rank=0, counts_dp_replicas=False) == []
+    assert norm_counted_names(names, axes, tp_rank=0, counts_dp_replicas=False) == []
 
 
 def test_check_zero():
     assert check_zero(0) == 0 and check_zero(1) == 1
     for bad in (2, -1, True, "1"):
-        with pytest.raises(ValueError, match="allowed: 0, 1"):
+        with pytest.raises(ValueError, match=r"zero=.* is not allowed"):
             check_zero(bad)
 
 
@@ -100,7 +98,7 @@ def test_one_process_optimizer_step_is_clip_then_adamw_exactly(zero, dtype):
         _, grads = loss_and_grads(params, tokens, targets, cfg, tp=comm.tp)
         _, ref_grads = loss_and_grads(ref_params, tokens, targets, cfg)
         assert dp_allreduce_grads(grads, comm.dp) is grads  # one dp rank: nothing to average
-        got = optimizer_step(params, grads, state, comm, zero=zero, lr=1e-2, max_norm=0.3)
+        got = optimizer_step(params, grads, state, split_axes(cfg), comm, zero=zero, lr=1e-2, max_norm=0.3)
         expected = clip_grad_norm(ref_grads, 0.3)
         adamw_update(ref_params, ref_grads, ref_state, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
         assert got == expected and expected[1] < 1  # (norm, scale), clipping active

@@ -9,16 +9,12 @@ that bug is invisible to any single-process check.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
-from mpi_common import NO_MPIRUN, TINY_CONFIGS, find_mpirun, load_npz, run_mpi  # noqa: E402
+from tests.mpi_scripts.mpi_common import NO_MPIRUN, TINY_CONFIGS, find_mpirun, load_npz, run_mpi
 
-from npllm.model import param_shapes  # noqa: E402
-from npllm.parallel.tensor import is_split  # noqa: E402
+from npllm.models.decoder import split_axes
 
 
 @pytest.mark.mpi
@@ -28,8 +24,8 @@ def test_tensor_parallel_gradients_match_finite_differences_under_mpirun(tmp_pat
     ranks = [{k: float(v) for k, v in load_npz(tmp_path / f"rank{r}.npz").items()} for r in range(2)]
     for config, cfg in TINY_CONFIGS.items():
         expected = set()
-        for name in param_shapes(cfg):
-            if is_split(name):
+        for name, axis in split_axes(cfg).items():
+            if axis is not None:
                 expected |= {f"{config}:rank0:{name}", f"{config}:rank1:{name}"}
             else:
                 expected.add(f"{config}:{name}")

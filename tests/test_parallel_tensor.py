@@ -2,7 +2,8 @@
 shard/unshard, and the algebra that tensor parallelism rests on, checked without MPI: the ranks' partial attention
 and MLP outputs sum to the full layer (and their gradients are the shards of the full gradients), the vocabulary
 slices of the embedding sum to the full lookup, and with one rank the vocabulary-parallel cross-entropy is the
-fused cross-entropy bit for bit. The multi-rank model itself is tested under mpirun in test_parallel_training.py.
+fused cross-entropy bit for bit. The multi-rank model itself is tested under mpirun in
+test_parallel_equivalence.py.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from npllm.config import PRESETS, ModelConfig, get_preset
 from npllm.layers.attention import attention_backward, attention_forward
 from npllm.layers.loss import cross_entropy_backward, cross_entropy_forward
 from npllm.layers.mlp import mlp_backward, mlp_forward
-from npllm.model import init_params, model_forward, num_params, param_shapes, param_shard_shapes
+from npllm.models.decoder import (
+    init_params, model_forward, num_params, param_shapes, param_shard_shapes, split_axes, tp_split_sizes,
+)
 from npllm.parallel.comm import LocalComm
 from npllm.parallel.tensor import (
-    TP_SPLIT_AXIS, check_tp_divides, is_split, shard_params, tp_split_axis, unshard_params,
-    vocab_parallel_cross_entropy_backward, vocab_parallel_cross_entropy_forward, vocab_parallel_embedding_backward,
+    check_tp_divides, shard_array, shard_params, unshard_params, vocab_parallel_cross_entropy_backward,
+    vocab_parallel_cross_entropy_forward, vocab_parallel_embedding_backward,
     vocab_parallel_embedding_forward,
 )
 
@@ -51,21 +54,22 @@ def all_variants():
 # the layout
 
 
-def test_every_parameter_of_every_variant_has_a_split_rule():
+def test_every_parameter_of_every_variant_has_a_split_axis_within_its_shape():
     for cfg in all_variants():
-        for name, shape in param_shapes(cfg).items():
-            axis = tp_split_axis(name)
-            assert axis is None or 0 <= axis < len(shape), (name, axis, shape)
-    with pytest.raises(ValueError, match="no tensor-parallel rule for parameter 'layers.0.attn.wz'"):
-        tp_split_axis("layers.0.attn.wz")
+        shapes, axes = param_shapes(cfg), split_axes(cfg)
+        assert list(axes) == list(shapes)
+        for name, shape in shapes.items():
+            assert axes[name] is None or 0 <= axes[name] < len(shape), (name, axes[name], shape)
 
 
-def test_split_rules_follow_megatron():
-    split = {k: v for k, v in TP_SPLIT_AXIS.items() if v is not None}
+def test_split_axes_follow_megatron():
+    cfg = get_preset("nano", bias=True, n_layers=1)
+    split = {k.replace("layers.0.", ""): v for k, v in split_axes(cfg).items() if v is not None}
     assert split == {"tok_emb": 0, "attn.wq": 1, "attn.wk": 1, "attn.wv": 1, "attn.bq": 0, "attn.bk": 0,
                      "attn.bv": 0, "attn.wo": 0, "mlp.w1": 1, "mlp.w3": 1, "mlp.b1": 0, "mlp.b3": 0, "mlp.w2": 0,
                      "lm_head": 1}
-    assert not is_split("layers.3.attn.bo") and not is_split("layers.3.mlp.b2") and not is_split("norm.w")
+    replicated = {k for k, v in split_axes(cfg).items() if v is None}
+    assert {"layers.0.attn.bo", "layers.0.mlp.b2", "norm.w", "layers.0.attn_norm.w"} <= replicated
 
 
 def test_7b_shards_over_8_ranks():
@@ -75,8 +79,9 @@ def test_7b_shards_over_8_ranks():
     assert shards["layers.0.attn.wq"] == (4096, 512) and shards["layers.0.attn.wo"] == (512, 4096)
     assert shards["layers.0.mlp.w1"] == (4096, 1376) and shards["layers.0.mlp.w2"] == (1376, 4096)
     assert shards["layers.0.attn_norm.w"] == (4096,)
-    per_rank_split = sum(math.prod(s) for n, s in shards.items() if is_split(n))
-    replicated = sum(math.prod(s) for n, s in shards.items() if not is_split(n))
+    axes = split_axes(cfg)
+    per_rank_split = sum(math.prod(s) for n, s in shards.items() if axes[n] is not None)
+    replicated = sum(math.prod(s) for n, s in shards.items() if axes[n] is None)
     assert 8 * per_rank_split + replicated == num_params(cfg) == 6_738_415_616
 
 
@@ -96,8 +101,8 @@ def test_tp_that_does_not_divide_is_named(overrides, tp, named):
         assert item in message
     for item in {"n_heads", "n_kv_heads", "ffn_dim", "vocab_size"} - {n.split("=")[0] for n in named}:
         assert f"{item}=" not in message.split(":")[0]
-    with pytest.raises(ValueError, match="tp=0 must be a positive integer"):
-        check_tp_divides(cfg, 0)
+    with pytest.raises(ValueError, match="tp=0 is not allowed; use a positive integer"):
+        check_tp_divides(tp_split_sizes(cfg), 0)
 
 
 @settings(max_examples=10, deadline=None)
@@ -107,13 +112,14 @@ def test_shard_then_unshard_is_the_identity(tp, variant, seed):
     cfg = [get_preset("nano", n_kv_heads=4, **small), get_preset("nano-gpt2", **small),
            get_preset("nano", bias=True, tie_embeddings=True, n_kv_heads=4, **small)][variant]
     full = init_params(cfg, seed=seed, dtype=np.float64)
-    shards = [shard_params(full, cfg, r, tp) for r in range(tp)]
+    axes = split_axes(cfg)
+    shards = [shard_params(full, axes, r, tp) for r in range(tp)]
     for r, shard in enumerate(shards):
         assert {n: s.shape for n, s in shard.items()} == param_shard_shapes(cfg, tp)
         # init_params of one rank draws the same numbers as slicing the full initialization
         direct = init_params(cfg, seed=seed, dtype=np.float64, tp_rank=r, tp_size=tp)
         assert all(np.array_equal(direct[n], shard[n]) for n in shard)
-    back = unshard_params(shards)
+    back = unshard_params(shards, axes)
     assert list(back) == list(full) and all(np.array_equal(back[n], full[n]) for n in full)
     shards[0]["norm.w"][0] = 5.0  # shards are copies, never views of the full arrays
     assert full["norm.w"][0] == 1.0
@@ -124,8 +130,8 @@ def test_full_parameters_with_tp_2_are_refused():
     with pytest.raises(ValueError, match=r"params\['tok_emb'\] has shape \(2048, 128\); with tp=2 this rank's shard "
                                          r"has shape \(1024, 128\)"):
         model_forward(init_params(cfg), np.zeros((1, 2), dtype=int), cfg, tp=RankView(0, 2))
-    with pytest.raises(ValueError, match="tp_rank=2 must be in"):
-        shard_params(init_params(cfg), cfg, 2, 2)
+    with pytest.raises(ValueError, match=r"tp_rank=2 is not allowed; use an integer in \[0, tp_size=2\)"):
+        shard_params(init_params(cfg), split_axes(cfg), 2, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,7 +164,7 @@ def test_attention_split_by_heads_sums_to_the_full_layer(layout):
     dx_full, g_full = attention_backward(dy, cache)
     y_sum, dx_sum, grads = 0.0, 0.0, []
     for r in range(tp):
-        shard = {n: w for n, w in shard_params({f"layers.0.attn.{k}": v for k, v in full.items()}, cfg, r, tp).items()}
+        shard = shard_params({f"layers.0.attn.{k}": v for k, v in full.items()}, split_axes(cfg), r, tp)
         local = {n.split("attn.")[1]: w for n, w in shard.items() if not n.endswith("bo")}
         y_r, c_r = attention_forward(local, x, n_heads // tp, n_kv // tp)  # (B, T, C) rank r's partial sum
         dx_r, g_r = attention_backward(dy, c_r)
@@ -172,7 +178,7 @@ def test_attention_split_by_heads_sums_to_the_full_layer(layout):
         if name == "bo":
             continue
         for r in range(tp):
-            expected = shard_params({f"layers.0.attn.{name}": g}, cfg, r, tp)[f"layers.0.attn.{name}"]
+            expected = shard_array(g, split_axes(cfg)[f"layers.0.attn.{name}"], r, tp)
             np.testing.assert_allclose(grads[r][f"layers.0.attn.{name}"], expected, rtol=1e-12, atol=1e-12)
 
 
@@ -190,13 +196,13 @@ def test_mlp_split_by_hidden_units_sums_to_the_full_layer(kind, tp, f_tp, bias, 
     dx_full, g_full = mlp_backward(kind, dy, cache)
     y_sum, dx_sum = 0.0, 0.0
     for r in range(tp):
-        shard = shard_params(full, cfg, r, tp)
+        shard = shard_params(full, split_axes(cfg), r, tp)
         local = {n.split("mlp.")[1]: w for n, w in shard.items() if not n.endswith("b2")}
         y_r, c_r = mlp_forward(kind, local, x)  # (N, C) rank r's partial sum
         dx_r, g_r = mlp_backward(kind, dy, c_r)
         y_sum, dx_sum = y_sum + y_r, dx_sum + dx_r
         for name, g in g_r.items():
-            expected = shard_params({f"layers.0.mlp.{name}": g_full[name]}, cfg, r, tp)[f"layers.0.mlp.{name}"]
+            expected = shard_array(g_full[name], split_axes(cfg)[f"layers.0.mlp.{name}"], r, tp)
             np.testing.assert_allclose(g, expected, rtol=1e-12, atol=1e-12)
     if bias:
         y_sum = y_sum + full["layers.0.mlp.b2"]

@@ -28,11 +28,12 @@ from npllm.corpus import default_corpus_text
 from npllm.data import prepare_data
 from npllm.generate import prompt_ids
 from npllm.layers.loss import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
-from npllm.model import accumulate_loss_and_grads, init_params, loss_and_grads, model_backward, model_forward
+from npllm.models.decoder import accumulate_loss_and_grads, init_params, loss_and_grads, model_backward, model_forward
 from npllm.sft import (SFTBatchSampler, encode_sft_example, encode_sft_records, load_sft_data, load_sft_records,
                        sft_eval_batches, split_records)
 from npllm.tokenizer import Tokenizer, train_tokenizer
-from npllm.train import evaluate, main, read_metrics
+from npllm.metrics import read_metrics
+from npllm.train import main, validation_loss
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 400
@@ -358,11 +359,11 @@ def test_sft_run_from_a_pretrained_checkpoint_learns_and_resumes_exactly(pretrai
 def test_sft_val_loss_is_the_mean_over_every_counted_target_of_the_held_out_records(pretrained, sft_file, tok):
     params, _, meta = load_checkpoint(pretrained)
     cfg = ModelConfig(**meta["model_config"])
-    val = load_sft_data(sft_file, tok, SFT_SEQ_LEN)["val"]
+    val = load_sft_data(sft_file, tok, SFT_SEQ_LEN).val
     counts = (val.targets != IGNORE_INDEX).sum(axis=1)
     assert len(val) == 4 and len(set(counts.tolist())) > 1, "records with different response lengths"
     tc = TrainConfig(init_from=str(pretrained), sft=str(sft_file), seq_len=SFT_SEQ_LEN, batch_size=1)
-    got = evaluate(params, cfg, val, tc, np)  # four batches of one record each
+    got = validation_loss(params, cfg, val, tc, np)  # four batches of one record each
 
     logits, _ = model_forward(params, val.tokens.astype(np.int64), cfg)  # (4, T, V) in one forward
     nll = []

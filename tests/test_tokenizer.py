@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from npllm.corpus import default_corpus_text
-from npllm.tokenizer import Tokenizer, atomic_write_bytes, train_tokenizer
+from npllm.files import atomic_write
+from npllm.tokenizer import Tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512
@@ -134,9 +135,9 @@ def test_bad_inputs(tmp_path):
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "f.bin"
-    atomic_write_bytes(path, b"old")
+    atomic_write(path, b"old")
     with pytest.raises(TypeError):
-        atomic_write_bytes(path, b"new", "not bytes")  # fails half way through writing
+        atomic_write(path, b"new", "not bytes")  # fails half way through writing
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 

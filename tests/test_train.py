@@ -23,12 +23,14 @@ import numpy as np
 import pytest
 
 from npllm.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
-from npllm.config import get_preset
+from npllm.config import ModelConfig, TrainConfig, get_preset
 from npllm.corpus import default_corpus_text
 from npllm.data import BatchSampler, load_tokens, prepare_data
-from npllm.model import accumulate_loss_and_grads, flops_per_token, init_params
+from npllm.models.decoder import accumulate_loss_and_grads, flops_per_token, init_params
 from npllm.tokenizer import train_tokenizer
-from npllm.train import main, parse_options, read_metrics
+from npllm.config import parse_options
+from npllm.metrics import read_metrics
+from npllm.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -268,7 +270,7 @@ def test_bad_input_exits_with_one_clear_line(data_dir, tmp_path, case):
     if case == "unknown preset":
         extra, fragments = ["--preset=nope"], ["'nope'", "nano"]
     elif case == "unknown option":
-        extra, fragments = ["--stepz=3"], ["--stepz", "allowed:", "--steps", "--dim", "--lr"]
+        extra, fragments = ["--stepz=3"], ["--stepz", "did you mean --steps", "--help lists every option"]
     elif case == "wrong type":
         extra, fragments = ["--steps=abc"], ["--steps='abc'", "integer"]
     elif case == "bare word":
@@ -423,13 +425,13 @@ def test_loss_goes_down(data_dir, tmp_path):
 
 def test_parse_options():
     model_opts, train_opts = parse_options(["--preset", "nano-gpt2", "--bias", "--dim=64", "--lr=3e-4",
-                                            "--lr_decay_steps=None", "--data=d"])
+                                            "--lr_decay_steps=None", "--data=d"], ModelConfig, TrainConfig)
     assert model_opts == {"bias": True, "dim": 64}
     assert train_opts == {"preset": "nano-gpt2", "lr": 3e-4, "lr_decay_steps": None, "data": "d"}
     with pytest.raises(ValueError, match="--steps needs a value"):
-        parse_options(["--steps"])
+        parse_options(["--steps"], ModelConfig, TrainConfig)
     with pytest.raises(ValueError, match="not a boolean"):
-        parse_options(["--bias=maybe"])
+        parse_options(["--bias=maybe"], ModelConfig, TrainConfig)
 
 
 def test_runs_on_the_default_corpus_when_no_data_is_given(tmp_path, monkeypatch):
@@ -456,4 +458,4 @@ def test_cuda_without_cupy_is_one_clear_line(data_dir, tmp_path):
     script = ("import sys; sys.modules['cupy'] = None; from npllm.train import main; "
               "sys.exit(main(sys.argv[1:]))")
     proc = run_cli(*tiny(data_dir, tmp_path / "run", "--steps=2"), "--device=cuda", script=script)
-    assert_one_line_error(proc, "device 'cuda' needs CuPy", "npllm[gpu]")
+    assert_one_line_error(proc, "device 'cuda' needs CuPy", "pip install -e '.[gpu]'")

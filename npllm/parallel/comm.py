@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import asnumpy, get_array_module
+from ..checks import check_int
 
 REDUCE_OPS = ("sum", "max")
 
@@ -200,13 +201,17 @@ def launched_by_mpirun(environ=None) -> bool:
 
 def check_tp(tp, world_size: int) -> int:
     """tp as an int; ValueError unless it is a positive integer that divides the world size."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tp={tp!r} must be a positive integer")
+    check_int("tp", tp)
     if world_size % tp:
         divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
         raise ValueError(f"tp={tp} does not divide the number of ranks {world_size}; "
                          f"allowed: {', '.join(map(str, divisors))}")
     return tp
+
+
+def one_process_comm() -> ParallelComm:
+    """The world of one process: every group a LocalComm, every collective the identity."""
+    return ParallelComm(world=LocalComm(), tp=LocalComm(), dp=LocalComm())
 
 
 def make_comm(tp: int = 1, use_mpi: bool | None = None) -> ParallelComm:
@@ -220,7 +225,7 @@ def make_comm(tp: int = 1, use_mpi: bool | None = None) -> ParallelComm:
         use_mpi = launched_by_mpirun()
     if not use_mpi:
         check_tp(tp, 1)
-        return ParallelComm(world=LocalComm(), tp=LocalComm(), dp=LocalComm())
+        return one_process_comm()
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -262,11 +267,6 @@ def _report_and_abort(exc_type, exc, tb) -> None:
     print(f"[rank {_world_rank()}] uncaught {exc_type.__name__}; ending the whole job", file=sys.stderr)
     traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
     abort_job(1)
-
-
-def install_abort_on_error() -> None:
-    """Make any uncaught exception print its traceback and abort the whole MPI job (sys.excepthook)."""
-    sys.excepthook = _report_and_abort
 
 
 def run_main(main, *args, **kwargs):

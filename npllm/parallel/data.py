@@ -26,17 +26,15 @@ import math
 import numpy as np
 
 from ..backend import get_array_module
+from ..checks import check_choice, check_int
 from ..optim import adamw_init, adamw_update, clip_grad_norm, grad_sq_sum
 from .comm import ParallelComm
-from .tensor import is_split
 
 ZERO_STAGES = (0, 1)
 
 
 def check_zero(zero) -> int:
-    if isinstance(zero, bool) or zero not in ZERO_STAGES:
-        raise ValueError(f"zero={zero!r} is not supported; allowed: {', '.join(map(str, ZERO_STAGES))}")
-    return int(zero)
+    return check_choice("zero", check_int("zero", zero, 0), ZERO_STAGES)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,6 +87,19 @@ def dp_mean(value: float, dp) -> float:
     return dp.allreduce_scalar(value) / dp.size
 
 
+def global_batch_mean(loss: float, grads: dict, n_targets: int, dp) -> tuple[float, dict]:
+    """(loss, grads) of this dp rank, a mean over its ``n_targets`` counted targets, turned into its share of the
+    global batch's mean (``dp_count_weight``, applied to grads IN PLACE), and the loss into the global batch's mean
+    loss, the same on every rank. With one dp rank: unchanged."""
+    if dp.size == 1:
+        return loss, grads
+    weight = dp_count_weight(n_targets, dp)
+    if weight != 1.0:  # only when the ranks count different numbers of targets (SFT): exactly 1.0 in pretraining
+        for g in grads.values():
+            g *= weight
+    return dp_mean(weight * loss, dp), grads
+
+
 def dp_count_weight(n_local: int, dp) -> float:
     """The factor w that makes the dp-average of w * (this rank's mean) the mean over the whole global batch.
 
@@ -105,26 +116,28 @@ def dp_count_weight(n_local: int, dp) -> float:
 # the global gradient norm
 
 
-def norm_counted_names(names, tp_rank: int, counts_dp_replicas: bool) -> list[str]:
+def norm_counted_names(names, axes: dict, tp_rank: int, counts_dp_replicas: bool) -> list[str]:
     """The gradient names whose squares this rank adds to the global norm, so that each element counts once.
 
-    Split tensors count on every tp rank (each rank holds a different slice); replicated ones only on tp rank 0.
-    counts_dp_replicas=False (the grads are the same on every dp rank) leaves everything to another rank.
+    Split tensors (axes[name] is not None) count on every tp rank (each rank holds a different slice); replicated
+    ones only on tp rank 0. counts_dp_replicas=False (the grads are the same on every dp rank) leaves everything to
+    another rank.
     """
     if not counts_dp_replicas:
         return []
-    return [name for name in names if is_split(name) or tp_rank == 0]
+    return [name for name in names if axes[name] is not None or tp_rank == 0]
 
 
-def global_grad_norm(grads: dict, comm: ParallelComm, grads_replicated_over_dp: bool) -> float:
-    """sqrt(sum of squares of every gradient element of the model), each counted once across the world.
+def world_grad_norm(grads: dict, axes: dict, comm: ParallelComm, grads_replicated_over_dp: bool) -> float:
+    """sqrt(sum of squares of every gradient element of the model), each counted once across the world (the
+    parallel form of ``npllm.optim.global_grad_norm``).
 
-    grads: this rank's gradients. grads_replicated_over_dp: True after dp_allreduce_grads (every dp rank holds the
-    same values, so only dp rank 0 counts them); False under ZeRO-1 (each dp rank holds different tensors).
-    One scalar all-reduce over the world.
+    grads: this rank's gradients; axes: the model's ``split_axes(cfg)``. grads_replicated_over_dp: True after
+    dp_allreduce_grads (every dp rank holds the same values, so only dp rank 0 counts them); False under ZeRO-1
+    (each dp rank holds different tensors). One scalar all-reduce over the world.
     """
     counts = comm.dp.rank == 0 or not grads_replicated_over_dp
-    local = grad_sq_sum(grads, norm_counted_names(grads, comm.tp.rank, counts))
+    local = grad_sq_sum(grads, norm_counted_names(grads, axes, comm.tp.rank, counts))
     return math.sqrt(comm.world.allreduce_scalar(local))
 
 
@@ -139,8 +152,7 @@ def dp_partition(shapes: dict, dp_size: int) -> list[list[str]]:
     element, so each rank's tensors form one contiguous segment of the flat buffer (what reduce-scatter and
     all-gather need). A rank owns nothing when dp exceeds the number of tensors. Returns [names of rank d].
     """
-    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
-        raise ValueError(f"dp_size={dp_size!r} must be a positive integer")
+    check_int("dp_size", dp_size)
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     total = max(sum(sizes.values()), 1)
     owned: list[list[str]] = [[] for _ in range(dp_size)]
@@ -194,19 +206,21 @@ def init_optimizer(params: dict, comm: ParallelComm, zero: int = 0) -> dict:
     return adamw_init(params) if check_zero(zero) == 0 else zero_adamw_init(params, comm.dp)
 
 
-def reduce_and_clip(grads: dict, comm: ParallelComm, *, zero: int = 0, max_norm: float) -> tuple[dict, float, float]:
+def reduce_and_clip(grads: dict, axes: dict, comm: ParallelComm, *, zero: int = 0,
+                    max_norm: float) -> tuple[dict, float, float]:
     """The first half of ``optimizer_step``: average the gradients over dp and clip them by the global norm.
 
+    axes: the model's ``split_axes(cfg)`` (which gradients are slices and which full copies, for the norm).
     Returns (the gradients to apply, the global norm before clipping, the clip scale); norm and scale are the same
     on every rank. zero=0: all of this rank's gradients, all-reduced; zero=1: those of the tensors its dp rank owns,
     reduce-scattered. The trainer looks at the norm here, before ``apply_update`` touches the parameters.
     """
     if check_zero(zero) == 0:
         grads = dp_allreduce_grads(grads, comm.dp)  # every dp rank: all grads, averaged
-        norm = global_grad_norm(grads, comm, grads_replicated_over_dp=True)
+        norm = world_grad_norm(grads, axes, comm, grads_replicated_over_dp=True)
     else:
         grads = dp_reduce_scatter_grads(grads, comm.dp)  # this dp rank's tensors, averaged
-        norm = global_grad_norm(grads, comm, grads_replicated_over_dp=False)
+        norm = world_grad_norm(grads, axes, comm, grads_replicated_over_dp=False)
     norm, scale = clip_grad_norm(grads, max_norm, norm=norm)
     return grads, norm, scale
 
@@ -223,17 +237,18 @@ def apply_update(params: dict, grads: dict, state: dict, comm: ParallelComm, *, 
     dp_allgather_params(params, comm.dp)  # everyone's updated tensors, everywhere
 
 
-def optimizer_step(params: dict, grads: dict, state: dict, comm: ParallelComm, *, zero: int = 0, lr: float,
-                   max_norm: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+def optimizer_step(params: dict, grads: dict, state: dict, axes: dict, comm: ParallelComm, *, zero: int = 0,
+                   lr: float, max_norm: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
                    weight_decay: float = 0.1) -> tuple[float, float]:
     """Average the gradients over dp, clip them by the global norm, and take one AdamW step, IN PLACE on params.
 
-    params, grads: this rank's (tensor-parallel shards of the) parameters and its local gradients.
+    params, grads: this rank's (tensor-parallel shards of the) parameters and its local gradients; axes: the
+    model's ``split_axes(cfg)``.
     state: from ``init_optimizer`` with the same ``zero``. Returns (global grad norm before clipping, clip scale),
     the same on every rank. With one process this is clip_grad_norm + adamw_update, the same arithmetic.
     It is ``reduce_and_clip`` followed by ``apply_update``.
     """
-    grads, norm, scale = reduce_and_clip(grads, comm, zero=zero, max_norm=max_norm)
+    grads, norm, scale = reduce_and_clip(grads, axes, comm, zero=zero, max_norm=max_norm)
     apply_update(params, grads, state, comm, zero=zero, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                  weight_decay=weight_decay)
     return norm, scale

@@ -24,198 +24,69 @@ wk/wv keeps every GQA group on one rank (it needs tp to divide NKV). The full st
 from __future__ import annotations
 
 from ..backend import get_array_module
-from ..config import ModelConfig
-from ..layers.attention import attention_backward, attention_forward
+from ..checks import check_int
 from ..layers.embedding import embedding_backward, embedding_forward
-from ..layers.linear import linear_backward, linear_forward
 from ..layers.loss import IGNORE_INDEX
-from ..layers.mlp import mlp_backward, mlp_forward
-from .mappings import copy_to_tp, copy_to_tp_backward, reduce_from_tp, reduce_from_tp_backward
+from .mappings import reduce_from_tp, reduce_from_tp_backward
 
 # ----------------------------------------------------------------------------------------------------------
-# the layout: which axis each parameter splits along (None: replicated on every rank)
-
-# Keyed by the name without its "layers.{l}." prefix. Every parameter of param_shapes has a rule here.
-TP_SPLIT_AXIS: dict[str, int | None] = {
-    "tok_emb": 0,  # (V, C): rows by vocabulary
-    "pos_emb": None,  # (T_max, C)
-    "attn_norm.w": None, "attn_norm.b": None,  # (C,)
-    "attn.wq": 1, "attn.wk": 1, "attn.wv": 1,  # (C, NH*hs), (C, NKV*hs): columns by heads
-    "attn.bq": 0, "attn.bk": 0, "attn.bv": 0,  # (NH*hs,), (NKV*hs,): follow their weight's columns
-    "attn.wo": 0,  # (NH*hs, C): rows by heads
-    "attn.bo": None,  # (C,): added once after the reduce
-    "mlp_norm.w": None, "mlp_norm.b": None,  # (C,)
-    "mlp.w1": 1, "mlp.w3": 1,  # (C, F): columns
-    "mlp.b1": 0, "mlp.b3": 0,  # (F,)
-    "mlp.w2": 0,  # (F, C): rows
-    "mlp.b2": None,  # (C,): added once after the reduce
-    "norm.w": None, "norm.b": None,  # (C,) final norm
-    "lm_head": 1,  # (C, V): columns by vocabulary
-}
-
-# The config sizes that tensor parallelism splits; tp must divide each.
-TP_SPLIT_SIZES = ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size")
+# the layout: each parameter's split axis comes from its model's parameter spec (``split_axes(cfg)``)
 
 
-def tp_split_axis(name: str) -> int | None:
-    """The axis parameter ``name`` is split along across tensor-parallel ranks, or None if replicated."""
-    parts = name.split(".")
-    key = ".".join(parts[2:]) if parts[0] == "layers" else name  # drop "layers.{l}."
-    if key not in TP_SPLIT_AXIS:
-        raise ValueError(f"no tensor-parallel rule for parameter {name!r}; known: {', '.join(TP_SPLIT_AXIS)}")
-    return TP_SPLIT_AXIS[key]
-
-
-def is_split(name: str) -> bool:
-    """True when each tensor-parallel rank holds a different slice of ``name`` (False: a full copy)."""
-    return tp_split_axis(name) is not None
-
-
-def check_tp_divides(cfg: ModelConfig, tp_size: int) -> None:
-    """ValueError naming every size of ``cfg`` that ``tp_size`` does not divide."""
-    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
-        raise ValueError(f"tp={tp_size!r} must be a positive integer")
-    bad = [f"{name}={getattr(cfg, name)}" for name in TP_SPLIT_SIZES if getattr(cfg, name) % tp_size]
+def check_tp_divides(sizes: dict, tp_size: int) -> None:
+    """ValueError naming every size in ``sizes`` ({"n_heads": 32, ...}: the sizes a model splits) that
+    ``tp_size`` does not divide."""
+    check_int("tp", tp_size)
+    bad = [f"{name}={value}" for name, value in sizes.items() if value % tp_size]
     if bad:
         raise ValueError(f"tp={tp_size} does not divide {', '.join(bad)}: tensor parallelism splits "
-                         f"{', '.join(TP_SPLIT_SIZES)} evenly across ranks")
+                         f"{', '.join(sizes)} evenly across ranks")
 
 
-def shard_shape(name: str, shape: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
-    """The shape of one rank's shard of parameter ``name`` whose full shape is ``shape``."""
-    axis = tp_split_axis(name)
+def shard_shape(shape: tuple[int, ...], axis: int | None, tp_size: int) -> tuple[int, ...]:
+    """The shape of one rank's shard of a tensor of ``shape`` split along ``axis`` (None: replicated, the full
+    shape)."""
     if axis is None:
         return tuple(shape)
     if shape[axis] % tp_size:
-        raise ValueError(f"{name} {tuple(shape)}: axis {axis} of size {shape[axis]} does not split over tp={tp_size}")
+        raise ValueError(f"shape {tuple(shape)}: axis {axis} of size {shape[axis]} does not split over tp={tp_size}")
     return tuple(n // tp_size if i == axis else n for i, n in enumerate(shape))
 
 
-def shard_array(name: str, x, tp_rank: int, tp_size: int):
-    """Rank ``tp_rank``'s slice of the full parameter ``x`` (a contiguous copy; replicated ones are copied whole)."""
+def shard_array(x, axis: int | None, tp_rank: int, tp_size: int):
+    """Rank ``tp_rank``'s slice of the full tensor ``x`` along ``axis`` (a contiguous copy; None: a copy of all)."""
     if not 0 <= tp_rank < tp_size:
-        raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
+        raise ValueError(f"tp_rank={tp_rank} is not allowed; use an integer in [0, tp_size={tp_size})")
     xp = get_array_module(x)
-    axis = tp_split_axis(name)
     if axis is None:
         return xp.array(x, copy=True)
-    n = shard_shape(name, x.shape, tp_size)[axis]
+    n = shard_shape(x.shape, axis, tp_size)[axis]
     index = [slice(None)] * x.ndim
     index[axis] = slice(tp_rank * n, (tp_rank + 1) * n)
     return xp.ascontiguousarray(x[tuple(index)])
 
 
-def shard_params(params: dict, cfg: ModelConfig, tp_rank: int, tp_size: int) -> dict:
-    """This rank's shards of full parameters (or gradients, or moments): {name: slice}, fresh arrays."""
-    check_tp_divides(cfg, tp_size)
-    return {name: shard_array(name, x, tp_rank, tp_size) for name, x in params.items()}
+def shard_params(params: dict, axes: dict, tp_rank: int, tp_size: int) -> dict:
+    """This rank's shards of full tensors keyed like the parameters (parameters, gradients, moments):
+    {name: slice along axes[name]}, fresh arrays. ``axes``: ``split_axes(cfg)`` of the model."""
+    return {name: shard_array(x, axes[name], tp_rank, tp_size) for name, x in params.items()}
 
 
-def unshard_params(shards: list[dict]) -> dict:
-    """Full parameters from every rank's shards, listed in rank order (the inverse of shard_params)."""
+def unshard_params(shards: list[dict], axes: dict) -> dict:
+    """Full tensors from every rank's shards, listed in rank order (the inverse of shard_params)."""
     if not shards:
         raise ValueError("unshard_params needs the shards of at least one rank")
     full = {}
     for name, first in shards[0].items():
-        axis = tp_split_axis(name)
         xp = get_array_module(first)
+        axis = axes[name]
         full[name] = first.copy() if axis is None else xp.concatenate([s[name] for s in shards], axis=axis)
     return full
-
-
-def gather_params(shards: dict, tp) -> dict:
-    """The full tensors on every rank of the tensor-parallel communicator ``tp``, from each rank's shards.
-
-    Works for any dict keyed like the parameters: parameters, gradients, AdamW moments. Split tensors are
-    all-gathered along their split axis; replicated ones are returned as they are.
-    """
-    return {name: x if tp_split_axis(name) is None else tp.allgather(x, axis=tp_split_axis(name))
-            for name, x in shards.items()}
 
 
 def vocab_start(V_tp: int, tp) -> int:
     """First vocabulary id of this rank's slice: rank r holds ids r*V_tp ... (r+1)*V_tp - 1."""
     return tp.rank * V_tp
-
-
-# ----------------------------------------------------------------------------------------------------------
-# column-parallel linear (the output head)
-
-
-def column_parallel_linear_forward(p, x, tp):
-    """y_tp = x @ w_tp (+ b_tp), w split by columns: x (..., Cin) replicated, w_tp (Cin, Cout_tp) -> (..., Cout_tp).
-
-    The output stays split (the vocabulary-parallel loss consumes it as it is)."""
-    h = copy_to_tp(x, tp)  # (..., Cin) forward identity
-    return linear_forward(p, h)  # (..., Cout_tp), cache
-
-
-def column_parallel_linear_backward(dy, cache, tp):
-    """forward was y_r = x @ w_r on every rank r, so dx = sum_r dy_r @ w_r.T (an all-reduce); dw_r = x.T @ dy_r."""
-    dh, grads = linear_backward(dy, cache)  # dh (..., Cin) this rank's term
-    return copy_to_tp_backward(dh, tp), grads  # (..., Cin) summed over ranks
-
-
-# ----------------------------------------------------------------------------------------------------------
-# split blocks: column-parallel in, row-parallel out (attention and MLP)
-
-
-def _split_block_forward(block_forward, p, x, tp, out_bias: str):
-    """y = all-reduce(block(x) on this rank's slice) + p[out_bias].
-
-    The output bias is left out of the block and added once after the sum; inside, every rank would add it."""
-    local = {name: w for name, w in p.items() if name != out_bias}
-    h = copy_to_tp(x, tp)  # (B, T, C) forward identity
-    y_part, cache = block_forward(local, h)  # (B, T, C) this rank's partial sum
-    y = reduce_from_tp(y_part, tp)  # (B, T, C) summed over ranks
-    if out_bias in p:
-        y = y + p[out_bias]  # (B, T, C)
-    return y, {"block": cache, "out_bias": out_bias if out_bias in p else None, "order": list(p)}
-
-
-def _split_block_backward(block_backward, dy, cache, tp):
-    """forward was y = sum_r block_r(x) + b, so db = sum of dy over rows, every block_r gets dy, and
-    dx = sum_r dx_r (copy_to_tp's backward)."""
-    dy_part = reduce_from_tp_backward(dy, tp)  # (B, T, C) identity
-    dh, grads = block_backward(dy_part, cache["block"])  # dh (B, T, C) this rank's term
-    if cache["out_bias"] is not None:
-        grads[cache["out_bias"]] = dy.reshape(-1, dy.shape[-1]).sum(axis=0)  # (C,)
-    dx = copy_to_tp_backward(dh, tp)  # (B, T, C)
-    return dx, {name: grads[name] for name in cache["order"]}
-
-
-def parallel_attention_forward(p, x, cfg: ModelConfig, tp, rope=None, past_kv=None):
-    """Causal attention over this rank's NH_tp query heads and NKV_tp key/value heads, summed over ranks.
-
-    p: this rank's shards {"wq": (C, NH_tp*hs), "wk", "wv": (C, NKV_tp*hs), "wo": (NH_tp*hs, C)} and the biases.
-    past_kv: this rank's cached (k, v), each (B, NKV_tp, T_past, hs). Returns y (B, T, C) replicated, and the
-    cache; cache["k"], cache["v"] are this rank's keys/values (past included) for the next decoding step.
-    """
-    n_heads, n_kv_heads = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size  # NH_tp, NKV_tp
-
-    def block(local, h):
-        return attention_forward(local, h, n_heads, n_kv_heads, rope=rope, past_kv=past_kv)
-
-    y, cache = _split_block_forward(block, p, x, tp, "bo")
-    cache["k"], cache["v"] = cache["block"]["k"], cache["block"]["v"]  # (B, NKV_tp, T_past+T, hs)
-    return y, cache
-
-
-def parallel_attention_backward(dy, cache, tp):
-    """Backward of parallel_attention_forward: dx (B, T, C) replicated, grads of this rank's shards."""
-    return _split_block_backward(attention_backward, dy, cache, tp)
-
-
-def parallel_mlp_forward(kind: str, p, x, tp):
-    """The MLP over this rank's F_tp hidden units, summed over ranks.
-
-    p: this rank's shards {"w1", "w3": (C, F_tp), "w2": (F_tp, C)} (and "b1", "b3" (F_tp,), "b2" (C,)).
-    """
-    return _split_block_forward(lambda local, h: mlp_forward(kind, local, h), p, x, tp, "b2")
-
-
-def parallel_mlp_backward(kind: str, dy, cache, tp):
-    return _split_block_backward(lambda d, c: mlp_backward(kind, d, c), dy, cache, tp)
 
 
 # ----------------------------------------------------------------------------------------------------------

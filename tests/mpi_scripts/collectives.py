@@ -7,18 +7,19 @@ Rank r's inputs are built from r, so the test can compute each expected result f
 
 import os
 
-from npllm.parallel.threads import limit_blas_threads
+if __name__ == "__main__":  # a rank of an mpirun job: its share of the cores for BLAS, before NumPy loads
+    from npllm.parallel.threads import limit_blas_threads
 
-limit_blas_threads()  # before NumPy loads BLAS
+    limit_blas_threads()
 
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-from mpi_common import save_npz  # noqa: E402
+import numpy as np
+from mpi_common import save_npz
 
-from npllm.parallel.comm import make_comm, run_main  # noqa: E402
-from npllm.parallel.mappings import gather_from_tp, scatter_to_tp  # noqa: E402
+from npllm.parallel.comm import make_comm, run_main
+from npllm.parallel.mappings import copy_to_tp_backward, reduce_from_tp
 
 
 def main():
@@ -44,8 +45,8 @@ def main():
         "world_reduce_scatter": comm.world.reduce_scatter(np.arange(sum(counts), dtype=np.float64) * (r + 1), counts),
         "world_reduce_scatter_even": comm.world.reduce_scatter(np.ones(2 * comm.world.size) * r),
         "world_bcast": comm.world.broadcast(x, root=comm.world.size - 1),
-        "tp_gather_from": gather_from_tp(x, comm.tp),
-        "tp_scatter_to": scatter_to_tp(np.arange(4 * comm.tp.size, dtype=np.float64).reshape(2, -1), comm.tp),
+        "tp_reduce_from": reduce_from_tp(x, comm.tp),  # g: the sum over the tp group
+        "tp_copy_to_backward": copy_to_tp_backward(x, comm.tp),  # f's backward: the same sum
         "input_unchanged": x,  # collectives must not write into their input
         "blas_threads": np.array([int(os.environ.get(v, "-1")) for v in
                                   ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")]),

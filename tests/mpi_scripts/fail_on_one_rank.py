@@ -3,13 +3,14 @@
     mpirun -n 2 python tests/mpi_scripts/fail_on_one_rank.py
 """
 
-from npllm.parallel.threads import limit_blas_threads
+if __name__ == "__main__":  # a rank of an mpirun job: its share of the cores for BLAS, before NumPy loads
+    from npllm.parallel.threads import limit_blas_threads
 
-limit_blas_threads()  # before NumPy loads BLAS
+    limit_blas_threads()
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from npllm.parallel.comm import make_comm, run_main  # noqa: E402
+from npllm.parallel.comm import make_comm, run_main
 
 
 def main():

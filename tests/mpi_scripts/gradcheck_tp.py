@@ -17,20 +17,22 @@ all-reduce) replaced by the identity, a plausible bug that no single-process che
 large errors there.
 """
 
-from npllm.parallel.threads import limit_blas_threads
+if __name__ == "__main__":  # a rank of an mpirun job: its share of the cores for BLAS, before NumPy loads
+    from npllm.parallel.threads import limit_blas_threads
 
-limit_blas_threads()  # before NumPy loads BLAS
+    limit_blas_threads()
 
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-from mpi_common import TINY_CONFIGS, save_npz  # noqa: E402
+import numpy as np
+from mpi_common import TINY_CONFIGS, save_npz
 
-import npllm.parallel.tensor as tensor  # noqa: E402
-from npllm.gradcheck import check_gradients  # noqa: E402
-from npllm.model import init_params, loss_and_grads, model_forward  # noqa: E402
-from npllm.parallel.comm import make_comm, run_main  # noqa: E402
+import npllm.parallel.tensor as tensor
+from npllm.gradcheck import check_gradients
+import npllm.models.decoder as decoder
+from npllm.models.decoder import init_params, loss_and_grads, model_forward, split_axes
+from npllm.parallel.comm import make_comm, run_main
 
 # Shards of up to MAX_ELEMENTWISE entries are checked entry by entry, larger ones along random directions: every
 # loss call is a few collectives, so the count of calls is the cost.
@@ -47,7 +49,8 @@ def full_params(cfg):
 
 def check_config(name, cfg, comm):
     tp = comm.tp
-    params = tensor.shard_params(full_params(cfg), cfg, tp.rank, tp.size)  # this rank's shards
+    axes = split_axes(cfg)
+    params = tensor.shard_params(full_params(cfg), axes, tp.rank, tp.size)  # this rank's shards
     rng = np.random.default_rng(7)
     tokens = rng.integers(0, cfg.vocab_size, size=(2, 4))  # (B, T)
     targets = rng.integers(0, cfg.vocab_size, size=(2, 4))  # (B, T)
@@ -58,8 +61,8 @@ def check_config(name, cfg, comm):
         logits, _ = model_forward(params, tokens, cfg, tp=tp)  # (B, T, V_tp)
         return tensor.vocab_parallel_cross_entropy_forward(logits, targets, tp)[0]
 
-    replicated = [n for n in params if not tensor.is_split(n)]
-    split = [n for n in params if tensor.is_split(n)]
+    replicated = [n for n in params if axes[n] is None]
+    split = [n for n in params if axes[n] is not None]
     errors = {}
     errs = check_gradients(loss, params, {n: grads[n] for n in replicated}, seed=1, max_elementwise=MAX_ELEMENTWISE)
     errors.update({f"{name}:{n}": e for n, e in errs.items()})
@@ -81,7 +84,7 @@ def main():
     for name, cfg in TINY_CONFIGS.items():
         errors.update(check_config(name, cfg, comm))
     # The control: copy_to_tp's backward (all-reduce) replaced by the identity, a bug no one-process check sees.
-    tensor.copy_to_tp_backward = lambda dy, tp: dy  # each rank keeps only its own term of dx
+    decoder.copy_to_tp_backward = lambda dy, tp: dy  # each rank keeps only its own term of dx
     errors.update(check_config("broken", TINY_CONFIGS["llama"], comm))
     save_npz(Path(args.out) / f"rank{comm.world.rank}.npz", {k: np.array(v) for k, v in errors.items()})
 

@@ -131,24 +131,24 @@ def _as_2d(shape) -> tuple[int, int]:
     return (shape[0], 1) if len(shape) == 1 else tuple(shape)
 
 
-def _shard_offsets(name: str, full_shape, tp_rank: int, tp_size: int):
-    """(shard shape, first row, first column) of rank tp_rank's shard, in the (rows, cols) view of the tensor."""
-    from npllm.parallel.tensor import shard_shape, tp_split_axis
+def _shard_offsets(axis, full_shape, tp_rank: int, tp_size: int):
+    """(shard shape, first row, first column) of rank tp_rank's shard of a tensor split along ``axis``, in the
+    (rows, cols) view of the tensor."""
+    from npllm.parallel.tensor import shard_shape
 
-    shape = shard_shape(name, tuple(full_shape), tp_size)
+    shape = shard_shape(tuple(full_shape), axis, tp_size)
     rows, cols = _as_2d(shape)
-    axis = tp_split_axis(name)
     return shape, (tp_rank * rows if axis == 0 else 0), (tp_rank * cols if axis == 1 else 0)
 
 
-def synthetic_shard(name: str, salt: int, full_shape, tp_rank: int, tp_size: int, scale: float, dtype):
+def synthetic_shard(axis, salt: int, full_shape, tp_rank: int, tp_size: int, scale: float, dtype):
     """Rank tp_rank's shard of a full tensor with element (i, j) = scale * u(row_bits[i] XOR col_bits[j]), u uniform
     in [-1, 1): random 32-bit patterns per row and per column, so a rank computes its shard alone, cheaply."""
     rows_full, cols_full = _as_2d(full_shape)
     rng = np.random.default_rng([salt])
     row_bits = rng.integers(0, 2**32, rows_full, dtype=np.uint32)  # (rows,)
     col_bits = rng.integers(0, 2**32, cols_full, dtype=np.uint32)  # (cols,)
-    shape, row0, col0 = _shard_offsets(name, full_shape, tp_rank, tp_size)
+    shape, row0, col0 = _shard_offsets(axis, full_shape, tp_rank, tp_size)
     rows, cols = _as_2d(shape)
     bits = row_bits[row0:row0 + rows, None] ^ col_bits[None, col0:col0 + cols]  # (rows, cols) uint32
     out = (bits >> np.uint32(8)).astype(dtype)  # (rows, cols) integers 0 .. 2^24 - 1
@@ -159,25 +159,26 @@ def synthetic_shard(name: str, salt: int, full_shape, tp_rank: int, tp_size: int
 
 def seven_b_params(cfg, tp_rank: int, tp_size: int, dtype=np.float32) -> dict:
     """Parameters of the 7B shapes: weights uniform with std 0.02, norm gains 1 + uniform(-0.1, 0.1)."""
-    from npllm.model import param_shapes
+    from npllm.models.decoder import param_specs
 
     params = {}
-    for salt, (name, shape) in enumerate(param_shapes(cfg).items()):
-        if name.endswith("norm.w"):
-            params[name] = 1.0 + synthetic_shard(name, salt, shape, tp_rank, tp_size, 0.1, dtype)
+    for salt, spec in enumerate(param_specs(cfg)):
+        if spec.name.endswith("norm.w"):
+            params[spec.name] = 1.0 + synthetic_shard(spec.split_axis, salt, spec.shape, tp_rank, tp_size, 0.1, dtype)
         else:
-            params[name] = synthetic_shard(name, salt, shape, tp_rank, tp_size, 0.02 * 3 ** 0.5, dtype)
+            params[spec.name] = synthetic_shard(spec.split_axis, salt, spec.shape, tp_rank, tp_size, 0.02 * 3 ** 0.5,
+                                                dtype)
     return params
 
 
-def seven_b_probe_dot(name: str, g_shard: np.ndarray, full_shape, tp_rank: int, tp_size: int) -> float:
+def seven_b_probe_dot(axis, g_shard: np.ndarray, full_shape, tp_rank: int, tp_size: int) -> float:
     """p^T g q for a random rank-one direction p q^T (float64) on the full tensor, from one rank's shard g_shard:
     summed over the shards of a split tensor it is the full tensor's p^T g q. A wrong element changes it (almost
     surely), and no full tensor is needed."""
     rows_full, cols_full = _as_2d(full_shape)
     rng = np.random.default_rng(0x5EED)
     p, q = rng.standard_normal(rows_full), rng.standard_normal(cols_full)  # (rows,), (cols,)
-    shape, row0, col0 = _shard_offsets(name, full_shape, tp_rank, tp_size)
+    shape, row0, col0 = _shard_offsets(axis, full_shape, tp_rank, tp_size)
     rows, cols = _as_2d(shape)
     g = np.asarray(g_shard, dtype=np.float64).reshape(rows, cols)
     return float(p[row0:row0 + rows] @ g @ q[col0:col0 + cols])

@@ -9,19 +9,25 @@ For every config of mpi_common.CONFIGS and both float64 and float32, it saves (k
     param:<name>  the parameters after STEPS optimizer steps, gathered over the tp ranks
 """
 
-from npllm.parallel.threads import limit_blas_threads
+if __name__ == "__main__":  # a rank of an mpirun job: its share of the cores for BLAS, before NumPy loads
+    from npllm.parallel.threads import limit_blas_threads
 
-limit_blas_threads()  # before NumPy loads BLAS
+    limit_blas_threads()
 
-import argparse  # noqa: E402
+import argparse
 
-import numpy as np  # noqa: E402
-from mpi_common import CONFIGS, INIT_SEED, MAX_NORM, OPTIM, STEPS, global_batch, rank_rows, save_npz  # noqa: E402
+import numpy as np
+from mpi_common import CONFIGS, INIT_SEED, MAX_NORM, OPTIM, STEPS, global_batch, rank_rows, save_npz
 
-from npllm.model import init_params, loss_and_grads  # noqa: E402
-from npllm.parallel.comm import make_comm, run_main  # noqa: E402
-from npllm.parallel.data import dp_allreduce_grads, dp_mean, init_optimizer, optimizer_step  # noqa: E402
-from npllm.parallel.tensor import gather_params  # noqa: E402
+from npllm.models.decoder import init_params, loss_and_grads, split_axes
+from npllm.parallel.comm import make_comm, run_main
+from npllm.parallel.data import dp_allreduce_grads, dp_mean, init_optimizer, optimizer_step
+
+
+def gather(shards: dict, axes: dict, tp) -> dict:
+    """The full tensors on every rank of the tensor-parallel group, from each rank's shards: split tensors are
+    all-gathered along their split axis, replicated ones are taken as they are."""
+    return {name: x if axes[name] is None else tp.allgather(x, axis=axes[name]) for name, x in shards.items()}
 
 
 def train(cfg, dtype, comm, zero, ignore):
@@ -35,12 +41,13 @@ def train(cfg, dtype, comm, zero, ignore):
         loss, grads = loss_and_grads(params, x, y, cfg, tp=comm.tp)
         out["loss"].append(dp_mean(loss, comm.dp))
         if step == 0:  # the gradient the optimizer sees: dp-averaged, then gathered to full shapes for the test
-            full = gather_params(dp_allreduce_grads(grads, comm.dp), comm.tp)
+            full = gather(dp_allreduce_grads(grads, comm.dp), split_axes(cfg), comm.tp)
             out.update({f"grad:{n}": np.array(g) for n, g in full.items()})
-        norm, scale = optimizer_step(params, grads, state, comm, zero=zero, max_norm=MAX_NORM, **OPTIM)
+        norm, scale = optimizer_step(params, grads, state, split_axes(cfg), comm, zero=zero, max_norm=MAX_NORM,
+                                     **OPTIM)
         out["norm"].append(norm)
         out["scale"].append(scale)
-    out.update({f"param:{n}": np.array(p) for n, p in gather_params(params, comm.tp).items()})
+    out.update({f"param:{n}": np.array(p) for n, p in gather(params, split_axes(cfg), comm.tp).items()})
     return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -9,20 +9,21 @@ counted once), and for every parameter p^T g q of its gradient shard (mpi_common
 the shards is the full gradient's.
 """
 
-from npllm.parallel.threads import limit_blas_threads
+if __name__ == "__main__":  # a rank of an mpirun job: its share of the cores for BLAS, before NumPy loads
+    from npllm.parallel.threads import limit_blas_threads
 
-limit_blas_threads()  # before NumPy loads BLAS
+    limit_blas_threads()
 
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-from mpi_common import SEVEN_B_SHAPES, save_npz, seven_b_batch, seven_b_params, seven_b_probe_dot  # noqa: E402
+import numpy as np
+from mpi_common import SEVEN_B_SHAPES, save_npz, seven_b_batch, seven_b_params, seven_b_probe_dot
 
-from npllm.config import get_preset  # noqa: E402
-from npllm.model import loss_and_grads, param_shapes  # noqa: E402
-from npllm.parallel.comm import make_comm, run_main  # noqa: E402
-from npllm.parallel.data import global_grad_norm  # noqa: E402
+from npllm.config import get_preset
+from npllm.models.decoder import loss_and_grads, param_shapes, split_axes
+from npllm.parallel.comm import make_comm, run_main
+from npllm.parallel.data import world_grad_norm
 
 
 def main():
@@ -34,11 +35,12 @@ def main():
     params = seven_b_params(cfg, comm.tp.rank, comm.tp.size)  # this rank's shards only
     tokens, targets = seven_b_batch(cfg)
     loss, grads = loss_and_grads(params, tokens, targets, cfg, tp=comm.tp)
-    norm = global_grad_norm(grads, comm, grads_replicated_over_dp=True)
+    axes = split_axes(cfg)
+    norm = world_grad_norm(grads, axes, comm, grads_replicated_over_dp=True)
     shapes = param_shapes(cfg)
     result = {"loss": np.array(loss), "norm": np.array(norm), "tp": np.array([comm.tp.rank, comm.tp.size])}
     for name, g in grads.items():
-        result[f"dot:{name}"] = np.array(seven_b_probe_dot(name, g, shapes[name], comm.tp.rank, comm.tp.size))
+        result[f"dot:{name}"] = np.array(seven_b_probe_dot(axes[name], g, shapes[name], comm.tp.rank, comm.tp.size))
     save_npz(Path(args.out) / f"rank{comm.tp.rank}.npz", result)
 
 

@@ -9,7 +9,12 @@ the abort). Everything else is the trainer's own entry point, run exactly as `py
 
 import sys
 
-import npllm.train  # first: its import limits the BLAS threads before NumPy loads
+if __name__ == "__main__":  # a rank of an mpirun job: its share of the cores for BLAS, before NumPy loads
+    from npllm.parallel.threads import limit_blas_threads
+
+    limit_blas_threads()
+
+import npllm.train
 from npllm.parallel.comm import run_main
 
 KINDS = {"RuntimeError": RuntimeError, "ValueError": ValueError}

@@ -6,17 +6,18 @@ Two tensors, four dp ranks; dp rank d uses the gradients few_tensor_problem(4)[1
 after 2 optimizer steps, the (norm, scale) of each step, and which tensors each rank owned.
 """
 
-from npllm.parallel.threads import limit_blas_threads
+if __name__ == "__main__":  # a rank of an mpirun job: its share of the cores for BLAS, before NumPy loads
+    from npllm.parallel.threads import limit_blas_threads
 
-limit_blas_threads()  # before NumPy loads BLAS
+    limit_blas_threads()
 
-import argparse  # noqa: E402
+import argparse
 
-import numpy as np  # noqa: E402
-from mpi_common import FEW_TENSOR_STEPS, few_tensor_problem, save_npz  # noqa: E402
+import numpy as np
+from mpi_common import FEW_TENSOR_STEPS, few_tensor_problem, save_npz
 
-from npllm.parallel.comm import make_comm, run_main  # noqa: E402
-from npllm.parallel.data import dp_partition, init_optimizer, optimizer_step  # noqa: E402
+from npllm.parallel.comm import make_comm, run_main
+from npllm.parallel.data import dp_partition, init_optimizer, optimizer_step
 
 
 def main():
@@ -29,7 +30,8 @@ def main():
     norms = []
     for step in range(FEW_TENSOR_STEPS):
         grads = {n: g * (step + 1) for n, g in grads_per_rank[comm.dp.rank].items()}
-        norms.append(optimizer_step(params, grads, state, comm, zero=1, lr=0.1, max_norm=0.5))
+        axes = {n: None for n in params}  # a plain data-parallel problem: nothing is split over tp
+        norms.append(optimizer_step(params, grads, state, axes, comm, zero=1, lr=0.1, max_norm=0.5))
     owned = dp_partition({n: p.shape for n, p in params.items()}, comm.dp.size)
     if comm.world.rank == 0:
         save_npz(args.out, {"norms": np.array(norms), "owned_count": np.array([len(o) for o in owned]),

@@ -11,7 +11,6 @@ the losses and norms (measured <= 5e-8; the layouts add in different orders).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,24 +22,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
-from mpi_common import (  # noqa: E402
+from tests.mpi_scripts.mpi_common import (
     BLAS_THREAD_VARS, NO_MPIRUN, REPO, SEVEN_B_SHAPES, find_mpirun, load_npz, run_mpi, seven_b_batch, seven_b_params,
     seven_b_probe_dot,
 )
 
-from npllm.checkpoint import (  # noqa: E402
-    load_checkpoint, load_checkpoint_shard, optim_file_names, read_checkpoint_meta,
-)
-from npllm.config import ModelConfig, get_preset  # noqa: E402
-from npllm.corpus import default_corpus_text  # noqa: E402
-from npllm.data import prepare_data  # noqa: E402
-from npllm.generate import load_model  # noqa: E402
-from npllm.model import init_params, loss_and_grads, param_shapes  # noqa: E402
-from npllm.parallel.data import dp_count_weight  # noqa: E402
-from npllm.parallel.tensor import is_split, shard_array  # noqa: E402
-from npllm.tokenizer import train_tokenizer  # noqa: E402
-from npllm.train import main, read_metrics  # noqa: E402
+from npllm.checkpoint import load_checkpoint, optim_file_names
+from npllm.config import ModelConfig, get_preset
+from npllm.corpus import default_corpus_text
+from npllm.data import prepare_data
+from npllm.metrics import read_metrics
+from npllm.models.decoder import init_params, loss_and_grads, param_shapes, split_axes
+from npllm.parallel.data import dp_count_weight
+from npllm.parallel.tensor import shard_array
+from npllm.run import load_trained, read_checkpoint_record, read_run_meta
+from npllm.tokenizer import train_tokenizer
+from npllm.train import main
 
 needs_mpirun = pytest.mark.skipif(find_mpirun() is None, reason=NO_MPIRUN)
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -153,12 +150,13 @@ def test_every_layout_equals_one_process(layout_run, reference):
     # the checkpoint: one file per tp rank (and per dp rank for ZeRO-1 moments), re-assembled to full tensors
     ckpt = run / "ckpt_00000004"
     zero = 1 if "--zero=1" in options else 0
-    layout_record = json.loads((ckpt / "meta.json").read_text())["layout"]
+    layout_record = read_checkpoint_record(ckpt).layout
     assert layout_record == {"tp": tp, "dp": dp, "zero": zero}
     expected = {"model.safetensors"} if tp == 1 else {f"model.tp{r}.safetensors" for r in range(tp)}
     expected |= {name for r in range(tp) for name in optim_file_names(r, layout_record)}
     assert {p.name for p in ckpt.iterdir()} == expected | {"meta.json"}, layout
-    params, opt, meta = load_checkpoint(run)
+    axes = split_axes(read_run_meta(run).model_config)
+    params, opt, meta = load_checkpoint(run, split_axes=axes)
     ref_params, ref_opt, _ = load_checkpoint(ref)
     assert list(params) == list(ref_params) and opt["step"] == ref_opt["step"] == STEPS
     for name in ref_params:
@@ -167,7 +165,7 @@ def test_every_layout_equals_one_process(layout_run, reference):
         for kind in ("m", "v"):
             assert rel_err(opt[kind][name], ref_opt[kind][name]) <= BOUND["float64"], (layout, kind, name)
     assert meta["train_config"]["tp"] == tp and meta["train_config"]["zero"] == zero
-    gen_params, gen_cfg, _ = load_model(run)  # generation and evaluation read any layout as full tensors
+    gen_params, gen_cfg, _ = load_trained(run)[:3]  # generation and evaluation read any layout as full tensors
     assert gen_cfg.vocab_size == VOCAB and all(np.array_equal(gen_params[n], params[n]) for n in params)
     assert seconds < 60, f"{layout}: {seconds:.1f} s"
 
@@ -215,7 +213,8 @@ def test_resume_under_mpirun_is_bit_identical(data_dir, tmp_path):
     assert f"resumed from step {STEPS // 2}" in proc.stdout
     assert without_timing(read_metrics(halves)) == without_timing(read_metrics(straight))  # every bit
     for ckpt in ("ckpt_00000004",):
-        a, b = (load_checkpoint(run / ckpt) for run in (straight, halves))
+        axes = split_axes(read_run_meta(straight).model_config)
+        a, b = (load_checkpoint(run / ckpt, split_axes=axes) for run in (straight, halves))
         for name in a[0]:
             assert np.array_equal(a[0][name], b[0][name]), name
             assert np.array_equal(a[1]["m"][name], b[1]["m"][name]) and np.array_equal(a[1]["v"][name], b[1]["v"][name])
@@ -231,15 +230,17 @@ def test_a_tp2_checkpoint_resumes_on_one_process_and_reshards(data_dir, referenc
     ref = reference(1)
     assert_metrics_close(read_metrics(run), read_metrics(ref), BOUND["float64"], "tp=2 then tp=1")
     # the tp=2 checkpoint itself: any rank of any tp gets its slice of the full tensors
-    full, full_opt, _ = load_checkpoint(run / "ckpt_00000002")
+    axes = split_axes(read_run_meta(run).model_config)
+    full, full_opt, _ = load_checkpoint(run / "ckpt_00000002", split_axes=axes)
+    assert read_checkpoint_record(run / "ckpt_00000002").layout == {"tp": 2, "dp": 1, "zero": 0}
     for tp in (1, 2, 4):
         for rank in range(tp):
-            shard, opt, meta, layout = load_checkpoint_shard(run / "ckpt_00000002", rank, tp)
-            assert layout == {"tp": 2, "dp": 1, "zero": 0} and meta["step"] == 2
+            shard, opt, meta = load_checkpoint(run / "ckpt_00000002", tp_rank=rank, tp_size=tp, split_axes=axes)
+            assert meta["step"] == 2
             for name, value in full.items():
-                np.testing.assert_array_equal(shard[name], shard_array(name, value, rank, tp))
-                np.testing.assert_array_equal(opt["v"][name], shard_array(name, full_opt["v"][name], rank, tp))
-    assert read_checkpoint_meta(run)["train_config"]["tp"] == 1  # the newest checkpoint is the one-process one
+                np.testing.assert_array_equal(shard[name], shard_array(value, axes[name], rank, tp))
+                np.testing.assert_array_equal(opt["v"][name], shard_array(full_opt["v"][name], axes[name], rank, tp))
+    assert read_run_meta(run).train_config.tp == 1  # the newest checkpoint is the one-process one
 
     # --init_from a one-process checkpoint under tp=2: each rank takes its slices of the weights
     new = tmp_path / "from_init"
@@ -320,11 +321,11 @@ def test_seven_b_shapes_tp4_equal_one_process(tmp_path):
     for r in ranks:
         assert abs(float(r["loss"]) - loss) <= 1e-5 * abs(loss)
         assert abs(float(r["norm"]) - norm) <= 1e-5 * norm
-    shapes = param_shapes(cfg)
+    shapes, axes = param_shapes(cfg), split_axes(cfg)
     for name, g in grads.items():
-        want = seven_b_probe_dot(name, g, shapes[name], 0, 1)
+        want = seven_b_probe_dot(axes[name], g, shapes[name], 0, 1)
         shards = [float(r[f"dot:{name}"]) for r in ranks]
-        got = sum(shards) if is_split(name) else shards[0]  # a replicated gradient: every rank holds all of it
+        got = sum(shards) if axes[name] is not None else shards[0]  # a replicated gradient: every rank holds it all
         scale = float(np.linalg.norm(g))  # a random direction: an error e moves p^T g q by about |e|
         assert shards[0] != 0 and abs(got - want) <= 1e-5 * scale, (name, got, want, scale)
     assert seconds < 60, f"{seconds:.1f} s"

@@ -20,19 +20,16 @@ parameter comparison, where AdamW turns that noise into +-lr steps.
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
-from mpi_common import (  # noqa: E402
+from tests.mpi_scripts.mpi_common import (
     CONFIGS, INIT_SEED, MAX_NORM, NO_MPIRUN, OPTIM, STEPS, find_mpirun, global_batch, load_npz, run_mpi,
 )
 
-from npllm.model import init_params, loss_and_grads, param_shapes  # noqa: E402
-from npllm.optim import adamw_init, adamw_update, clip_grad_norm  # noqa: E402
+from npllm.models.decoder import init_params, loss_and_grads, param_shapes
+from npllm.optim import adamw_init, adamw_update, clip_grad_norm
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(find_mpirun() is None, reason=NO_MPIRUN)]
 

@@ -1,0 +1,127 @@
+"""What a training run measures and writes beside its checkpoints: metrics.jsonl, the loss plot, the log line.
+
+    RUN/metrics.jsonl   one JSON object per optimizer step: step, loss, lr, grad_norm, tokens_per_s, mfu, and
+                        val_loss / val_ppl at evaluation steps (step 0 holds the untrained model's val loss)
+    RUN/loss.png        train and validation loss against step (when matplotlib is installed)
+
+MFU (model FLOPs utilisation) divides the FLOPs a step needs (``npllm.models.decoder.flops_per_token``) by the time
+it took and by the peak rate of this machine's own matmul, measured in the same process (``measure_peak_flops``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .files import atomic_write
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def read_metrics(out_dir) -> list[dict]:
+    """Every row of RUN/metrics.jsonl (an empty list when there is none)."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(out_dir, rows: list[dict]) -> None:
+    """Replace RUN/metrics.jsonl with ``rows``, atomically (a fresh run starts it empty; a resume drops the rows
+    after its checkpoint, which belong to a run that did not survive)."""
+    atomic_write(Path(out_dir) / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in rows))
+
+
+class MetricsLog:
+    """Appends one row per step to RUN/metrics.jsonl, flushed as it goes. ``enabled=False`` (every rank but world
+    rank 0 under mpirun) writes nothing."""
+
+    def __init__(self, out_dir, enabled: bool = True):
+        self.file = open(Path(out_dir) / METRICS_FILE, "a") if enabled else None
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def plot_losses(out_dir) -> Path | None:
+    """RUN/loss.png from metrics.jsonl when matplotlib is installed (it is optional: `pip install -e '.[plot]'`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(out_dir)
+    train_rows = [r for r in rows if "loss" in r]  # the step-0 record holds only the untrained val loss
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss", linewidth=1)
+    val = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = atomic_write(Path(out_dir) / PLOT_FILE, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return path
+
+
+def format_line(m: dict, total_steps: int) -> str:
+    """The log line of one step."""
+    line = (f"step {m['step']:>{len(str(total_steps))}}/{total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+            f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}%")
+    if "val_loss" in m:
+        line += f" | val loss {m['val_loss']:.4f} | val ppl {m['val_ppl']:.2f}"
+    return line
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped where float64's exp would overflow."""
+    return math.exp(min(loss, 700.0))
+
+
+def measure_peak_flops(xp, dtype) -> float:
+    """FLOP/s of a large square matmul on this device and dtype, the best of a few runs.
+
+    This is the ceiling our own matmuls could reach here, so MFU = achieved / this is an honest utilisation figure
+    for the machine at hand (a vendor's datasheet peak can be given instead with --peak_tflops).
+    """
+    n = 1024 if xp is np else 8192
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype=dtype)  # (n, n)
+    best = math.inf
+    for _ in range(8):  # the first runs warm up threads and caches
+        start = time.perf_counter()
+        c = a @ a
+        float(c[0, 0])  # waits for a GPU to finish
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def peak_rss_bytes() -> int:
+    """The most physical memory this process has held so far (its high-water mark), in bytes."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    return kib if sys.platform == "darwin" else kib * 1024
+
+
+def remove_stale_temp_files(out_dir) -> None:
+    """Temp files that a killed process left beside its metrics or plot (``.NAME.PID.RANDOM.tmp``)."""
+    for entry in Path(out_dir).iterdir():
+        if entry.name.startswith((f".{METRICS_FILE}.", f".{PLOT_FILE}.")) and entry.name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)
+

@@ -1,0 +1,312 @@
+"""The transformer: parameters, forward and backward, composed from ``npllm.layers``.
+
+Pre-norm residual blocks (x = x + attn(norm(x)); x = x + mlp(norm(x))), a final norm, and a tied or untied
+output head. All gradient accumulation happens here: the residual stream, the tied embedding, and micro-batches
+(``accumulate_loss_and_grads``). Start reading at ``loss_and_grads``; ``param_specs`` lists the parameters.
+
+Tensor parallelism: pass a communicator ``tp`` and this rank's shards of the parameters (``param_shard_shapes``).
+Attention and MLP then run on this rank's heads and hidden units, the embedding, head and loss on its slice of the
+vocabulary, and Megatron's f and g (``copy_to_tp``, ``reduce_from_tp`` of ``npllm.parallel.mappings``) stand in
+``model_forward`` where they act (docs/parallelism.md). Without ``tp`` (one process) they are identities and this
+is the plain single-process model, the same lines.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..config import ModelConfig
+from ..layers.attention import attention_backward, attention_forward
+from ..layers.embedding import embedding_backward, embedding_forward
+from ..layers.linear import linear_backward, linear_forward
+from ..layers.loss import IGNORE_INDEX
+from ..layers.mlp import mlp_backward, mlp_forward
+from ..layers.norm import norm_backward, norm_forward
+from ..layers.rope import rope_tables
+from .spec import ParamSpec, count_of, init_from_specs, shapes_of, shard_shapes_of, split_axes_of
+from ..parallel.comm import LocalComm
+from ..parallel.mappings import copy_to_tp, copy_to_tp_backward, reduce_from_tp, reduce_from_tp_backward
+from ..parallel.tensor import (
+    check_tp_divides, vocab_parallel_cross_entropy_backward, vocab_parallel_cross_entropy_forward,
+    vocab_parallel_embedding_backward, vocab_parallel_embedding_forward,
+)
+
+
+def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    """The single source of truth for the parameters: name, full shape (weights (in, out)), tensor-parallel split
+    axis and initial-value rule of each, in order.
+
+    Split axes (docs/parallelism.md): q/k/v and w1/w3 by output columns (heads, hidden units), wo and w2 by input
+    rows, their biases with their columns; tok_emb by vocabulary rows and lm_head by vocabulary columns; bo, b2, the
+    norms and pos_emb replicated (bo and b2 are added once, after the all-reduce).
+    Init: weights ~ N(0, 0.02^2); the two projections that write into the residual stream (attn.wo, mlp.w2) have
+    std 0.02 / sqrt(2 L) as in GPT-2; norm gains 1, biases 0.
+    """
+    C, F, V, hs, L = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim, cfg.n_layers
+    q_dim, kv_dim = cfg.n_heads * hs, cfg.n_kv_heads * hs
+    std, residual_std = 0.02, 0.02 / math.sqrt(2 * L)
+
+    def weight(name, shape, axis, std=std):
+        return ParamSpec(name, shape, axis, "normal", std)
+
+    def norm(prefix):
+        out = [ParamSpec(prefix + ".w", (C,), None, "ones")]
+        if cfg.norm == "layernorm":
+            out.append(ParamSpec(prefix + ".b", (C,), None, "zeros"))
+        return out
+
+    def bias(name, size, axis):
+        return [ParamSpec(name, (size,), axis, "zeros")] if cfg.bias else []
+
+    specs = [weight("tok_emb", (V, C), 0)]
+    if cfg.pos == "learned":
+        specs.append(weight("pos_emb", (cfg.max_seq_len, C), None))
+    for l in range(L):
+        pre = f"layers.{l}."
+        specs += norm(pre + "attn_norm")
+        specs += [weight(pre + "attn.wq", (C, q_dim), 1), weight(pre + "attn.wk", (C, kv_dim), 1),
+                  weight(pre + "attn.wv", (C, kv_dim), 1), weight(pre + "attn.wo", (q_dim, C), 0, residual_std)]
+        specs += (bias(pre + "attn.bq", q_dim, 0) + bias(pre + "attn.bk", kv_dim, 0) + bias(pre + "attn.bv", kv_dim, 0)
+                  + bias(pre + "attn.bo", C, None))
+        specs += norm(pre + "mlp_norm")
+        if cfg.mlp == "swiglu":
+            specs += [weight(pre + "mlp.w1", (C, F), 1), weight(pre + "mlp.w3", (C, F), 1),
+                      weight(pre + "mlp.w2", (F, C), 0, residual_std)]
+            specs += bias(pre + "mlp.b1", F, 0) + bias(pre + "mlp.b3", F, 0) + bias(pre + "mlp.b2", C, None)
+        else:
+            specs += [weight(pre + "mlp.w1", (C, F), 1), weight(pre + "mlp.w2", (F, C), 0, residual_std)]
+            specs += bias(pre + "mlp.b1", F, 0) + bias(pre + "mlp.b2", C, None)
+    specs += norm("norm")
+    if not cfg.tie_embeddings:
+        specs.append(weight("lm_head", (C, V), 1))
+    return specs
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{name: full shape} in parameter order (read off ``param_specs``)."""
+    return shapes_of(param_specs(cfg))
+
+
+def split_axes(cfg: ModelConfig) -> dict[str, int | None]:
+    """{name: tensor-parallel split axis or None (replicated)} (read off ``param_specs``)."""
+    return split_axes_of(param_specs(cfg))
+
+
+def tp_split_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """The sizes tensor parallelism splits evenly: heads, key/value heads, MLP width, vocabulary."""
+    return dict(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size)
+
+
+def param_shard_shapes(cfg: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of one tensor-parallel rank's shards; ValueError when tp_size does not divide the split sizes."""
+    check_tp_divides(tp_split_sizes(cfg), tp_size)
+    return shard_shapes_of(param_specs(cfg), tp_size)
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Parameter count, from the shapes alone (nothing is allocated)."""
+    return count_of(param_specs(cfg))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward = 3 x forward), counting matmuls only.
+
+    Forward: 2 FLOPs per weight of every matmul (the embedding lookup is no matmul, the tied or untied head is),
+    plus attention's q @ k^T and P @ v: 2 * 2 * NH * hs * T per layer (full T x T, the causal half not discounted).
+    """
+    shapes = param_shapes(cfg)
+    matmul_weights = sum(math.prod(s) for n, s in shapes.items() if len(s) == 2 and n not in ("tok_emb", "pos_emb"))
+    if cfg.tie_embeddings:
+        matmul_weights += cfg.vocab_size * cfg.dim
+    attention = cfg.n_layers * 2 * 2 * cfg.n_heads * cfg.head_dim * seq_len
+    return 3 * (2 * matmul_weights + attention)
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32, xp=np, *, tp_rank: int = 0,
+                tp_size: int = 1) -> dict:
+    """All parameters, ordered as ``param_specs``, as ``dtype`` arrays of the array module ``xp``, each drawn by
+    its spec's init rule from the stream (seed, its index). With tp_size > 1: rank tp_rank's shards, equal to
+    slicing the full initial parameters."""
+    check_tp_divides(tp_split_sizes(cfg), tp_size)
+    return init_from_specs(param_specs(cfg), seed, dtype, xp, tp_rank=tp_rank, tp_size=tp_size)
+
+
+def sub_params(params: dict, prefix: str) -> dict:
+    """The parameters under ``prefix.`` with local names: sub_params(p, "layers.0.attn") -> {"wq": ..., ...}."""
+    start = prefix + "."
+    return {name[len(start):]: value for name, value in params.items() if name.startswith(start)}
+
+
+def _put_grads(grads: dict, prefix: str, local: dict) -> None:
+    for name, g in local.items():
+        grads[f"{prefix}.{name}"] = g
+
+
+def _without(p: dict, name: str) -> dict:
+    """p without the entry ``name``: the output bias of a split block, added once after the sum over ranks."""
+    return {key: value for key, value in p.items() if key != name}
+
+
+def _check_shard_shapes(params: dict, cfg: ModelConfig, tp_size: int) -> None:
+    """ValueError when a parameter's shape is not this rank's shard shape (e.g. full tensors given with tp > 1)."""
+    for name, shape in param_shard_shapes(cfg, tp_size).items():
+        if name in params and tuple(params[name].shape) != shape:
+            raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)}; with tp={tp_size} this rank's "
+                             f"shard has shape {shape} (see npllm.parallel.tensor.shard_params)")
+
+
+def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None):
+    """tokens int (B, T) -> logits (B, T, V_tp), and the cache for ``model_backward``.
+
+    past_kv: for cached decoding, a list of L (k, v) pairs (B, NKV_tp, T_past, hs) from earlier positions; the
+    tokens then sit at positions T_past ... T_past + T - 1. The cache's "present_kv" holds the keys/values to pass next.
+    tp: the tensor-parallel communicator; None for one process. With tp ranks, ``params`` are this rank's shards
+    and the logits are this rank's slice of the vocabulary (V_tp = V / tp); with one process V_tp = V, NKV_tp = NKV.
+    Each split block reads h = copy_to_tp(h) (f) in and y = reduce_from_tp(y) (g) out: identities with one process.
+    """
+    tp = LocalComm() if tp is None else tp
+    _check_shard_shapes(params, cfg, tp.size)
+    xp = get_array_module(params["tok_emb"])
+    B, T = tokens.shape
+    T_past = 0 if past_kv is None else past_kv[0][0].shape[2]
+    if T_past + T > cfg.max_seq_len:
+        raise ValueError(f"sequence length {T_past + T} exceeds max_seq_len={cfg.max_seq_len}")
+    NH_tp, NKV_tp = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size  # this rank's query and key/value heads
+    positions = np.arange(T_past, T_past + T)  # (T,)
+    dtype = params["tok_emb"].dtype
+    cache = {"tokens": tokens, "layers": [], "present_kv": [], "tp": tp}
+
+    x, cache["tok_emb"] = vocab_parallel_embedding_forward(params["tok_emb"], tokens, tp)  # (B, T, C)
+    rope = None
+    if cfg.pos == "learned":
+        pe, cache["pos_emb"] = embedding_forward({"w": params["pos_emb"]}, xp.asarray(positions))  # (T, C)
+        x = x + pe  # (B, T, C), pe broadcast over the batch
+    else:
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, xp=xp, dtype=dtype)  # 2 x (T, hs)
+
+    for l in range(cfg.n_layers):
+        pre = f"layers.{l}"
+        attn, mlp = sub_params(params, pre + ".attn"), sub_params(params, pre + ".mlp")
+        # attention block: x = x + g(attention(f(norm(x)))) + bo
+        h, c_attn_norm = norm_forward(cfg.norm, sub_params(params, pre + ".attn_norm"), x, cfg.norm_eps)  # (B, T, C)
+        h = copy_to_tp(h, tp)  # (B, T, C) f: identity
+        a, c_attn = attention_forward(_without(attn, "bo"), h, NH_tp, NKV_tp, rope=rope,
+                                      past_kv=None if past_kv is None else past_kv[l])  # (B, T, C) this rank's heads
+        a = reduce_from_tp(a, tp)  # (B, T, C) g: the sum over the ranks' heads
+        if "bo" in attn:
+            a = a + attn["bo"]  # (B, T, C) added once, after the sum
+        x = x + a  # (B, T, C) residual
+        # MLP block: x = x + g(mlp(f(norm(x)))) + b2
+        h, c_mlp_norm = norm_forward(cfg.norm, sub_params(params, pre + ".mlp_norm"), x, cfg.norm_eps)  # (B, T, C)
+        h = copy_to_tp(h, tp)  # (B, T, C) f
+        m, c_mlp = mlp_forward(cfg.mlp, _without(mlp, "b2"), h)  # (B, T, C) this rank's hidden units
+        m = reduce_from_tp(m, tp)  # (B, T, C) g
+        if "b2" in mlp:
+            m = m + mlp["b2"]  # (B, T, C)
+        x = x + m  # (B, T, C) residual
+        cache["layers"].append((c_attn_norm, c_attn, c_mlp_norm, c_mlp))
+        cache["present_kv"].append((c_attn["k"], c_attn["v"]))  # each (B, NKV_tp, T_past + T, hs)
+
+    x, cache["norm"] = norm_forward(cfg.norm, sub_params(params, "norm"), x, cfg.norm_eps)  # (B, T, C)
+    w_head = params["tok_emb"].T if cfg.tie_embeddings else params["lm_head"]  # (C, V_tp)
+    h = copy_to_tp(x, tp)  # (B, T, C) f: each rank computes its vocabulary slice's logits
+    logits, cache["head"] = linear_forward({"w": w_head}, h)  # (B, T, V_tp), never gathered
+    return logits, cache
+
+
+def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
+    """dlogits (B, T, V_tp) -> grads, a dict with exactly the keys of the parameters (this rank's shards).
+
+    Every sum of gradient contributions is written out here: the residual stream (dx = dx + dx_branch), the
+    tied embedding (lookup + head), and each f's backward (an all-reduce over the tp ranks)."""
+    tp = cache["tp"]
+    grads: dict = {}
+    dh, g_head = linear_backward(dlogits, cache["head"])  # dh (B, T, C) this rank's vocabulary slice's term
+    dx = copy_to_tp_backward(dh, tp)  # (B, T, C) f's backward: the sum over slices
+    dx, g_norm = norm_backward(cfg.norm, dx, cache["norm"])
+    _put_grads(grads, "norm", g_norm)
+
+    for l in reversed(range(cfg.n_layers)):
+        pre = f"layers.{l}"
+        c_attn_norm, c_attn, c_mlp_norm, c_mlp = cache["layers"][l]
+        # forward was x_out = x_mid + g(mlp(f(norm(x_mid)))) + b2: the residual passes dx through, the branch adds
+        if cfg.bias:
+            grads[pre + ".mlp.b2"] = dx.reshape(-1, dx.shape[-1]).sum(axis=0)  # (C,)
+        dh, g = mlp_backward(cfg.mlp, reduce_from_tp_backward(dx, tp), c_mlp)  # (B, T, C); g's backward: identity
+        _put_grads(grads, pre + ".mlp", g)
+        dh, g = norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c_mlp_norm)  # f's backward: all-reduce
+        _put_grads(grads, pre + ".mlp_norm", g)
+        dx = dx + dh  # (B, T, C)
+        # forward was x_mid = x_in + g(attention(f(norm(x_in)))) + bo
+        if cfg.bias:
+            grads[pre + ".attn.bo"] = dx.reshape(-1, dx.shape[-1]).sum(axis=0)  # (C,)
+        dh, g = attention_backward(reduce_from_tp_backward(dx, tp), c_attn)  # (B, T, C)
+        _put_grads(grads, pre + ".attn", g)
+        dh, g = norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c_attn_norm)
+        _put_grads(grads, pre + ".attn_norm", g)
+        dx = dx + dh  # (B, T, C)
+        del dh  # freed before the next block's backward: only dx flows on
+
+    if cfg.pos == "learned":  # forward was x = tok_emb[tokens] + pos_emb[positions] (broadcast over B)
+        _, g = embedding_backward(dx.sum(axis=0), cache["pos_emb"])
+        grads["pos_emb"] = g["w"]
+    _, g = vocab_parallel_embedding_backward(dx, cache["tok_emb"], tp)
+    if cfg.tie_embeddings:  # tok_emb is used twice: as the lookup table and (transposed) as the head
+        grads["tok_emb"] = g["w"] + g_head["w"].T
+    else:
+        grads["tok_emb"] = g["w"]
+        grads["lm_head"] = g_head["w"]
+    return {name: grads[name] for name in param_shapes(cfg)}  # the parameters' own order
+
+
+def forward(params: dict, tokens, cfg: ModelConfig):
+    """Logits (B, T, V) for tokens (B, T)."""
+    logits, _ = model_forward(params, tokens, cfg)
+    return logits
+
+
+def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, tp=None):
+    """Mean cross-entropy of ``targets`` (B, T) under the model, and its gradient for every parameter.
+
+    Targets equal to IGNORE_INDEX (-100) are ignored. Returns (loss: float, grads: dict with exactly the keys of
+    params).
+    tp: the tensor-parallel communicator (None: one process); the loss is then the same on every rank of the group
+    and the grads are this rank's shards. The loss is computed from each rank's vocabulary slice of the logits.
+    """
+    logits, cache = model_forward(params, tokens, cfg, tp=tp)  # (B, T, V_tp)
+    loss, loss_cache = vocab_parallel_cross_entropy_forward(logits, targets, cache["tp"])
+    dlogits, _ = vocab_parallel_cross_entropy_backward(1.0, loss_cache)  # (B, T, V_tp)
+    return loss, model_backward(dlogits, cache, cfg)
+
+
+def accumulate_loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, micro_batches: int = 1, tp=None):
+    """``loss_and_grads`` over a batch split into ``micro_batches`` row chunks, one forward/backward at a time.
+
+    Each chunk's mean loss (and gradient) is weighted by its share of the batch's valid targets, so the sum equals
+    the mean over the whole batch (up to float rounding) while only one chunk's activations are alive at once.
+    tp: the tensor-parallel communicator, passed on to ``loss_and_grads`` (None: one process).
+    """
+    B = tokens.shape[0]
+    xp = get_array_module(params["tok_emb"])
+    n_total = int((targets != IGNORE_INDEX).sum())
+    if micro_batches == 1 or n_total == 0:
+        return loss_and_grads(params, tokens, targets, cfg, tp=tp)
+    loss, grads = 0.0, None
+    for rows in np.array_split(np.arange(B), micro_batches):
+        rows = xp.asarray(rows)
+        n_chunk = int((targets[rows] != IGNORE_INDEX).sum())
+        if n_chunk == 0:
+            continue  # no target in this chunk: it adds nothing to the mean
+        weight = n_chunk / n_total
+        chunk_loss, chunk_grads = loss_and_grads(params, tokens[rows], targets[rows], cfg, tp=tp)
+        loss += weight * chunk_loss
+        if grads is None:
+            grads = {name: weight * g for name, g in chunk_grads.items()}
+        else:
+            for name, g in chunk_grads.items():
+                grads[name] += weight * g  # the micro-batch sum
+        del chunk_grads  # freed before the next micro-batch's backward makes new ones: 2 sets of grads alive, not 3
+    return loss, grads
