@@ -27,8 +27,13 @@ on T), and the reference's against the fast path's.
 --core times only the attention core, q, k, v (after RoPE) -> o and back: flash_core_forward + flash_core_backward
 against scaled_dot_product_attention and its autograd backward.
 
---tune prints the fast path's time for each (q_tile, k_tile, threads); the defaults in npllm/fast/attention.py were
-chosen from it (see the report of the commit that set them).
+--tune prints the fast path's time for each (q_tile, k_tile, threads); the default tile sizes in
+npllm/fast/attention.py were chosen from it (the comment above Q_TILES_PER_SEQUENCE gives the numbers).
+
+Other processes on the machine distort the 2-thread numbers, torch's most (its OpenMP threads meet at a barrier in
+every parallel region): with another process busy on one of the 2 cores, torch's llama 8x256 step took 539 ms with
+2 threads and 82 ms with 1, against 63 ms at a quieter moment. Run on an idle machine, or compare single-threaded:
+OPENBLAS_NUM_THREADS=1 python benchmarks/bench_attention.py --threads 1.
 """
 
 from __future__ import annotations
