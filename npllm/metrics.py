@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import atomic_write
+from .models.decoder import num_params
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -78,6 +79,23 @@ def plot_losses(out_dir) -> Path | None:
     path = atomic_write(Path(out_dir) / PLOT_FILE, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
+
+
+def start_lines(cfg, tc, data, comm, params_on_rank: int, peak: float, start: str | None = None) -> list[str]:
+    """The first lines of a run's log: the model, the data, the device, the layout, the vocabulary's padding, and
+    ``start`` (where a resumed or initialised run starts from)."""
+    lines = [f"model: {num_params(cfg):,} parameters ({cfg.n_layers} layers, dim {cfg.dim}, vocab "
+             f"{cfg.vocab_size}) | data: {data.dir} ({len(data.train):,} train / {len(data.val):,} val {data.unit}) | "
+             f"device {tc.device} {tc.dtype} | peak {peak / 1e12:.3f} TFLOP/s "
+             f"({'given' if tc.peak_tflops else 'measured'}{', all ranks' if comm.world.size > 1 else ''})"]
+    if comm.world.size > 1:
+        lines.append(f"parallel: {comm.world.size} ranks = tp {comm.tp.size} x dp {comm.dp.size}, zero={tc.zero} | "
+                     f"global batch {comm.dp.size} x {tc.batch_size} rows | {params_on_rank:,} parameters on each rank")
+    V_tok = data.tokenizer.vocab_size
+    if V_tok < cfg.vocab_size:
+        lines.append(f"note: the tokenizer has {V_tok} tokens and the model vocab_size={cfg.vocab_size}: embedding "
+                     f"rows and logits {V_tok}..{cfg.vocab_size - 1} are padding that no token uses")
+    return lines + ([start] if start else [])
 
 
 def format_line(m: dict, total_steps: int) -> str:

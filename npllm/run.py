@@ -311,18 +311,25 @@ def load_trained(path, device: str = "cpu", tokenizer_dir=None) -> Trained:
     from .backend import to_device
     from .checkpoint import find_checkpoint, load_checkpoint
     from .models.decoder import split_axes
-    from .tokenizer import Tokenizer
 
     ckpt_dir = find_checkpoint(path)
     meta = read_run_meta(ckpt_dir)
     cfg = meta.model_config
     params, _, _ = load_checkpoint(ckpt_dir, split_axes=split_axes(cfg), with_optimizer=False)
-    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir is not None else meta.tokenizer.path(ckpt_dir))
-    check_tokenizer(tokenizer, meta.tokenizer.fingerprint, f"the model in {ckpt_dir}")
+    tokenizer = recorded_tokenizer(meta, ckpt_dir, tokenizer_dir)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer at {tokenizer.model_path} has {tokenizer.vocab_size} tokens but the model in "
                          f"{ckpt_dir} has only vocab_size={cfg.vocab_size} rows")
     return Trained(to_device(params, device), cfg, tokenizer, meta, ckpt_dir)
+
+
+def recorded_tokenizer(meta: RunMeta, ckpt_dir, tokenizer_dir=None):
+    """The tokenizer a run recorded (or the one in ``tokenizer_dir``), checked to be exactly that one."""
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir is not None else meta.tokenizer.path(ckpt_dir))
+    check_tokenizer(tokenizer, meta.tokenizer.fingerprint, f"the model in {ckpt_dir}")
+    return tokenizer
 
 
 def check_tokenizer(tokenizer, fingerprint: str, what: str) -> None:
@@ -330,3 +337,51 @@ def check_tokenizer(tokenizer, fingerprint: str, what: str) -> None:
     if tokenizer.fingerprint != fingerprint:
         raise ValueError(f"the tokenizer at {tokenizer.model_path} is not the one {what} was trained with "
                          f"(fingerprint {tokenizer.fingerprint[:12]}, recorded {fingerprint[:12]})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a run to continue
+
+
+class Resumed(NamedTuple):
+    params: dict  # this rank's shards, on the host
+    opt_state: dict  # AdamW state with moments of every parameter of the shard
+    meta: RunMeta
+    path: Path  # the checkpoint directory
+
+
+def load_resumed(path, cfg: ModelConfig, comm) -> Resumed:
+    """This rank's shards and AdamW state of the checkpoint ``npllm.train --resume`` continues (re-sharded if it was
+    written with another tp); ValueError unless its tensors are those of ``cfg`` and it holds the optimizer state."""
+    from .checkpoint import load_checkpoint
+    from .models.decoder import split_axes
+
+    params, opt_state, _ = load_checkpoint(path, tp_rank=comm.tp.rank, tp_size=comm.tp.size,
+                                           split_axes=split_axes(cfg))
+    if opt_state is None:
+        raise ValueError(f"{path}: the checkpoint holds no optimizer state, so the run cannot be resumed exactly")
+    check_param_shapes(params, cfg, comm.tp.size)
+    return Resumed(params, opt_state, read_run_meta(path), Path(path))
+
+
+def check_param_shapes(saved_params: dict, cfg: ModelConfig, tp_size: int = 1) -> None:
+    """ValueError unless a checkpoint's tensors are exactly those of the config (this rank's shards with tp > 1)."""
+    from .models.decoder import param_shard_shapes
+
+    expected = param_shard_shapes(cfg, tp_size)
+    found = {name: tuple(value.shape) for name, value in saved_params.items()}
+    if found != expected:
+        wrong = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
+        raise ValueError(f"the checkpoint's tensors do not match its model config: {wrong[0]} is "
+                         f"{found.get(wrong[0])} in the file but {expected.get(wrong[0])} in the config "
+                         f"({len(wrong)} tensor(s) differ)")
+
+
+def check_same_dp(meta: RunMeta, comm) -> None:
+    """ValueError unless the run has the checkpoint's number of data-parallel ranks (another dp would draw other
+    windows: no exact resume). Another tp is fine: the checkpoint is re-sharded."""
+    saved_dp, saved = meta.sampler.get("world_size", 1), meta.train_config
+    if saved_dp != comm.dp.size:
+        raise ValueError(f"the checkpoint was written by tp={saved.tp} x dp={saved_dp} ranks (zero={saved.zero}) and "
+                         f"this run has tp={comm.tp.size} x dp={comm.dp.size}; resuming needs dp={saved_dp} (another "
+                         f"dp draws other data): e.g. mpirun -n {comm.tp.size * saved_dp} with --tp={comm.tp.size}")

@@ -14,11 +14,9 @@ Every field of ModelConfig and TrainConfig (npllm/config.py) is an option ``--na
     grads, norm, _ = reduce_and_clip(grads, axes, comm, zero=zero, max_norm=grad_clip)      # one global norm
     apply_update(params, grads, opt_state, comm, zero=zero, lr=lr_at(step), ...)          # AdamW, in place
 
-With one process ``comm`` is a size-1 communicator: reduce_and_clip is clip_grad_norm and apply_update is
-adamw_update, the same arithmetic. Under mpirun every rank runs this same loop on its shards and its rows of the
-global batch; reduce_and_clip also averages the gradients over the data-parallel ranks, and world rank 0 alone logs
-and writes metrics. docs/training.md explains the loop, docs/finetuning.md --init_from and --sft,
-docs/parallelism.md --tp, --zero, the checkpoint layout and --dry_run.
+With one process ``comm`` is a size-1 communicator (reduce_and_clip is clip_grad_norm, apply_update adamw_update);
+under mpirun every rank runs this loop on its shards and rows, reduce_and_clip also averages over the data-parallel
+ranks, and world rank 0 alone logs. Docs: docs/training.md, docs/finetuning.md, docs/parallelism.md.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 if __name__ == "__main__":  # run as a command: this rank's share of the cores for BLAS, before NumPy loads
     from .parallel.threads import limit_blas_threads
@@ -38,7 +35,7 @@ if __name__ == "__main__":  # run as a command: this rank's share of the cores f
 import numpy as np
 
 from .backend import asnumpy, to_device, xp_for_device
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, save_checkpoint
 from .cli import report_error
 from .config import PRESETS, ModelConfig, TrainConfig, get_preset, options_help, parse_options
 from .corpus import default_data_dir
@@ -47,29 +44,24 @@ from .layers.loss import IGNORE_INDEX
 from .memory import dry_run_report
 from .metrics import (
     MetricsLog, format_line, measure_peak_flops, peak_rss_bytes, perplexity, plot_losses, read_metrics,
-    remove_stale_temp_files, write_metrics,
+    remove_stale_temp_files, start_lines, write_metrics,
 )
 from .models.decoder import (
-    accumulate_loss_and_grads, flops_per_token, init_params, model_forward, num_params, param_shard_shapes,
-    split_axes, tp_split_sizes,
+    accumulate_loss_and_grads, flops_per_token, init_params, model_forward, split_axes, tp_split_sizes,
 )
 from .optim import lr_at
-from .parallel.comm import ErrorVote, LocalComm, launched_by_mpirun, make_comm, one_process_comm, run_main
+from .parallel.comm import ErrorVote, LocalComm, one_process_comm, run_comm, run_main
 from .parallel.data import apply_update, global_batch_mean, init_optimizer, optimizer_names, reduce_and_clip
 from .parallel.tensor import check_tp_divides, shard_params, vocab_parallel_cross_entropy_forward
-from .run import RunMeta, TokenizerRef, Trained, check_tokenizer, load_trained, read_run_meta
+from .run import (
+    Resumed, RunMeta, TokenizerRef, Trained, check_param_shapes, check_same_dp, check_tokenizer, load_resumed,
+    load_trained, read_run_meta, recorded_tokenizer,
+)
 from .sft import SFTBatchSampler, load_sft_data, sft_eval_batches
 
 
 class TrainingError(Exception):
     """A run that cannot go on (a NaN loss, say): reported as one line, exit status 1."""
-
-
-class Resumed(NamedTuple):
-    params: dict  # this rank's shards, on the host
-    opt_state: dict  # AdamW state with moments of every parameter of the shard
-    meta: RunMeta
-    path: Path  # the checkpoint directory
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,37 +101,6 @@ def build_configs(model_opts: dict, train_opts: dict, resumed_meta: RunMeta | No
     return cfg, tc
 
 
-def check_param_shapes(saved_params: dict, cfg: ModelConfig, tp_size: int = 1) -> None:
-    """ValueError unless a checkpoint's tensors are exactly those of the config (this rank's shards with tp > 1)."""
-    expected = param_shard_shapes(cfg, tp_size)
-    found = {name: tuple(value.shape) for name, value in saved_params.items()}
-    if found != expected:
-        wrong = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
-        raise ValueError(f"the checkpoint's tensors do not match its model config: {wrong[0]} is "
-                         f"{found.get(wrong[0])} in the file but {expected.get(wrong[0])} in the config "
-                         f"({len(wrong)} tensor(s) differ)")
-
-
-def load_resumed(path, cfg: ModelConfig, comm) -> Resumed:
-    """This rank's shards and AdamW state of the checkpoint to resume (re-sharded if it has another tp)."""
-    params, opt_state, _ = load_checkpoint(path, tp_rank=comm.tp.rank, tp_size=comm.tp.size,
-                                           split_axes=split_axes(cfg))
-    if opt_state is None:
-        raise ValueError(f"{path}: the checkpoint holds no optimizer state, so the run cannot be resumed exactly")
-    check_param_shapes(params, cfg, comm.tp.size)
-    return Resumed(params, opt_state, read_run_meta(path), Path(path))
-
-
-def check_same_dp(meta: RunMeta, comm) -> None:
-    """ValueError unless the run has the checkpoint's number of data-parallel ranks (another dp would draw other
-    windows: no exact resume). Another tp is fine: the checkpoint is re-sharded."""
-    saved_dp, saved = meta.sampler.get("world_size", 1), meta.train_config
-    if saved_dp != comm.dp.size:
-        raise ValueError(f"the checkpoint was written by tp={saved.tp} x dp={saved_dp} ranks (zero={saved.zero}) and "
-                         f"this run has tp={comm.tp.size} x dp={comm.dp.size}; resuming needs dp={saved_dp} (another "
-                         f"dp draws other data): e.g. mpirun -n {comm.tp.size * saved_dp} with --tp={comm.tp.size}")
-
-
 def load_data(tc: TrainConfig, cfg: ModelConfig, weights_from: RunMeta | None, ckpt_dir, world) -> TrainingData:
     """Token shards of --data (or of the default corpus), or with --sft the JSONL records tokenized with the
     tokenizer of the checkpoint the weights come from."""
@@ -149,10 +110,7 @@ def load_data(tc: TrainConfig, cfg: ModelConfig, weights_from: RunMeta | None, c
             raise FileNotFoundError(f"--data={tc.data}: no such directory (make one with `python -m npllm.data "
                                     f"prepare`)")
         return load_token_data(data_dir, cfg.vocab_size, tc.seq_len)
-    from .tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.load(weights_from.tokenizer.path(ckpt_dir))
-    check_tokenizer(tokenizer, weights_from.tokenizer.fingerprint, "the checkpoint")
+    tokenizer = recorded_tokenizer(weights_from, ckpt_dir)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens but its model has "
                          f"vocab_size={cfg.vocab_size}")
@@ -167,10 +125,8 @@ def validation_loss(params: dict, cfg: ModelConfig, val, tc: TrainConfig, xp, co
     """Mean loss over the first ``eval_batches`` fixed, non-overlapping validation windows (forward only), or,
     with --sft, over the counted (response) targets of the first ``eval_batches`` batches of held-out records.
 
-    comm: a parallel run's ParallelComm. An evaluation batch is then a global batch of dp * batch_size rows: each
-    dp rank computes its rows (the tp ranks together, with the vocabulary-parallel loss) and each batch's sum of
-    losses is all-reduced over dp before the batches are added up in order, so every layout gives one process's
-    number (to rounding; bit for bit with one dp rank).
+    comm: a parallel run's ParallelComm; a batch is then a global batch of dp * batch_size rows, each batch's sum of
+    losses all-reduced over dp before the batches are added in order: one process's number (to rounding).
     """
     tp, dp = (LocalComm(), LocalComm()) if comm is None else (comm.tp, comm.dp)
     rows = tc.batch_size * dp.size  # one global batch
@@ -187,15 +143,61 @@ def validation_loss(params: dict, cfg: ModelConfig, val, tc: TrainConfig, xp, co
         n = int((y != IGNORE_INDEX).sum())  # weight each batch by its counted targets (all of them for token data)
         sums[i], counts[i] = loss * n, n
     sums, counts = dp.allreduce(sums), dp.allreduce(counts)  # (n_batches,) each: the whole global batches
-    total, count = 0.0, 0
-    for batch_sum, batch_count in zip(sums, counts):
-        total += float(batch_sum)
-        count += int(batch_count)
-    return total / count
+    return sum(float(batch_sum) for batch_sum in sums) / sum(int(batch_count) for batch_count in counts)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the run
+
+
+def starting_state(cfg: ModelConfig, tc: TrainConfig, comm, data: TrainingData, sampler, resumed: Resumed | None,
+                   initial: Trained | None) -> tuple[dict, dict, int]:
+    """(params, AdamW state, first step) of this rank: fresh weights, the --init_from model's weights (a fresh
+    optimizer, step 0), or exactly where the --resume checkpoint left them (the sampler moved there too)."""
+    xp, dtype, out_dir, main_rank = xp_for_device(tc.device), np.dtype(tc.dtype), Path(tc.out_dir), comm.world.rank == 0
+    if resumed is None:
+        if initial is None:  # this rank's shards (all of the model with tp=1)
+            params = init_params(cfg, seed=tc.seed, dtype=dtype, xp=xp, tp_rank=comm.tp.rank, tp_size=comm.tp.size)
+        else:
+            check_tokenizer(data.tokenizer, initial.meta.tokenizer.fingerprint, f"--init_from={tc.init_from}")
+            full = {name: np.asarray(value) for name, value in to_device(initial.params, "cpu").items()}
+            check_param_shapes(full, cfg)
+            mine = shard_params(full, split_axes(cfg), comm.tp.rank, comm.tp.size)
+            params = {name: xp.asarray(value, dtype=dtype) for name, value in mine.items()}
+        if main_rank:
+            write_metrics(out_dir, [])
+        return params, init_optimizer(params, comm, tc.zero), 0  # zero=1: moments of this dp rank's tensors only
+    meta = resumed.meta
+    check_tokenizer(data.tokenizer, meta.tokenizer.fingerprint, "this checkpoint")
+    if tc.sft is not None and (meta.sft or {}).get("sha256") != data.sft["sha256"]:
+        raise ValueError(f"--sft={tc.sft} is not the file this run was trained on (its sha256 differs from the "
+                         f"checkpoint's); an exact resume needs the same records")
+    check_same_dp(meta, comm)
+    params = {name: xp.asarray(value, dtype=dtype) for name, value in resumed.params.items()}
+    kept = optimizer_names(params, comm, tc.zero)  # the saved moments are complete; keep this rank's
+    opt_state = {"step": resumed.opt_state["step"],
+                 "m": to_device({n: resumed.opt_state["m"][n] for n in kept}, tc.device),
+                 "v": to_device({n: resumed.opt_state["v"][n] for n in kept}, tc.device)}
+    sampler.load_state_dict(meta.sampler)
+    if main_rank:  # metrics of steps after the checkpoint belong to a run that did not survive: drop them
+        write_metrics(out_dir, [m for m in read_metrics(out_dir) if m["step"] <= meta.step])
+    return params, opt_state, meta.step
+
+
+def save_run(step: int, params: dict, opt_state: dict, cfg: ModelConfig, tc: TrainConfig, sampler,
+             data: TrainingData, comm) -> Path:
+    """One checkpoint of the run (every rank calls it): its tensors and the RunMeta an exact resume needs.
+    TrainingError instead when any rank's parameters are not finite: a broken model is never saved."""
+    xp = xp_for_device(tc.device)
+    finite = all(bool(xp.isfinite(p).all()) for p in params.values())
+    if comm.world.allreduce_scalar(0.0 if finite else 1.0) > 0:  # every rank stops if any rank's shards are bad
+        raise TrainingError(f"step {step}: the parameters are not finite after the update; not saving them "
+                            f"(last good checkpoint: {latest_checkpoint(tc.out_dir)})")
+    meta = RunMeta(model_config=cfg, train_config=tc, step=step, sampler=sampler.state_dict(),
+                   tokenizer=TokenizerRef(str(data.tokenizer.model_path.parent), data.tokenizer.fingerprint),
+                   data_dir=data.dir, sft=data.sft)
+    return save_checkpoint(tc.out_dir, step, params, opt_state, meta.to_json(), comm=comm, zero=tc.zero,
+                           keep=tc.keep_checkpoints)
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None = None, log=print,
@@ -221,35 +223,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None = None, log
         data.train, tc.batch_size, tc.seq_len, seed=tc.seed, rank=comm.dp.rank, world_size=comm.dp.size)
 
     # 2. weights and optimizer state: fresh, from --init_from, or exactly where --resume left them
-    if resumed is None:
-        if initial is None:  # this rank's shards (all of the model with tp=1)
-            params = init_params(cfg, seed=tc.seed, dtype=dtype, xp=xp, tp_rank=comm.tp.rank, tp_size=comm.tp.size)
-        else:  # the checkpoint's weights; nothing else of its run (a fresh AdamW state, step 0)
-            check_tokenizer(data.tokenizer, initial.meta.tokenizer.fingerprint, f"--init_from={tc.init_from}")
-            full = {name: np.asarray(value) for name, value in to_device(initial.params, "cpu").items()}
-            check_param_shapes(full, cfg)
-            params = {n: xp.asarray(v, dtype=dtype) for n, v in shard_params(full, axes, comm.tp.rank,
-                                                                             comm.tp.size).items()}
-        opt_state = init_optimizer(params, comm, tc.zero)  # zero=1: moments of this dp rank's tensors only
-        start_step = 0
-        if main_rank:
-            write_metrics(out_dir, [])
-    else:
-        meta = resumed.meta
-        check_tokenizer(data.tokenizer, meta.tokenizer.fingerprint, "this checkpoint")
-        if tc.sft is not None and (meta.sft or {}).get("sha256") != data.sft["sha256"]:
-            raise ValueError(f"--sft={tc.sft} is not the file this run was trained on (its sha256 differs from the "
-                             f"checkpoint's); an exact resume needs the same records")
-        check_same_dp(meta, comm)
-        params = {name: xp.asarray(value, dtype=dtype) for name, value in resumed.params.items()}
-        kept = optimizer_names(params, comm, tc.zero)  # the saved moments are complete; keep this rank's
-        opt_state = {"step": resumed.opt_state["step"],
-                     "m": to_device({n: resumed.opt_state["m"][n] for n in kept}, tc.device),
-                     "v": to_device({n: resumed.opt_state["v"][n] for n in kept}, tc.device)}
-        sampler.load_state_dict(meta.sampler)
-        start_step = meta.step
-        if main_rank:  # metrics of steps after the checkpoint belong to a run that did not survive: drop them
-            write_metrics(out_dir, [m for m in read_metrics(out_dir) if m["step"] <= start_step])
+    params, opt_state, start_step = starting_state(cfg, tc, comm, data, sampler, resumed, initial)
     if main_rank:
         remove_stale_temp_files(out_dir)
 
@@ -258,18 +232,10 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None = None, log
     step_flops = flops_per_token(cfg, tc.seq_len) * tokens_per_step
     peak = tc.peak_tflops * 1e12 if tc.peak_tflops else measure_peak_flops(xp, dtype)  # one rank's
     peak = comm.world.allreduce_scalar(peak)  # all ranks' (measured at the same time, so they share the cores)
-    log_start(log, cfg, tc, data, comm, params, peak, start_step, resumed, initial)
-
-    def save(step: int) -> Path:
-        finite = all(bool(xp.isfinite(p).all()) for p in params.values())
-        if comm.world.allreduce_scalar(0.0 if finite else 1.0) > 0:  # every rank stops if any rank's shards are bad
-            raise TrainingError(f"step {step}: the parameters are not finite after the update; not saving them "
-                                f"(last good checkpoint: {latest_checkpoint(out_dir)})")
-        meta = RunMeta(model_config=cfg, train_config=tc, step=step, sampler=sampler.state_dict(),
-                       tokenizer=TokenizerRef(str(data.tokenizer.model_path.parent), data.tokenizer.fingerprint),
-                       data_dir=data.dir, sft=data.sft)
-        return save_checkpoint(out_dir, step, params, opt_state, meta.to_json(), comm=comm, zero=tc.zero,
-                               keep=tc.keep_checkpoints)
+    start = (f"resumed from step {start_step} in {tc.out_dir}" if resumed is not None else None if initial is None
+             else f"initialised from {tc.init_from} (its step {initial.meta.step}); a fresh optimizer, step 0")
+    for line in start_lines(cfg, tc, data, comm, sum(p.size for p in params.values()), peak, start):
+        log(line)
 
     # 4. the loop
     progress = None
@@ -316,7 +282,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None = None, log
             if done % tc.log_interval == 0 or "val_loss" in m or done == start_step + 1:
                 log(format_line(m, tc.steps))
             if done % tc.ckpt_interval == 0 or done == tc.steps:
-                save(done)
+                save_run(done, params, opt_state, cfg, tc, sampler, data, comm)
     finally:
         metrics.close()
         if progress is not None:
@@ -331,40 +297,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None = None, log
     return history
 
 
-def log_start(log, cfg, tc, data, comm, params, peak, start_step, resumed, initial) -> None:
-    """The first lines of a run's log: the model, the data, the device, the layout, where it starts."""
-    log(f"model: {num_params(cfg):,} parameters ({cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}) | "
-        f"data: {data.dir} ({len(data.train):,} train / {len(data.val):,} val {data.unit}) | "
-        f"device {tc.device} {tc.dtype} | peak {peak / 1e12:.3f} TFLOP/s "
-        f"({'given' if tc.peak_tflops else 'measured'}{', all ranks' if comm.world.size > 1 else ''})")
-    if comm.world.size > 1:
-        log(f"parallel: {comm.world.size} ranks = tp {comm.tp.size} x dp {comm.dp.size}, zero={tc.zero} | "
-            f"global batch {comm.dp.size} x {tc.batch_size} rows | {sum(p.size for p in params.values()):,} "
-            f"parameters on each rank")
-    if data.tokenizer.vocab_size < cfg.vocab_size:
-        log(f"note: the tokenizer has {data.tokenizer.vocab_size} tokens and the model vocab_size={cfg.vocab_size}"
-            f": embedding rows and logits {data.tokenizer.vocab_size}..{cfg.vocab_size - 1} are padding that no "
-            f"token uses")
-    if resumed is not None:
-        log(f"resumed from step {start_step} in {tc.out_dir}")
-    elif initial is not None:
-        log(f"initialised from {tc.init_from} (its step {initial.meta.step}); a fresh optimizer, step 0")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the command line
-
-
-def run_comm(tc: TrainConfig):
-    """The run's communicator: the mpirun world split into tp x dp ranks (one process without mpirun)."""
-    if tc.tp > 1 and not launched_by_mpirun():
-        raise ValueError(f"--tp={tc.tp} needs {tc.tp * (tc.dp or 1)} ranks: start it with `mpirun -n "
-                         f"{tc.tp * (tc.dp or 1)} python -m npllm.train ...` (--dry_run plans it on one process)")
-    comm = make_comm(tc.tp)
-    if tc.dp is not None and tc.dp != comm.dp.size:
-        raise ValueError(f"--dp={tc.dp} but {comm.world.size} ranks with tp={tc.tp} make dp={comm.dp.size}; "
-                         f"start {tc.dp * tc.tp} ranks or leave --dp out")
-    return comm
 
 
 def usage() -> str:
@@ -398,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(report)
             return 0
         check_tp_divides(tp_split_sizes(cfg), tc.tp)
-        comm = run_comm(tc)
+        comm = run_comm(tc.tp, tc.dp)
         resumed = None if resumed_meta is None else load_resumed(train_opts["resume"], cfg, comm)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are caught per step
             train(cfg, tc, resumed, initial=initial, comm=comm)

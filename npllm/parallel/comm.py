@@ -236,6 +236,19 @@ def make_comm(tp: int = 1, use_mpi: bool | None = None) -> ParallelComm:
     return ParallelComm(world=_wrap(world), tp=_wrap(tp_comm), dp=_wrap(dp_comm))
 
 
+def run_comm(tp: int = 1, dp: int | None = None) -> ParallelComm:
+    """A training run's communicator: the mpirun world split into tp x dp ranks (one process without mpirun).
+    ValueError when the ranks cannot make that layout."""
+    if tp > 1 and not launched_by_mpirun():
+        raise ValueError(f"--tp={tp} needs {tp * (dp or 1)} ranks: start it with `mpirun -n {tp * (dp or 1)} python "
+                         f"-m npllm.train ...` (--dry_run plans it on one process)")
+    comm = make_comm(tp)
+    if dp is not None and dp != comm.dp.size:
+        raise ValueError(f"--dp={dp} but {comm.world.size} ranks with tp={tp} make dp={comm.dp.size}; "
+                         f"start {dp * tp} ranks or leave --dp out")
+    return comm
+
+
 # ----------------------------------------------------------------------------------------------------------
 # failure: one rank's exception ends the whole job
 
