@@ -37,6 +37,7 @@ import numpy as np
 
 from .backend import asnumpy
 from .config import ModelConfig
+from .files import fsync_path
 from .models.decoder import param_shapes
 
 CONFIG_FILE = "config.json"
@@ -574,14 +575,6 @@ def _shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj) -> None:
     with open(path, "x") as f:
         f.write(json.dumps(obj, indent=2) + "\n")
@@ -646,7 +639,7 @@ def save_hf(params: dict, cfg: ModelConfig, directory, dtype: str = "float32", *
         if len(shards) > 1:
             _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
         _write_json(tmp / CONFIG_FILE, hf_config)
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -677,6 +670,6 @@ def _replace_dir(tmp: Path, directory: Path) -> None:
     elif directory.is_dir():
         directory.rmdir()
     os.rename(tmp, directory)
-    _fsync_dir(directory.parent)
+    fsync_path(directory.parent)
     if old is not None:
         shutil.rmtree(old)
