@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .checks import check_choice, check_int, check_number
 
 NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "gelu")
+MLPS = ("swiglu", "gelu", "gelu_erf", "relu")
 POSITIONS = ("rope", "learned")
 
 

@@ -1,14 +1,115 @@
-"""Feed-forward blocks: SwiGLU (LLaMA) and the GELU MLP with the tanh approximation (GPT-2).
+"""Feed-forward blocks: SwiGLU (LLaMA), and y = act(x @ w1 + b1) @ w2 + b2 with act one of GELU's tanh approximation
+(GPT-2, "gelu"), the exact GELU h * Phi(h) (BERT, "gelu_erf") and ReLU (the original Transformer, "relu").
 
-Derivation: docs/derivations/mlp.md
+NumPy has no erf: ``erf`` and ``erfc`` below evaluate W. J. Cody's rational Chebyshev approximations (CuPy arrays use
+cupyx.scipy.special). Derivation: docs/derivations/mlp.md
 """
 
 import math
+
+import numpy as np
 
 from ..backend import get_array_module
 
 GELU_K = math.sqrt(2.0 / math.pi)  # constant inside gelu's tanh
 GELU_A = 0.044715  # cubic coefficient inside gelu's tanh
+INV_SQRT2 = 1.0 / math.sqrt(2.0)  # Phi(h) = 0.5 erfc(-h / sqrt(2))
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)  # phi(h) = exp(-h^2 / 2) / sqrt(2 pi)
+
+# W. J. Cody, "Rational Chebyshev approximations for the error function", Math. Comp. 23 (1969) 631-637, with the
+# coefficients and break points of his SPECFUN routine CALERF (Argonne):
+#   |z| <= 0.46875:      erf(z)  = z * R1(z^2),                    R1 = (A . z^2 powers) / (B . z^2 powers)
+#   0.46875 < |z| <= 4:  erfc(z) = exp(-z^2) * R2(z)
+#   |z| > 4:             erfc(z) = exp(-z^2) / z * (1/sqrt(pi) - R3(1/z^2) / z^2),   and 0 from z = 26.543 on
+ERF_SMALL = 0.46875
+ERF_A = (3.16112374387056560e00, 1.13864154151050156e02, 3.77485237685302021e02, 3.20937758913846947e03,
+         1.85777706184603153e-1)
+ERF_B = (2.36012909523441209e01, 2.44024637934444173e02, 1.28261652607737228e03, 2.84423683343917062e03)
+ERF_C = (5.64188496988670089e-1, 8.88314979438837594e00, 6.61191906371416295e01, 2.98635138197400131e02,
+         8.81952221241769090e02, 1.71204761263407058e03, 2.05107837782607147e03, 1.23033935479799725e03,
+         2.15311535474403846e-8)
+ERF_D = (1.57449261107098347e01, 1.17693950891312499e02, 5.37181101862009858e02, 1.62138957456669019e03,
+         3.29079923573345963e03, 4.36261909014324716e03, 3.43936767414372164e03, 1.23033935480374942e03)
+ERF_P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1, 1.60837851487422766e-2,
+         6.58749161529837803e-4, 1.63153871373020978e-2)
+ERF_Q = (2.56852019228982242e00, 1.87295284992346047e00, 5.27905102951428412e-1, 6.05183413124413191e-2,
+         2.33520497626869185e-3)
+ERFC_ZERO_FROM = 26.543  # erfc(z) underflows float64 beyond this
+INV_SQRT_PI = 5.6418958354775628695e-1  # 1 / sqrt(pi)
+
+
+def _exp_minus_square(y):
+    """exp(-y^2) without the rounding of y^2: y = y16 + (y - y16) with y16 = trunc(16 y) / 16 exact in binary, so
+    y^2 = y16^2 + (y - y16)(y + y16) and exp(-y^2) = exp(-y16^2) exp(-(y - y16)(y + y16)) (Cody's device)."""
+    y16 = np.trunc(y * 16.0) / 16.0  # (...)
+    return np.exp(-y16 * y16) * np.exp(-(y - y16) * (y + y16))  # (...)
+
+
+def _calerf(z, complement):
+    """erf(z) (complement False) or erfc(z) (True) of a NumPy array, by Cody's three rational approximations."""
+    y = np.abs(z)  # (...)
+    small = y <= ERF_SMALL  # (...) erf is computed directly here
+    middle = (y > ERF_SMALL) & (y <= 4.0)  # (...) erfc(|z|) from here on
+    large = y > 4.0  # (...)
+    out = np.array(z, dtype=np.result_type(z, np.float32), copy=True)  # (...); NaN stays NaN (in no region)
+
+    ys = y[small]
+    ysq = ys * ys
+    num, den = ERF_A[4] * ysq, ysq
+    for a, b in zip(ERF_A[:3], ERF_B[:3]):
+        num, den = (num + a) * ysq, (den + b) * ysq
+    erf_small = z[small] * (num + ERF_A[3]) / (den + ERF_B[3])  # erf(z), sign included
+    out[small] = 1.0 - erf_small if complement else erf_small
+
+    ym = y[middle]
+    num, den = ERF_C[8] * ym, ym
+    for c, d in zip(ERF_C[:7], ERF_D[:7]):
+        num, den = (num + c) * ym, (den + d) * ym
+    erfc_middle = _exp_minus_square(ym) * (num + ERF_C[7]) / (den + ERF_D[7])  # erfc(|z|)
+
+    yl = y[large]
+    erfc_large = np.zeros_like(yl)  # erfc(|z|); 0 where it underflows
+    finite = yl < ERFC_ZERO_FROM
+    yf = yl[finite]
+    inv_sq = 1.0 / (yf * yf)
+    num, den = ERF_P[5] * inv_sq, inv_sq
+    for p_, q_ in zip(ERF_P[:4], ERF_Q[:4]):
+        num, den = (num + p_) * inv_sq, (den + q_) * inv_sq
+    r3 = inv_sq * (num + ERF_P[4]) / (den + ERF_Q[4])
+    erfc_large[finite] = _exp_minus_square(yf) * (INV_SQRT_PI - r3) / yf
+
+    for region, e in ((middle, erfc_middle), (large, erfc_large)):
+        negative = z[region] < 0
+        if complement:  # erfc(-y) = 2 - erfc(y)
+            out[region] = np.where(negative, 2.0 - e, e)
+        else:  # erf(y) = 1 - erfc(y), written (0.5 - e) + 0.5 as Cody does; erf(-y) = -erf(y)
+            one_minus = (0.5 - e) + 0.5
+            out[region] = np.where(negative, -one_minus, one_minus)
+    return out
+
+
+def erf(z):
+    """The error function 2/sqrt(pi) int_0^z exp(-u^2) du, elementwise. Its derivative is 2/sqrt(pi) exp(-z^2).
+
+    NumPy: Cody's rational approximations (relative error ~1e-16 in float64 on the whole real line, measured in
+    tests/test_mlp.py); CuPy: cupyx.scipy.special.erf.
+    """
+    xp = get_array_module(z)
+    if xp is not np:
+        import cupyx.scipy.special  # the array is a CuPy array, so CuPy is there
+
+        return cupyx.scipy.special.erf(z)
+    return _calerf(np.asarray(z), complement=False)
+
+
+def erfc(z):
+    """1 - erf(z), elementwise, without the cancellation of computing it as 1 - erf(z) (z >> 0: erfc is tiny)."""
+    xp = get_array_module(z)
+    if xp is not np:
+        import cupyx.scipy.special
+
+        return cupyx.scipy.special.erfc(z)
+    return _calerf(np.asarray(z), complement=True)
 
 
 def _sigmoid(xp, z):
@@ -59,32 +160,32 @@ def swiglu_backward(dy, cache):
     return dx, {name: grads[name] for name in p}
 
 
-def gelu_forward(p, x):
-    """y = gelu_tanh(x @ w1 + b1) @ w2 + b2.  p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with bias."""
+def _ffn_forward(p, x, activation):
+    """y = act(x @ w1 + b1) @ w2 + b2, where activation(xp, h) -> (a, saved) computes a = act(h) and what its
+    derivative needs. p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with bias."""
     xp = get_array_module(x)
     h = x @ p["w1"]  # (..., F)
     if "b1" in p:
         h = h + p["b1"]
-    t = xp.tanh(GELU_K * (h + GELU_A * h * h * h))  # (..., F)
-    a = 0.5 * h * (1.0 + t)  # (..., F)
+    a, saved = activation(xp, h)  # (..., F) act(h)
     y = a @ p["w2"]  # (..., C)
     if "b2" in p:
         y = y + p["b2"]
-    cache = (p, x, h, t, a)  # keep h, tanh(.) and gelu(h): tanh is the costly part of the derivative
-    return y, cache
+    return y, (p, x, saved, a)
 
 
-def gelu_backward(dy, cache):
-    """forward was a = 0.5 h (1 + t), t = tanh(u), u = K (h + A h^3), y = a @ w2 + b2, h = x @ w1 + b1, so
-    da = dy @ w2.T, dh = da * (0.5 (1 + t) + 0.5 h (1 - t^2) K (1 + 3 A h^2)), dx = dh @ w1.T."""
-    p, x, h, t, a = cache
+def _ffn_backward(dy, cache, activation_backward):
+    """forward was y = a @ w2 + b2, a = act(h), h = x @ w1 + b1, so
+    dw2 = a.T @ dy, db2 = sum dy, da = dy @ w2.T, dh = da * act'(h) (activation_backward), dw1 = x.T @ dh,
+    db1 = sum dh, dx = dh @ w1.T."""
+    p, x, saved, a = cache
     C, F = p["w1"].shape
     dy2 = dy.reshape(-1, C)  # (N, C)
     grads = {"w2": a.reshape(-1, F).T @ dy2}  # (F, C)
     if "b2" in p:
         grads["b2"] = dy2.sum(axis=0)  # (C,)
     da = dy @ p["w2"].T  # (..., F)
-    dh = da * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_A * h * h))  # (..., F)
+    dh = activation_backward(da, saved, a)  # (..., F)
     dh2 = dh.reshape(-1, F)  # (N, F)
     grads["w1"] = x.reshape(-1, C).T @ dh2  # (C, F)
     if "b1" in p:
@@ -93,10 +194,95 @@ def gelu_backward(dy, cache):
     return dx, {name: grads[name] for name in p}
 
 
+def _gelu_tanh(xp, h):
+    t = xp.tanh(GELU_K * (h + GELU_A * h * h * h))  # (..., F)
+    a = 0.5 * h * (1.0 + t)  # (..., F)
+    return a, (h, t)  # keep h and tanh(.): tanh is the costly part of the derivative
+
+
+def _gelu_tanh_backward(da, saved, a):
+    """a = 0.5 h (1 + t), t = tanh(u), u = K (h + A h^3): da/dh = 0.5 (1 + t) + 0.5 h (1 - t^2) K (1 + 3 A h^2)."""
+    h, t = saved
+    return da * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_A * h * h))  # (..., F)
+
+
+def _gelu_erf(xp, h):
+    cdf = 0.5 * erfc(-INV_SQRT2 * h)  # (..., F) Phi(h) = 0.5 (1 + erf(h / sqrt 2)), no cancellation for h << 0
+    a = h * cdf  # (..., F)
+    return a, (h, cdf)  # keep h and Phi(h); phi(h) = exp(-h^2 / 2) / sqrt(2 pi) is recomputed in backward
+
+
+def _gelu_erf_backward(da, saved, a):
+    """a = h Phi(h): da/dh = Phi(h) + h phi(h), phi(h) = Phi'(h) = exp(-h^2 / 2) / sqrt(2 pi)
+    (from erf'(z) = 2/sqrt(pi) exp(-z^2) at z = h / sqrt 2)."""
+    h, cdf = saved
+    xp = get_array_module(h)
+    return da * (cdf + h * (INV_SQRT_2PI * xp.exp(-0.5 * h * h)))  # (..., F)
+
+
+def _relu(xp, h):
+    return xp.maximum(h, 0.0), ()  # (..., F); keep nothing more: a > 0 exactly where h > 0
+
+
+def _relu_backward(da, saved, a):
+    """a = max(h, 0): da/dh = 1 where h > 0, else 0 (0 at h = 0, as torch)."""
+    return da * (a > 0)  # (..., F)
+
+
+def gelu_forward(p, x):
+    """y = gelu_tanh(x @ w1 + b1) @ w2 + b2.  p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with bias.
+    Cache: h, tanh(.) and gelu(h)."""
+    return _ffn_forward(p, x, _gelu_tanh)
+
+
+def gelu_backward(dy, cache):
+    """forward was a = 0.5 h (1 + t), t = tanh(u), u = K (h + A h^3), y = a @ w2 + b2, h = x @ w1 + b1, so
+    da = dy @ w2.T, dh = da * (0.5 (1 + t) + 0.5 h (1 - t^2) K (1 + 3 A h^2)), dx = dh @ w1.T."""
+    return _ffn_backward(dy, cache, _gelu_tanh_backward)
+
+
+def gelu_erf_forward(p, x):
+    """y = gelu(x @ w1 + b1) @ w2 + b2 with the exact gelu(h) = h Phi(h) = 0.5 h (1 + erf(h / sqrt 2)) (BERT).
+    p as gelu_forward. Cache: h, Phi(h) and gelu(h)."""
+    return _ffn_forward(p, x, _gelu_erf)
+
+
+def gelu_erf_backward(dy, cache):
+    """forward was a = h Phi(h), y = a @ w2 + b2, h = x @ w1 + b1, so
+    da = dy @ w2.T, dh = da * (Phi(h) + h exp(-h^2 / 2) / sqrt(2 pi)), dx = dh @ w1.T."""
+    return _ffn_backward(dy, cache, _gelu_erf_backward)
+
+
+def relu_forward(p, x):
+    """y = relu(x @ w1 + b1) @ w2 + b2, the original Transformer's feed-forward block. p as gelu_forward.
+    Cache: relu(h) only (its sign is the derivative)."""
+    return _ffn_forward(p, x, _relu)
+
+
+def relu_backward(dy, cache):
+    """forward was a = max(h, 0), y = a @ w2 + b2, h = x @ w1 + b1, so
+    da = dy @ w2.T, dh = da * [h > 0], dx = dh @ w1.T."""
+    return _ffn_backward(dy, cache, _relu_backward)
+
+
+MLP_KINDS = {  # the config's ``mlp`` field -> (forward, backward)
+    "swiglu": (swiglu_forward, swiglu_backward),
+    "gelu": (gelu_forward, gelu_backward),
+    "gelu_erf": (gelu_erf_forward, gelu_erf_backward),
+    "relu": (relu_forward, relu_backward),
+}
+
+
+def _pair(kind):
+    if kind not in MLP_KINDS:
+        raise ValueError(f"mlp={kind!r} is not allowed; use one of: {', '.join(MLP_KINDS)}")
+    return MLP_KINDS[kind]
+
+
 def mlp_forward(kind, p, x):
-    """Dispatch on the config's ``mlp`` field ("swiglu" or "gelu")."""
-    return (swiglu_forward if kind == "swiglu" else gelu_forward)(p, x)
+    """Dispatch on the config's ``mlp`` field ("swiglu", "gelu", "gelu_erf" or "relu")."""
+    return _pair(kind)[0](p, x)
 
 
 def mlp_backward(kind, dy, cache):
-    return (swiglu_backward if kind == "swiglu" else gelu_backward)(dy, cache)
+    return _pair(kind)[1](dy, cache)
