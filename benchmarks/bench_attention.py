@@ -197,7 +197,7 @@ def core_times(cases, repeats, threads):
         B, T = map(int, shape.split("x"))
         p, x, dy, rope, NKV = make_case(variant, B, T)
         _, cache = fast.flash_attention_forward(p, x, NH, NKV, rope=rope)
-        qg, k, v, scale = cache["q"], cache["k"], cache["v"], cache["scale"]  # (B, NKV, G, T, hs), (B, NKV, T, hs)
+        qg, k, v, scale = cache["qs"], cache["k"], cache["v"], 1.0  # (B, NKV, G, T, hs), (B, NKV, T, hs); qs scaled
         do = np.random.default_rng(1).standard_normal(qg.shape).astype(np.float32)  # (B, NKV, G, T, hs)
         tq = torch.from_numpy(np.ascontiguousarray(qg).reshape(B, NH, T, HS)).requires_grad_(True)
         tk, tv = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (k, v))
@@ -210,7 +210,8 @@ def core_times(cases, repeats, threads):
         def torch_core():
             for t in (tq, tk, tv):
                 t.grad = None
-            o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=NKV < NH)
+            o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, scale=1.0,
+                                                                 enable_gqa=NKV < NH)
             o.backward(tdo)
 
         impls = {"fast core": fast_core, "torch sdpa": torch_core}

@@ -277,7 +277,7 @@ def test_float32_stays_float32_and_close_to_float64():
             assert err <= bound * scale, f"{forward.__name__}: {name} off by {err:.3g} (scale {scale:.3g})"
         if forward is flash_attention_forward:
             L = c32["L"]
-            assert L.dtype == np.float32 and c32["q"].dtype == np.float32
+            assert L.dtype == np.float32 and c32["qs"].dtype == np.float32
 
 
 def test_the_cache_grows_like_T_not_T_squared():

@@ -29,7 +29,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from ..backend import get_array_module
-from ..layers.rope import rope_backward, rope_forward
 from ..parallel.threads import available_cores, ranks_on_this_node
 
 # Default tile sizes, chosen by measurement (benchmarks/bench_attention.py --tune; float32, NH=4, hs=64, 2 cores).
@@ -252,7 +251,7 @@ def flash_core_forward(qg, k, v, scale, causal=True, T_past=0, key_mask=None, *,
     q_tile, k_tile = _positive_int("q_tile", q_tile, default_q_tile(T)), _positive_int("k_tile", k_tile, K_TILE)
     threads = _positive_int("threads", threads, None) or default_threads()
     S, R, dtype = B * NKV, T * G, qg.dtype
-    qs = _rows(qg) * scale  # (S, R, hs): scaled once here instead of once per score tile
+    qs = _rows(qg) if scale == 1 else _rows(qg) * scale  # (S, R, hs): scaled once, not once per score tile
     k3 = k.reshape(S, Tk, hs)  # (S, Tk, hs)
     v1 = _append_column(xp, v.reshape(S, Tk, hs), 1.0)  # (S, Tk, hs+1): [v, 1], so p @ v1 = [p @ v, rowsum(p)]
     o = xp.empty((S, R, hs), dtype=dtype)  # (S, R, hs)
@@ -312,7 +311,7 @@ def flash_core_backward(do, qg, k, v, o, L, scale, causal=True, T_past=0, key_ma
     D = xp.einsum("bngtd,bngtd->bngt", do, o)  # (B, NKV, G, T): rowsum(do * o) = rowsum(dP * P)
     # the subtractions s - L and dP - D ride in the matrix products as one more column:
     # [q * scale, -L] @ [k, 1]^T = s - L  and  [do, -D] @ [v, 1]^T = dP - D
-    q1 = _append_column(xp, qg, -_rows(L[..., None]), factor=scale)  # (S, R, hs+1)
+    q1 = _append_column(xp, qg, -_rows(L[..., None]), factor=None if scale == 1 else scale)  # (S, R, hs+1)
     k1 = _append_column(xp, k.reshape(S, Tk, hs), 1.0)  # (S, Tk, hs+1)
     do1 = _append_column(xp, do, -_rows(D[..., None]))  # (S, R, hs+1)
     v1 = _append_column(xp, v.reshape(S, Tk, hs), 1.0)  # (S, Tk, hs+1)
@@ -346,7 +345,8 @@ def flash_core_backward(do, qg, k, v, o, L, scale, causal=True, T_past=0, key_ma
                 # forward was s = (q * scale) @ k^T: dq = dS @ k * scale (scaled at the end), dk = dS^T @ (q * scale)
                 dq_t += xp.matmul(dS, k_t[..., :hs], out=_view(qbuf, (n, r1 - r0, hs)))
                 dk[lo:hi, j0:j1] += xp.matmul(dS.swapaxes(-1, -2), q_t[..., :hs], out=tmp)
-        dq[lo:hi] *= scale
+        if scale != 1:
+            dq[lo:hi] *= scale
 
     _run_over_slices(xp, chunk, S, S * R * Tk, threads)
     return _unrows(dq, B, NKV, G), dk.reshape(B, NKV, Tk, hs), dv.reshape(B, NKV, Tk, hs)
@@ -355,6 +355,44 @@ def flash_core_backward(do, qg, k, v, o, L, scale, causal=True, T_past=0, key_ma
 def _project(x, p, w, b):
     y = x @ p[w]  # (B, T, out)
     return y + p[b] if b in p else y
+
+
+def _tables(rope, ndim, factor):
+    """The RoPE tables (T, hs) shaped (T, 1, ..., hs) to broadcast over the head axes of a (B, T, ..., hs) array of
+    ``ndim`` axes, times ``factor``; None without RoPE."""
+    if rope is None:
+        return None
+    return tuple((t * factor).reshape(t.shape[0], *(1,) * (ndim - 3), t.shape[1]) for t in rope)
+
+
+def _rope_into(xp, x, tables, out):
+    """out = rope(x) = x * cos + rotate_half(x) * sin (npllm.layers.rope, rounding for rounding), or out = x * factor
+    when tables is (None, factor): the rotation and the change of layout (out may be any view) in one pass."""
+    cos, sin = tables
+    if cos is None:
+        return xp.multiply(x, sin, out=out)
+    h = x.shape[-1] // 2
+    xp.multiply(x, cos, out=out)
+    tmp = x[..., h:] * sin[..., :h]  # rotate_half(x) = [-x2, x1]: the first half gets - x2 * sin
+    out[..., :h] -= tmp
+    xp.multiply(x[..., :h], sin[..., h:], out=tmp)  # the second half gets + x1 * sin
+    out[..., h:] += tmp
+    return out
+
+
+def _rope_transposed_into(xp, dy, tables, out):
+    """out = rope_backward(dy) = dy * cos + rotate_half^T(dy * sin), rotate_half^T([z1, z2]) = [z2, -z1]; or
+    out = dy * factor when tables is (None, factor)."""
+    cos, sin = tables
+    if cos is None:
+        return xp.multiply(dy, sin, out=out)
+    h = dy.shape[-1] // 2
+    xp.multiply(dy, cos, out=out)
+    tmp = dy[..., h:] * sin[..., h:]  # z2
+    out[..., :h] += tmp
+    xp.multiply(dy[..., :h], sin[..., :h], out=tmp)  # z1
+    out[..., h:] -= tmp
+    return out
 
 
 def flash_attention_forward(p, x, n_heads, n_kv_heads, rope=None, past_kv=None, *, q_tile=None, k_tile=None,
@@ -372,31 +410,33 @@ def flash_attention_forward(p, x, n_heads, n_kv_heads, rope=None, past_kv=None, 
     xp = get_array_module(x)
     B, T, _ = x.shape
     NKV, G = n_kv_heads, n_heads // n_kv_heads
-    q = _project(x, p, "wq", "bq")  # (B, T, NH*hs)
-    hs = q.shape[-1] // n_heads
-    q = q.reshape(B, T, NKV, G, hs)  # (B, T, NKV, G, hs): query head h = kv * G + g
-    k = _project(x, p, "wk", "bk").reshape(B, T, NKV, hs)  # (B, T, NKV, hs)
-    v = _project(x, p, "wv", "bv").reshape(B, T, NKV, hs)  # (B, T, NKV, hs)
-    if rope is not None:  # the reference's rope on (B, H, T, hs), here with the tables broadcast over the head axes
-        cos, sin = rope
-        q, _ = rope_forward(q, cos[:, None, None], sin[:, None, None])
-        k, _ = rope_forward(k, cos[:, None], sin[:, None])
-    q = xp.ascontiguousarray(q.transpose(0, 2, 1, 3, 4))  # (B, NKV, T, G, hs): the core's row layout
-    k = xp.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (B, NKV, T, hs)
-    v = xp.ascontiguousarray(v.transpose(0, 2, 1, 3))  # (B, NKV, T, hs)
+    q_lin = _project(x, p, "wq", "bq")  # (B, T, NH*hs)
+    hs = q_lin.shape[-1] // n_heads
+    k_lin = _project(x, p, "wk", "bk")  # (B, T, NKV*hs)
+    v_lin = _project(x, p, "wv", "bv")  # (B, T, NKV*hs)
+    scale = 1.0 / math.sqrt(hs)
+    # q, k = rope(q_lin), rope(k_lin) as in the reference, written straight into the core's layout; q also takes the
+    # score scale here (qs = q * scale), so that the core (called with scale 1) need not make a scaled copy
+    qs = xp.empty((B, NKV, T, G, hs), dtype=q_lin.dtype)  # (B, NKV, T, G, hs): rows t * G + g of each (b, kv)
+    _rope_into(xp, q_lin.reshape(B, T, NKV, G, hs), _tables(rope, 5, scale) or (None, scale),
+               qs.transpose(0, 2, 1, 3, 4))
+    k = xp.empty((B, NKV, T, hs), dtype=k_lin.dtype)  # (B, NKV, T, hs)
+    _rope_into(xp, k_lin.reshape(B, T, NKV, hs), _tables(rope, 4, 1.0) or (None, 1.0), k.transpose(0, 2, 1, 3))
+    v = xp.ascontiguousarray(v_lin.reshape(B, T, NKV, hs).transpose(0, 2, 1, 3))  # (B, NKV, T, hs)
     T_past = 0
     if past_kv is not None:
         T_past = past_kv[0].shape[2]
         k = xp.concatenate([past_kv[0], k], axis=2)  # (B, NKV, T_past+T, hs)
         v = xp.concatenate([past_kv[1], v], axis=2)  # (B, NKV, T_past+T, hs)
-    qg = q.transpose(0, 1, 3, 2, 4)  # (B, NKV, G, T, hs), a view
-    scale = 1.0 / math.sqrt(hs)
+    qsg = qs.transpose(0, 1, 3, 2, 4)  # (B, NKV, G, T, hs), a view
     tiles = dict(q_tile=q_tile, k_tile=k_tile, threads=threads)
-    o, L = flash_core_forward(qg, k, v, scale, causal=True, T_past=T_past, **tiles)  # (B, NKV, G, T, hs), (.., T)
+    # s = qs @ k^T: the scale is in qs already
+    o, L = flash_core_forward(qsg, k, v, 1.0, causal=True, T_past=T_past, **tiles)  # (B, NKV, G, T, hs), (.., T)
     o_merged = o.transpose(0, 3, 1, 2, 4).reshape(B, T, n_heads * hs)  # (B, T, NH*hs)
     y = _project(o_merged, p, "wo", "bo")  # (B, T, C)
-    # keep x, qg, k, v (after RoPE), o_merged and the row logsumexp L (B, NKV, G, T); P is recomputed per tile
-    cache = dict(p=p, x=x, q=qg, k=k, v=v, o=o_merged, L=L, rope=rope, scale=scale, n_heads=n_heads,
+    # keep x, qs = rope(q) * scale, k, v (after RoPE), o_merged and the row logsumexp L (B, NKV, G, T); P is
+    # recomputed per tile
+    cache = dict(p=p, x=x, qs=qsg, k=k, v=v, o=o_merged, L=L, rope=rope, scale=scale, n_heads=n_heads,
                  n_kv_heads=n_kv_heads, T_past=T_past, tiles=tiles)
     return y, cache
 
@@ -405,8 +445,9 @@ def flash_attention_backward(dy, cache):
     """Backward of flash_attention_forward (without past_kv). Returns dx (B, T, C) and grads with the keys of p."""
     if cache["T_past"]:
         raise ValueError("flash_attention_backward does not support past_kv (cached decoding is forward-only)")
-    p, x, qg, k, v, o_merged, L, rope, scale = (cache[n] for n in ("p", "x", "q", "k", "v", "o", "L", "rope",
-                                                                     "scale"))
+    p, x, qsg, k, v, o_merged, L, rope, scale = (cache[n] for n in ("p", "x", "qs", "k", "v", "o", "L", "rope",
+                                                                      "scale"))
+    xp = get_array_module(dy)
     n_heads, NKV = cache["n_heads"], cache["n_kv_heads"]
     B, T, C = x.shape
     G, hs = n_heads // NKV, k.shape[-1]
@@ -419,15 +460,16 @@ def flash_attention_backward(dy, cache):
         grads["bo"] = dy_rows.sum(axis=0)  # (C,)
     do = (dy @ p["wo"].T).reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)  # (B, NKV, G, T, hs), a view
     o = o_merged.reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)  # (B, NKV, G, T, hs), a view
-    # forward was o = softmax(qg @ k^T * scale, causal) @ v
-    dq, dk, dv = flash_core_backward(do, qg, k, v, o, L, scale, causal=True, T_past=0, **cache["tiles"])
-    dq = dq.transpose(0, 3, 1, 2, 4)  # (B, T, NKV, G, hs), a view
-    dk = dk.transpose(0, 2, 1, 3)  # (B, T, NKV, hs), a view
+    # forward was o = softmax(qs @ k^T, causal) @ v
+    dqs, dk, dv = flash_core_backward(do, qsg, k, v, o, L, 1.0, causal=True, T_past=0, **cache["tiles"])
+    # forward was qs = rope(q_lin) * scale, k = rope(k_lin): the transposed rotation (times scale), back in the
+    # projections' layout (B, T, H, hs)
+    dq = xp.empty((B, T, NKV, G, hs), dtype=dqs.dtype)  # (B, T, NKV, G, hs)
+    _rope_transposed_into(xp, dqs.transpose(0, 3, 1, 2, 4), _tables(rope, 5, scale) or (None, scale), dq)
+    dk_lin = xp.empty((B, T, NKV, hs), dtype=dk.dtype)  # (B, T, NKV, hs)
+    _rope_transposed_into(xp, dk.transpose(0, 2, 1, 3), _tables(rope, 4, 1.0) or (None, 1.0), dk_lin)
+    dk = dk_lin
     dv = dv.transpose(0, 2, 1, 3)  # (B, T, NKV, hs), a view
-    if rope is not None:  # forward was q = rope(q_lin), k = rope(k_lin)
-        cos, sin = rope
-        dq, _ = rope_backward(dq, (cos[:, None, None], sin[:, None, None]))
-        dk, _ = rope_backward(dk, (cos[:, None], sin[:, None]))
     rows = {name: d.reshape(B * T, -1) for name, d in (("q", dq), ("k", dk), ("v", dv))}  # (BT, H*hs)
     for name, d_rows in rows.items():  # forward was q_lin = x @ wq + bq (and likewise k, v)
         grads["w" + name] = x_rows.T @ d_rows  # (C, H*hs)
