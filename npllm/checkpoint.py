@@ -265,6 +265,9 @@ def latest_checkpoint(run_dir) -> Path | None:
     if not run_dir.is_dir():
         return None
     pointer = run_dir / LATEST_FILE
+    if pointer.exists() and not pointer.is_file():
+        raise ValueError(f"{pointer} is not a file; it should be the one-line pointer to the newest checkpoint "
+                         f"(remove or rename it)")
     if pointer.is_file():
         name = pointer.read_text(encoding="utf-8", errors="replace").strip()
         if not CKPT_NAME.fullmatch(name):
@@ -273,6 +276,15 @@ def latest_checkpoint(run_dir) -> Path | None:
             return run_dir / name
     found = _list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def last_good_checkpoint(run_dir) -> str:
+    """A clause naming where ``run_dir`` can go on from, for the line that reports an interrupt or a failed write."""
+    try:
+        ckpt = None if run_dir is None else latest_checkpoint(run_dir)
+    except (ValueError, OSError):
+        ckpt = None
+    return "no checkpoint was written" if ckpt is None else f"the last checkpoint {ckpt} and latest are intact"
 
 
 def find_checkpoint(path) -> Path:
@@ -360,6 +372,12 @@ def load_checkpoint(path, *, tp_rank: int = 0, tp_size: int = 1, split_axes: dic
     ckpt_dir = find_checkpoint(path)
     record = read_checkpoint_record(ckpt_dir)
     layout = record.layout
+    known = {name for r in range(layout["tp"]) for name in [model_file_name(r, layout["tp"]),
+                                                             *optim_file_names(r, layout)]}
+    strange = sorted(set(record.files) - known)
+    if strange:  # only the files a checkpoint of this layout has: a record cannot point anywhere else
+        raise ValueError(f"{ckpt_dir / META_FILE}: damaged record, field files lists {strange[0]!r}, which is not "
+                         f"a file of a tp={layout['tp']} dp={layout['dp']} zero={layout['zero']} checkpoint")
     if layout["tp"] == tp_size:
         ranks = [tp_rank]
     else:

@@ -5,21 +5,31 @@ from __future__ import annotations
 import sys
 
 
+def one_line(err: BaseException) -> str:
+    """An expected error as one line: an OSError as ``PATH: reason`` (a permission, a full disk, a file where a
+    directory should be), anything else as its message with newlines folded."""
+    if isinstance(err, OSError) and err.strerror:
+        paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+        return f"{paths}: {err.strerror}" if paths else err.strerror
+    return " ".join(str(err).split("\n"))
+
+
 def run_command(prog: str, run, *args) -> int:
-    """Call ``run(*args)``; bad input (ValueError, FileNotFoundError, ImportError for a missing CuPy) becomes one line
-    ``PROG: error: ...`` on stderr and exit status 2, Ctrl-C exit status 130. Anything else is a bug: its traceback."""
+    """Call ``run(*args)``; bad input (ValueError, FileNotFoundError, ImportError for a missing CuPy) and any OSError
+    become one line ``PROG: error: ...`` on stderr and exit status 2 (1 for an OSError), Ctrl-C exit status 130.
+    Anything else is a bug: its traceback."""
     try:
         run(*args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, ImportError, OSError) as err:  # FileNotFoundError is an OSError with a message of ours
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 1 if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) else 2
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
     return 0
 
 
-def report_error(prog: str, err: Exception, code: int, vote) -> int:
+def report_error(prog: str, err: BaseException, code: int, vote) -> int:
     """One line for an expected error of a command that may run under mpirun: said once by world rank 0 when every
     rank hit it (then every rank returns ``code``), else by the rank that hit it, which then aborts the job (the
     others wait in a collective). vote: the ``npllm.parallel.comm.ErrorVote`` made at the command's start."""
@@ -27,7 +37,7 @@ def report_error(prog: str, err: Exception, code: int, vote) -> int:
 
     if vote.all_failed():
         if vote.rank == 0:
-            print(f"{prog}: error: {err}", file=sys.stderr)
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return code
-    print(f"{prog}: error: [rank {vote.rank}] {err}", file=sys.stderr)
+    print(f"{prog}: error: [rank {vote.rank}] {one_line(err)}", file=sys.stderr)
     abort_job(code)

@@ -193,6 +193,7 @@ class TrainConfig:
     data: str | None = None  # directory made by `python -m npllm.data prepare`; None: the built-in default corpus
     out_dir: str = "runs/nano"  # checkpoints, metrics.jsonl and loss.png go here
     resume: str | None = None  # a run directory (or checkpoint) to continue exactly where it stopped
+    overwrite: bool = False  # start anew in an out_dir that holds a run: the old run is renamed aside, not deleted
     init_from: str | None = None  # a run directory (or checkpoint) whose weights start a new run (fresh AdamW, step 0)
     sft: str | None = None  # a .jsonl file of {"prompt", "response"} records to fine-tune on (needs init_from)
     device: str = "cpu"  # "cpu" (NumPy) or "cuda" (CuPy)

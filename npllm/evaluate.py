@@ -135,6 +135,8 @@ def load_eval_tokens(data, tokenizer, split: str = "val") -> tuple[np.ndarray, s
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is neither a token shard nor UTF-8 text") from None
+    if not text.strip():
+        raise ValueError(f"{path} holds no text to score (it is empty or only whitespace)")
     doc = encode_documents([text], tokenizer)  # tokens of the text, then eos_id
     return np.concatenate([[tokenizer.eos_id], doc]).astype(np.int64), f"text {path}"
 

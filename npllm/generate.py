@@ -313,15 +313,20 @@ def parse_args(argv):
         temperature=1.0 if args.temperature is None else args.temperature,
         top_k=0 if args.top_k is None else args.top_k,
         top_p=1.0 if args.top_p is None else args.top_p)
-    if args.beams < 1:
-        raise ValueError(f"--beams={args.beams} is not allowed; use an integer >= 1 (1 means no beam search)")
+    check_int("--beams", args.beams)  # 1: no beam search
     if args.beams > 1 and sampling_given:
         raise ValueError(f"--{sampling_given[0]} applies to sampling; beam search (--beams={args.beams}) is "
                          f"deterministic and takes no sampling options")
-    check_max_new_tokens(args.max_new_tokens)
-    if args.length_penalty < 0 or not np.isfinite(args.length_penalty):
-        raise ValueError(f"--length_penalty={args.length_penalty} is not allowed; use a finite number >= 0")
+    check_int("--max_new_tokens", args.max_new_tokens)
+    check_number("--length_penalty", args.length_penalty, 0)
+    check_int("--seed", args.seed, 0)
     args.prompts = args.prompt if args.prompt else [""]
+    for i, text in enumerate(args.prompts):
+        try:
+            text.encode("utf-8")  # the shell hands undecodable bytes over as lone surrogates
+        except UnicodeEncodeError as err:
+            raise ValueError(f"--prompt number {i + 1} is not valid UTF-8 (byte {err.object[err.start]!r} at "
+                             f"{err.start}); pass UTF-8 text") from None
     return args
 
 

@@ -18,8 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ModelConfig, TrainConfig
+from .data import eval_batches
 from .files import atomic_write
-from .models.decoder import num_params
+from .layers.loss import IGNORE_INDEX
+from .models.decoder import model_forward, num_params
+from .parallel.comm import LocalComm
+from .parallel.tensor import vocab_parallel_cross_entropy_forward
+from .sft import sft_eval_batches
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -30,7 +36,19 @@ def read_metrics(out_dir) -> list[dict]:
     path = Path(out_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if number == len(lines):  # a run killed while writing its last line: that step did not finish
+                break
+            raise ValueError(f"{path}:{number}: damaged metrics line, not JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}:{number}: damaged metrics line, expected an object with an integer step")
+        rows.append(row)
+    return rows
 
 
 def write_metrics(out_dir, rows: list[dict]) -> None:
@@ -79,6 +97,31 @@ def plot_losses(out_dir) -> Path | None:
     path = atomic_write(Path(out_dir) / PLOT_FILE, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
+
+
+def validation_loss(params: dict, cfg: ModelConfig, val, tc: TrainConfig, xp, comm=None) -> float:
+    """Mean loss over the first ``eval_batches`` fixed, non-overlapping validation windows (forward only), or,
+    with --sft, over the counted (response) targets of the first ``eval_batches`` batches of held-out records.
+
+    comm: a parallel run's ParallelComm; a batch is then a global batch of dp * batch_size rows, each batch's sum of
+    losses all-reduced over dp before the batches are added in order: one process's number (to rounding).
+    """
+    tp, dp = (LocalComm(), LocalComm()) if comm is None else (comm.tp, comm.dp)
+    rows = tc.batch_size * dp.size  # one global batch
+    batches = list(sft_eval_batches(val, rows, tc.eval_batches) if tc.sft is not None
+                   else eval_batches(val, rows, tc.seq_len, tc.eval_batches))
+    mine = slice(dp.rank * tc.batch_size, (dp.rank + 1) * tc.batch_size)  # this dp rank's rows of each batch
+    sums, counts = np.zeros(len(batches)), np.zeros(len(batches))  # (n_batches,) loss * n and n of this rank's rows
+    for i, (x, y) in enumerate(batches):
+        x, y = x[mine], y[mine]  # (B, T) each; a short last batch may leave a rank no rows
+        if len(x) == 0:
+            continue
+        logits, _ = model_forward(params, xp.asarray(x), cfg, tp=tp)  # (B, T, V_tp)
+        loss, _ = vocab_parallel_cross_entropy_forward(logits, xp.asarray(y), tp)
+        n = int((y != IGNORE_INDEX).sum())  # weight each batch by its counted targets (all of them for token data)
+        sums[i], counts[i] = loss * n, n
+    sums, counts = dp.allreduce(sums), dp.allreduce(counts)  # (n_batches,) each: the whole global batches
+    return sum(float(batch_sum) for batch_sum in sums) / sum(int(batch_count) for batch_count in counts)
 
 
 def start_lines(cfg, tc, data, comm, params_on_rank: int, peak: float, start: str | None = None) -> list[str]:

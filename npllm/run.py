@@ -1,4 +1,4 @@
-"""The metadata files of npllm, and loading a trained model: the one module that reads and writes meta.json.
+"""A run's files: its metadata (the one module that reads and writes meta.json), its directory, loading it back.
 
 Two kinds of directory carry a meta.json:
 
@@ -20,6 +20,8 @@ import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
 
 from .config import ModelConfig, TrainConfig
 from .files import atomic_write
@@ -316,6 +318,10 @@ def load_trained(path, device: str = "cpu", tokenizer_dir=None) -> Trained:
     meta = read_run_meta(ckpt_dir)
     cfg = meta.model_config
     params, _, _ = load_checkpoint(ckpt_dir, split_axes=split_axes(cfg), with_optimizer=False)
+    for name, value in params.items():  # a model that would only ever produce NaN: say so here, once
+        if not np.isfinite(value).all():
+            raise ValueError(f"{ckpt_dir}: parameter {name} holds {int((~np.isfinite(value)).sum())} non-finite "
+                             f"values (NaN or inf); this checkpoint cannot be used")
     tokenizer = recorded_tokenizer(meta, ckpt_dir, tokenizer_dir)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer at {tokenizer.model_path} has {tokenizer.vocab_size} tokens but the model in "
@@ -385,3 +391,105 @@ def check_same_dp(meta: RunMeta, comm) -> None:
         raise ValueError(f"the checkpoint was written by tp={saved.tp} x dp={saved_dp} ranks (zero={saved.zero}) and "
                          f"this run has tp={comm.tp.size} x dp={comm.dp.size}; resuming needs dp={saved_dp} (another "
                          f"dp draws other data): e.g. mpirun -n {comm.tp.size * saved_dp} with --tp={comm.tp.size}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a run directory belongs to one run
+
+
+LOCK_FILE = ".lock"  # held (flock) by the trainer that owns the directory, for as long as it runs
+
+
+class RunLock:
+    """An advisory lock (fcntl.flock) on RUN/.lock, held for the trainer's lifetime; the file names the holder.
+    The kernel drops the lock when the process dies, so a lock file left by a killed trainer is taken over."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        import os
+        import socket
+
+        self.path = Path(run_dir) / LOCK_FILE
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise ValueError(f"{run_dir} is in use by another trainer ({holder}); wait for it to finish or choose "
+                             f"another --out_dir") from None
+        self.file.seek(0)
+        self.stale = self.file.read().strip()  # what a killed trainer left, if anything
+        self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
+
+    def record_holder(self) -> None:
+        """Write this process into the lock file, once the directory is this run's (a refused trainer leaves the
+        file as it found it)."""
+        self.file.seek(0)
+        self.file.truncate(0)
+        self.file.write(self.holder + "\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.file.close()  # closing the descriptor drops the flock
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds (part of) a training run: a checkpoint, the ``latest`` pointer or metrics."""
+    run_dir = Path(run_dir)
+    return run_dir.is_dir() and any(entry.name in ("latest", "metrics.jsonl") or entry.name.startswith("ckpt_")
+                                    for entry in run_dir.iterdir())
+
+
+def claim_run_dir(run_dir, comm=None, *, resume: bool, overwrite: bool, log=print) -> RunLock | None:
+    """Make ``run_dir`` this run's and lock it (world rank 0 does it and holds the lock; every rank gets the same
+    ValueError when it cannot). A new run (not ``resume``) refuses a directory that holds a run unless
+    ``overwrite``, which renames the old run aside (RUN.replaced-<time>), never deletes it. A second trainer on the
+    same directory is refused naming the holder. Returns the lock (None on the other ranks)."""
+    from .cli import one_line
+    from .parallel.comm import allgather_json, one_process_comm
+
+    comm = one_process_comm() if comm is None else comm
+    lock, problem = None, None
+    if comm.world.rank == 0:
+        try:
+            lock = _claim(Path(run_dir), resume, overwrite, log)
+        except (ValueError, OSError) as err:
+            problem = one_line(err)
+    problem = allgather_json(comm.world, problem)[0]  # every rank stops when rank 0 cannot have the directory
+    if problem is not None:
+        raise ValueError(problem)
+    return lock
+
+
+def _claim(run_dir: Path, resume: bool, overwrite: bool, log) -> RunLock:
+    import os
+    import time
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out_dir={run_dir} is a file; give a directory (it is made if missing)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    if resume or not holds_run(run_dir):
+        if lock.stale:
+            log(f"note: {run_dir / LOCK_FILE} was left by a trainer that is gone ({lock.stale}); taken over")
+        lock.record_holder()
+        return lock
+    if not overwrite:
+        lock.release()
+        raise ValueError(f"--out_dir={run_dir} already holds a run; continue it with --resume={run_dir}, start over "
+                         f"with --overwrite (the old run is renamed aside, not deleted), or choose another --out_dir")
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    os.rename(run_dir, aside)  # one rename(2): the old run keeps every file, under its new name
+    run_dir.mkdir()
+    new_lock = RunLock(run_dir)
+    new_lock.record_holder()
+    lock.release()
+    log(f"--overwrite: the run that was in {run_dir} is now {aside}")
+    return new_lock

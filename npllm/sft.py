@@ -51,6 +51,8 @@ def _record_problem(text: str):
         record = json.loads(text)
     except json.JSONDecodeError as err:
         return f"not valid JSON ({err.msg} at column {err.colno})"
+    except RecursionError:
+        return "JSON nested too deeply to read"
     if not isinstance(record, dict):
         return f'expected a JSON object {{"prompt": ..., "response": ...}}, got {type(record).__name__}'
     missing = [key for key in ("prompt", "response") if key not in record]

@@ -35,29 +35,31 @@ if __name__ == "__main__":  # run as a command: this rank's share of the cores f
 import numpy as np
 
 from .backend import asnumpy, to_device, xp_for_device
-from .checkpoint import latest_checkpoint, save_checkpoint
-from .cli import report_error
+from .checkpoint import last_good_checkpoint, latest_checkpoint, save_checkpoint
+from .cli import one_line, report_error
 from .config import PRESETS, ModelConfig, TrainConfig, get_preset, options_help, parse_options
 from .corpus import default_data_dir
-from .data import BatchSampler, TrainingData, eval_batches, load_token_data
+from .data import BatchSampler, TrainingData, load_token_data
 from .layers.loss import IGNORE_INDEX
 from .memory import dry_run_report
 from .metrics import (
     MetricsLog, format_line, measure_peak_flops, peak_rss_bytes, perplexity, plot_losses, read_metrics,
-    remove_stale_temp_files, start_lines, write_metrics,
+    remove_stale_temp_files, start_lines, validation_loss, write_metrics,
 )
 from .models.decoder import (
-    accumulate_loss_and_grads, flops_per_token, init_params, model_forward, split_axes, tp_split_sizes,
+    accumulate_loss_and_grads, flops_per_token, init_params, split_axes, tp_split_sizes,
 )
 from .optim import lr_at
-from .parallel.comm import ErrorVote, LocalComm, one_process_comm, run_comm, run_main
-from .parallel.data import apply_update, global_batch_mean, init_optimizer, optimizer_names, reduce_and_clip
-from .parallel.tensor import check_tp_divides, shard_params, vocab_parallel_cross_entropy_forward
-from .run import (
-    Resumed, RunMeta, TokenizerRef, Trained, check_param_shapes, check_same_dp, check_tokenizer, load_resumed,
-    load_trained, read_run_meta, recorded_tokenizer,
+from .parallel.comm import (
+    ErrorVote, Terminated, end_job_on_signals, one_process_comm, run_comm, run_main,
 )
-from .sft import SFTBatchSampler, load_sft_data, sft_eval_batches
+from .parallel.data import apply_update, global_batch_mean, init_optimizer, optimizer_names, reduce_and_clip
+from .parallel.tensor import check_tp_divides, shard_params
+from .run import (
+    Resumed, RunMeta, TokenizerRef, Trained, check_param_shapes, check_same_dp, check_tokenizer, claim_run_dir,
+    load_resumed, load_trained, read_run_meta, recorded_tokenizer,
+)
+from .sft import SFTBatchSampler, load_sft_data
 
 
 class TrainingError(Exception):
@@ -82,6 +84,9 @@ def build_configs(model_opts: dict, train_opts: dict, resumed_meta: RunMeta | No
             raise ValueError(f"cannot change the starting point or the SFT data when resuming: {moved} differs from "
                              f"the run's {({k: getattr(saved, k) for k in moved})}")
         tc = dataclasses.replace(saved, **train_opts)
+        if tc.steps <= resumed_meta.step:
+            raise ValueError(f"--resume: the run is already at step {resumed_meta.step}, so --steps={tc.steps} leaves "
+                             f"nothing to do; pass --steps above {resumed_meta.step}")
     elif init_meta is not None:
         source = f"--init_from={train_opts['init_from']}"
         if "preset" in train_opts:
@@ -115,35 +120,6 @@ def load_data(tc: TrainConfig, cfg: ModelConfig, weights_from: RunMeta | None, c
         raise ValueError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens but its model has "
                          f"vocab_size={cfg.vocab_size}")
     return load_sft_data(tc.sft, tokenizer, tc.seq_len)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# validation
-
-
-def validation_loss(params: dict, cfg: ModelConfig, val, tc: TrainConfig, xp, comm=None) -> float:
-    """Mean loss over the first ``eval_batches`` fixed, non-overlapping validation windows (forward only), or,
-    with --sft, over the counted (response) targets of the first ``eval_batches`` batches of held-out records.
-
-    comm: a parallel run's ParallelComm; a batch is then a global batch of dp * batch_size rows, each batch's sum of
-    losses all-reduced over dp before the batches are added in order: one process's number (to rounding).
-    """
-    tp, dp = (LocalComm(), LocalComm()) if comm is None else (comm.tp, comm.dp)
-    rows = tc.batch_size * dp.size  # one global batch
-    batches = list(sft_eval_batches(val, rows, tc.eval_batches) if tc.sft is not None
-                   else eval_batches(val, rows, tc.seq_len, tc.eval_batches))
-    mine = slice(dp.rank * tc.batch_size, (dp.rank + 1) * tc.batch_size)  # this dp rank's rows of each batch
-    sums, counts = np.zeros(len(batches)), np.zeros(len(batches))  # (n_batches,) loss * n and n of this rank's rows
-    for i, (x, y) in enumerate(batches):
-        x, y = x[mine], y[mine]  # (B, T) each; a short last batch may leave a rank no rows
-        if len(x) == 0:
-            continue
-        logits, _ = model_forward(params, xp.asarray(x), cfg, tp=tp)  # (B, T, V_tp)
-        loss, _ = vocab_parallel_cross_entropy_forward(logits, xp.asarray(y), tp)
-        n = int((y != IGNORE_INDEX).sum())  # weight each batch by its counted targets (all of them for token data)
-        sums[i], counts[i] = loss * n, n
-    sums, counts = dp.allreduce(sums), dp.allreduce(counts)  # (n_batches,) each: the whole global batches
-    return sum(float(batch_sum) for batch_sum in sums) / sum(int(batch_count) for batch_count in counts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,14 +182,25 @@ def train(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None = None, log
 
     resumed: the checkpoint to continue (--resume: this rank's shards and AdamW state); initial: the trained model
     to start from (--init_from: its weights, a fresh AdamW state, step 0). comm: the run's ParallelComm (default:
-    one process). Every rank runs this on its own shards (tp) and rows (dp); world rank 0 alone logs and writes.
+    one process). Every rank runs this on its own shards (tp) and rows (dp); world rank 0 alone logs and writes, and
+    holds the lock that makes out_dir this run's alone for as long as it runs (``npllm.run.claim_run_dir``).
     """
     comm = one_process_comm() if comm is None else comm
     check_tp_divides(tp_split_sizes(cfg), comm.tp.size)
+    log = log if comm.world.rank == 0 else (lambda *args, **kwargs: None)
+    lock = claim_run_dir(tc.out_dir, comm, resume=resumed is not None, overwrite=tc.overwrite, log=log)
+    try:
+        return run_training(cfg, tc, resumed, log, initial, comm)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log, initial: Trained | None,
+                 comm) -> list[dict]:
+    """The body of ``train``, in phases: data, starting state, cost and log lines, the loop, the end."""
     main_rank = comm.world.rank == 0
-    log = log if main_rank else (lambda *args, **kwargs: None)
     xp, dtype, out_dir, axes = xp_for_device(tc.device), np.dtype(tc.dtype), Path(tc.out_dir), split_axes(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. data: this dp rank's rows of the global batch
     source = resumed or initial
@@ -316,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     vote = ErrorVote()  # under mpirun: how the ranks find out whether an error below hit all of them
+    out_dir = None
     try:
         model_opts, train_opts = parse_options(argv, ModelConfig, TrainConfig)
         resumed_meta = initial = None
@@ -326,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         elif train_opts.get("init_from"):
             initial = load_trained(train_opts["init_from"])
         cfg, tc = build_configs(model_opts, train_opts, resumed_meta, None if initial is None else initial.meta)
+        out_dir = tc.out_dir
         if tc.dry_run:
             report = dry_run_report(cfg, tc, vote.size)
             if vote.rank == 0:
@@ -333,15 +322,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         check_tp_divides(tp_split_sizes(cfg), tc.tp)
         comm = run_comm(tc.tp, tc.dp)
+        # Ctrl-C or kill, to mpirun or to any rank: every rank ends, exit status 130 / 143
+        end_job_on_signals(lambda: f"npllm.train: interrupted; {last_good_checkpoint(out_dir)}")
         resumed = None if resumed_meta is None else load_resumed(train_opts["resume"], cfg, comm)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are caught per step
             train(cfg, tc, resumed, initial=initial, comm=comm)
-    except (ValueError, FileNotFoundError, TrainingError, ImportError) as err:  # ImportError: --device=cuda, no CuPy
-        return report_error("npllm.train", err, 1 if isinstance(err, TrainingError) else 2, vote)
-    except KeyboardInterrupt:
-        if vote.rank == 0:
-            print("npllm.train: interrupted; the last checkpoint is intact", file=sys.stderr)
-        return 130
+    except (ValueError, TrainingError, ImportError, OSError) as err:  # ImportError: --device=cuda without CuPy
+        failed_io = isinstance(err, OSError) and not isinstance(err, FileNotFoundError)  # a write, not bad input
+        if failed_io and out_dir is not None:
+            err = OSError(f"{one_line(err)} ({last_good_checkpoint(out_dir)})")
+        return report_error("npllm.train", err, 1 if failed_io or isinstance(err, TrainingError) else 2, vote)
+    except KeyboardInterrupt as err:  # one process: Ctrl-C, or SIGTERM (Terminated)
+        print(f"npllm.train: interrupted; {last_good_checkpoint(out_dir)}", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     return 0
 
 

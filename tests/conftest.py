@@ -77,6 +77,14 @@ class GradCheck:
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The trainer tests' token data (tests/helpers.py: make_data_dir), tokenized once per session."""
+    from tests.helpers import make_data_dir
+
+    return make_data_dir(tmp_path_factory.mktemp("train_data"))
+
+
+@pytest.fixture(scope="session")
 def grad_check():
     return GradCheck()
 

@@ -15,8 +15,6 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,75 +22,16 @@ import pytest
 
 from npllm.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
 from npllm.config import ModelConfig, TrainConfig, get_preset
-from npllm.corpus import default_corpus_text
-from npllm.data import BatchSampler, load_tokens, prepare_data
+from npllm.data import BatchSampler, load_tokens
 from npllm.models.decoder import accumulate_loss_and_grads, flops_per_token, init_params
-from npllm.tokenizer import train_tokenizer
 from npllm.config import parse_options
 from npllm.metrics import read_metrics
 from npllm.train import main
 
-REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-VOCAB = 400
-MODEL_ARGS = ["--preset=nano", "--n_layers=1", "--dim=32", "--n_heads=2", "--n_kv_heads=1", "--ffn_dim=64",
-              f"--vocab_size={VOCAB}"]
-RUN_ARGS = ["--seq_len=16", "--batch_size=4", "--peak_tflops=1"]  # a given peak skips the start-up matmul timing
-TIMING_FIELDS = ("tokens_per_s", "mfu")  # the only fields of a metrics record allowed to differ between runs
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """Tokenizer (V=400) + train/val shards of 50 KB of text: tinyshakespeare when present, else the default corpus."""
-    root = tmp_path_factory.mktemp("train_data")
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:50_000] if SHAKESPEARE.is_file() else default_corpus_text()[:50_000]
-    (root / "text.txt").write_text(text, encoding="utf-8")
-    train_tokenizer([root / "text.txt"], VOCAB, root / "data" / "tokenizer")
-    prepare_data([root / "text.txt"], root / "data" / "tokenizer", root / "data")
-    return root / "data"
-
-
-def tiny(data_dir, out_dir, *extra) -> list[str]:
-    return [*MODEL_ARGS, *RUN_ARGS, f"--data={data_dir}", f"--out_dir={out_dir}", *extra]
-
-
-def run_main(*argv) -> None:
-    """Run the trainer in this process; it must succeed."""
-    assert main(list(argv)) == 0, f"npllm.train failed for {argv}"
-
-
-def run_cli(*argv, script=None, timeout=120) -> subprocess.CompletedProcess:
-    """``python -m npllm.train ARGV`` (or ``python -c SCRIPT ARGV``) in a child process, output captured."""
-    command = [sys.executable, "-m", "npllm.train"] if script is None else [sys.executable, "-c", script]
-    return subprocess.run([*command, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Non-zero exit, exactly one non-empty line on stderr, no traceback; the line holds every fragment."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0, f"expected a failure, got exit 0; stdout:\n{proc.stdout}"
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
-    assert lines[0].startswith("npllm.train: error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
-
-
-def assert_same_checkpoints(a: Path, b: Path) -> None:
-    """Bit-identical parameters and AdamW moments, and the same optimizer step."""
-    params_a, opt_a, meta_a = load_checkpoint(a)
-    params_b, opt_b, meta_b = load_checkpoint(b)
-    assert meta_a["step"] == meta_b["step"] and opt_a["step"] == opt_b["step"]
-    assert list(params_a) == list(params_b)
-    for name in params_a:
-        assert np.array_equal(params_a[name], params_b[name]), f"parameter {name} differs"
-        assert np.array_equal(opt_a["m"][name], opt_b["m"][name]), f"AdamW m of {name} differs"
-        assert np.array_equal(opt_a["v"][name], opt_b["v"][name]), f"AdamW v of {name} differs"
+from tests.helpers import (
+    MODEL_ARGS, RUN_ARGS, VOCAB, assert_one_line_error, assert_same_checkpoints, run_cli, run_main,
+    tiny, without_timing,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------

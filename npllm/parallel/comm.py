@@ -276,6 +276,51 @@ def abort_job(exit_code: int = 1) -> None:
     sys.exit(exit_code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a single process: unwinds like Ctrl-C (``finally`` blocks run), exit status 143."""
+
+
+ABORT_GRACE_S = 1.0  # between saying why the job ends and MPI_Abort
+
+
+def end_job_on_signals(message) -> None:
+    """SIGINT and SIGTERM end the whole job: exit status 128 + the signal (130, 143), whichever rank receives it.
+
+    One process: SIGINT raises KeyboardInterrupt as usual and SIGTERM raises ``Terminated``, so the command unwinds
+    and says ``message()`` itself. Under mpirun with several ranks a Python signal handler is not enough: a rank
+    waiting inside a collective runs no Python code, so its handler would wait too, and a rank that returned would
+    leave the others waiting forever. Here the signal's arrival is written (by the C-level handler, at once) to a
+    pipe that a watcher thread reads; the watcher prints ``message()`` with its rank and calls MPI_Abort with
+    128 + signal, which makes the launcher end every rank (mpi4py initialises MPI with threads allowed).
+    """
+    import signal
+    import threading
+    import time
+
+    if not ("mpi4py.MPI" in sys.modules and sys.modules["mpi4py.MPI"].COMM_WORLD.Get_size() > 1):
+        def terminate(signum, frame):
+            raise Terminated()
+
+        signal.signal(signal.SIGTERM, terminate)
+        return
+    MPI = sys.modules["mpi4py.MPI"]
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *args: None)  # the watcher acts; the main thread carries on until aborted
+
+    def watch():
+        signum = os.read(read_end, 1)[0]
+        name = signal.Signals(signum).name
+        print(f"{message()} ({name} on rank {MPI.COMM_WORLD.Get_rank()}; ending every rank)", file=sys.stderr,
+              flush=True)
+        time.sleep(ABORT_GRACE_S)  # the launcher forwards output through a proxy that the abort kills: let it pass
+        MPI.COMM_WORLD.Abort(128 + signum)
+
+    threading.Thread(target=watch, name="npllm-signal-watcher", daemon=True).start()
+
+
 def _report_and_abort(exc_type, exc, tb) -> None:
     print(f"[rank {_world_rank()}] uncaught {exc_type.__name__}; ending the whole job", file=sys.stderr)
     traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
