@@ -41,3 +41,42 @@ def report_error(prog: str, err: BaseException, code: int, vote) -> int:
         return code
     print(f"{prog}: error: [rank {vote.rank}] {one_line(err)}", file=sys.stderr)
     abort_job(code)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# console scripts (pyproject.toml [project.scripts]): the same entry points as ``python -m npllm.<command>``
+
+
+def train_entry() -> None:
+    """npllm-train: under mpirun, this rank's share of the cores for BLAS is set before NumPy loads."""
+    from .parallel.threads import limit_blas_threads
+
+    limit_blas_threads()
+    from .parallel.comm import run_main
+    from .train import main
+
+    sys.exit(run_main(main))
+
+
+def generate_entry() -> None:
+    from .generate import main
+
+    sys.exit(main())
+
+
+def evaluate_entry() -> None:
+    from .evaluate import main
+
+    sys.exit(main())
+
+
+def data_entry() -> None:
+    from .data import main
+
+    sys.exit(main())
+
+
+def tokenizer_entry() -> None:
+    from .tokenizer import main
+
+    sys.exit(main())

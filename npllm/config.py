@@ -132,39 +132,139 @@ def parse_value(name: str, annotation, text: str):
             return float(text)
         except ValueError:
             raise ValueError(f"--{name}={text!r} is not a number") from None
+    if base.startswith("tuple"):  # a repeatable option: one more element
+        return (text,)
     return text
 
 
 def parse_options(argv: list[str], *classes) -> list[dict]:
     """Command-line words -> one dict of typed values per config dataclass in ``classes`` (in that order).
 
-    Accepts ``--name=value`` and ``--name value``; a bare ``--flag`` is true for a boolean field; the last of
-    repeated options wins (a script's defaults can be overridden by appending). An unknown name is refused with the
-    nearest known names.
+    Accepts ``--name=value`` and ``--name value``; a bare ``--flag`` is true for a boolean field; a tuple field
+    (``--prompt``) collects every occurrence; otherwise the last of repeated options wins (a script's defaults can
+    be overridden by appending). ``--config=FILE`` (TOML or YAML, keys the option names) gives values that the other
+    options override. An unknown name is refused with the nearest known names.
     """
     types = [field_types(cls) for cls in classes]
     out: list[dict] = [{} for _ in classes]
-    words, i = list(argv), 0
+    words, i, given = list(argv), 0, []
     while i < len(words):
         word = words[i]
         if not word.startswith("--") or len(word) == 2:
             raise ValueError(f"unexpected argument {word!r}; options look like --name=value or --name value")
         name, has_value, text = word[2:].partition("=")
-        group = next((g for g, t in enumerate(types) if name in t), None)
-        if group is None:
+        if name != "config" and not any(name in t for t in types):
             raise ValueError(f"unknown option --{name}{_suggest(name, types)}")
-        annotation = types[group][name]
+        annotation = "str" if name == "config" else next(t[name] for t in types if name in t)
         if not has_value:
-            is_bool = str(annotation).replace("| None", "").strip() in ("bool", "<class 'bool'>")
             if i + 1 < len(words) and not words[i + 1].startswith("--"):
                 text, i = words[i + 1], i + 1
-            elif is_bool:
+            elif _base_type(annotation) == "bool":
                 text = "true"
             else:
                 raise ValueError(f"option --{name} needs a value (--{name}=VALUE or --{name} VALUE)")
-        out[group][name] = parse_value(name, annotation, text)
+        given.append((name, text))
         i += 1
+    for name, text in given:
+        if name == "config":
+            for key, value in load_config_file(text, types).items():
+                group = next(g for g, t in enumerate(types) if key in t)
+                out[group][key] = value
+    from_command_line: dict = {}  # the command line overrides the file; a tuple option collects its occurrences
+    for name, text in given:
+        if name != "config":
+            group = next(g for g, t in enumerate(types) if name in t)
+            value = parse_value(name, types[group][name], text)
+            if _base_type(types[group][name]).startswith("tuple"):
+                value = from_command_line.get(name, (group, ()))[1] + value
+            from_command_line[name] = (group, value)
+    for name, (group, value) in from_command_line.items():
+        out[group][name] = value
     return out
+
+
+def _base_type(annotation) -> str:
+    """The annotation as text without "| None": "int", "bool", "tuple[str, ...]", ..."""
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+    return text.replace("| None", "").strip()
+
+
+def load_config_file(path, types: list[dict]) -> dict:
+    """The options in a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file: a flat table whose keys are option names
+    (a [model] / [train] table is read the same as the top level), each value checked against the option's type."""
+    path = _config_path(path)
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        else:
+            import yaml
+
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # tomllib.TOMLDecodeError and yaml.YAMLError are ValueErrors
+        raise ValueError(f"{path}: not valid {path.suffix[1:].upper()} ({' '.join(str(err).split())[:160]})") from None
+    except ImportError as err:
+        raise ValueError(f"{path}: reading it needs {err.name}; pip install pyyaml, or use a .toml file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of options, got {type(data).__name__}")
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key in ("model", "train", "generate", "evaluate"):
+            flat.update(value)
+        else:
+            flat[key] = value
+    out = {}
+    for key, value in flat.items():
+        annotation = next((t[key] for t in types if key in t), None)
+        if annotation is None:
+            raise ValueError(f"{path}: unknown option {key!r}{_suggest(key, types).replace('--help', '`--help`')}")
+        if _base_type(annotation).startswith("tuple") and isinstance(value, list):
+            out[key] = tuple(parse_value(key, "str", str(v)) for v in value)
+            continue
+        text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        try:
+            out[key] = parse_value(key, annotation, text)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    return out
+
+
+def _config_path(path):
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ValueError(f"--config={path}: use a .toml, .yaml or .yml file")
+    if not path.is_file():
+        raise FileNotFoundError(f"--config={path}: no such file")
+    return path
+
+
+def write_config_file(path, *configs) -> None:
+    """The resolved options of a run as TOML, one ``name = value`` line per field (fields that are None are left
+    out: None is every such field's default), atomically; ``--config=`` this file runs the same run again."""
+    from .files import atomic_write
+
+    lines = ["# the resolved options of this run: python -m npllm.train --config=THIS_FILE runs it again"]
+    for config in configs:
+        lines.append(f"\n[{'model' if isinstance(config, ModelConfig) else 'train'}]")
+        for name, value in dataclasses.asdict(config).items():
+            if value is not None:
+                lines.append(f"{name} = {_toml_value(value)}")
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+def _toml_value(value) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a basic TOML string: JSON's escapes are TOML's
 
 
 def _suggest(name: str, types: list[dict]) -> str:
@@ -204,7 +304,7 @@ class TrainConfig:
     micro_batches: int = 1  # split each batch into this many forward/backward passes, gradients summed
     seq_len: int = 128  # T: tokens per training sequence (at most the model's max_seq_len)
     lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    min_lr: float | None = None  # learning rate at the end of the cosine decay; None: a tenth of lr
     warmup_steps: int | None = None  # linear warmup steps; None: 10% of lr_decay_steps
     lr_decay_steps: int | None = None  # steps of the cosine schedule; None: the same as steps
     weight_decay: float = 0.1  # AdamW decoupled weight decay on 2-D weights
@@ -233,7 +333,7 @@ class TrainConfig:
             check_int(name, getattr(self, name))
         check_int("seed", self.seed, 0)
         check_number("lr", self.lr, 0)
-        check_number("min_lr", self.min_lr, 0, self.lr)
+        check_number("min_lr", self.min_lr, 0, self.lr, optional=True)
         check_number("beta1", self.beta1, 0, 1, high_open=True)
         check_number("beta2", self.beta2, 0, 1, high_open=True)
         check_number("eps", self.eps, 0, low_open=True)
@@ -255,6 +355,10 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by micro_batches={self.micro_batches}")
         if self.warmup > self.decay_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be <= lr_decay_steps={self.decay_steps}")
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
     @property
     def decay_steps(self) -> int:
@@ -282,3 +386,78 @@ def options_help(cls) -> str:
     """One line per field of a config dataclass: ``--name=default   meaning``."""
     return "\n".join(f"  {'--' + name + '=' + default:<26} {comment}"
                      for name, default, comment in describe_fields(cls))
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Every option of ``python -m npllm.generate``."""
+
+    ckpt: str | None = None  # a run directory, a ckpt_XXXXXXXX directory (or a Hugging Face model directory)
+    prompt: tuple[str, ...] = ()  # prompt text; repeat --prompt for several prompts
+    prompt_file: str | None = None  # a UTF-8 file with one prompt per line (\n for a newline); "-": standard input
+    max_new_tokens: int = 100  # tokens to generate per prompt at most
+    temperature: float | None = None  # 0 is greedy; None: 1.0
+    top_k: int | None = None  # keep the k most likely tokens; None or 0: all
+    top_p: float | None = None  # keep the smallest set of likeliest tokens holding this probability; None: 1 (all)
+    seed: int = 0  # seeds each prompt's own sampling stream
+    beams: int = 1  # beam search with this many beams (1: sampling or greedy)
+    length_penalty: float = 1.0  # beam score = sum of log-probs / length ** length_penalty
+    stop: tuple[str, ...] = ()  # end a prompt's text before the first of these strings; repeatable
+    json: bool = False  # one JSON object per prompt (prompt, completion, new_tokens, finish_reason, tokens_per_s)
+    no_kv_cache: bool = False  # run the full forward at every step (the slow reference) instead of the KV cache
+    device: str = "cpu"  # "cpu" (NumPy) or "cuda" (CuPy)
+    tokenizer: str | None = None  # a tokenizer directory; None: the one the checkpoint recorded
+
+    def __post_init__(self):
+        if self.ckpt is None:
+            raise ValueError("--ckpt is required: a run directory or a checkpoint directory")
+        check_int("max_new_tokens", self.max_new_tokens)
+        check_int("seed", self.seed, 0)
+        check_int("beams", self.beams)
+        check_number("length_penalty", self.length_penalty, 0)
+        check_choice("device", self.device, ("cpu", "cuda"))
+        given = [n for n in ("temperature", "top_k", "top_p") if getattr(self, n) is not None]
+        if self.beams > 1 and given:
+            raise ValueError(f"--{given[0]} applies to sampling; beam search (--beams={self.beams}) is deterministic "
+                             f"and takes no sampling options")
+        if any(s == "" for s in self.stop):
+            raise ValueError("--stop= is empty; a stop string needs at least one character")
+        self.sampling  # checks temperature, top_k, top_p
+
+    @property
+    def sampling(self):
+        from .sampling import SamplingConfig
+
+        return SamplingConfig(temperature=1.0 if self.temperature is None else self.temperature,
+                              top_k=0 if self.top_k is None else self.top_k,
+                              top_p=1.0 if self.top_p is None else self.top_p)
+
+    @property
+    def kv_cache(self) -> bool:
+        return not self.no_kv_cache
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Every option of ``python -m npllm.evaluate``."""
+
+    ckpt: str | None = None  # a run directory or ckpt_XXXXXXXX directory (or a Hugging Face model directory)
+    data: str | None = None  # a data directory (its val.bin), a token shard, or a UTF-8 text file
+    split: str = "val"  # for a data directory: "val" or "train"
+    seq_len: int | None = None  # window length; None: the model's max_seq_len
+    stride: int | None = None  # new targets per window; None: seq_len // 2
+    batch_size: int = 8  # windows per forward
+    max_tokens: int | None = None  # score only the first N tokens; None: all
+    device: str = "cpu"  # "cpu" (NumPy) or "cuda" (CuPy)
+    tokenizer: str | None = None  # a tokenizer directory; None: the one the checkpoint recorded
+    json: bool = False  # print one JSON object instead of a sentence
+
+    def __post_init__(self):
+        if self.ckpt is None or self.data is None:
+            raise ValueError(f"--{'ckpt' if self.ckpt is None else 'data'} is required")
+        check_choice("split", self.split, ("val", "train"))
+        check_int("seq_len", self.seq_len, optional=True)
+        check_int("stride", self.stride, optional=True)
+        check_int("batch_size", self.batch_size)
+        check_int("max_tokens", self.max_tokens, 2, optional=True)
+        check_choice("device", self.device, ("cpu", "cuda"))

@@ -19,7 +19,6 @@ document the way generation sees a prompt: [eos] + tokens(text) + [eos], so its 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 from .backend import asnumpy, get_array_module
 from .checks import check_int
 from .cli import run_command
-from .config import ModelConfig
+from .config import EvaluateConfig, ModelConfig, options_help, parse_options
 from .models.decoder import model_forward
 from .run import read_data_meta, load_trained
 from .sampling import log_softmax
@@ -145,39 +144,16 @@ def load_eval_tokens(data, tokenizer, split: str = "val") -> tuple[np.ndarray, s
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise ValueError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m npllm.evaluate", description="Loss and perplexity of a checkpoint on data.")
-    parser.add_argument("--ckpt", required=True, help="run directory or ckpt_XXXXXXXX directory")
-    parser.add_argument("--data", required=True, help="data directory (val.bin), token shard, or UTF-8 text file")
-    parser.add_argument("--split", default="val", help="for a data directory: val (default) or train")
-    parser.add_argument("--seq_len", type=int, default=None, help="window length (default: max_seq_len)")
-    parser.add_argument("--stride", type=int, default=None, help="new targets per window (default: seq_len // 2)")
-    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward")
-    parser.add_argument("--max_tokens", type=int, default=None, help="score only the first N tokens (default: all)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
-    return parser
-
-
-def run(argv, out=None) -> dict:
+def run(ec: EvaluateConfig, out=None) -> dict:
     out = sys.stdout if out is None else out
-    args = build_parser().parse_args(argv)
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise ValueError(f"--max_tokens={args.max_tokens} is not allowed; use an integer >= 2")
-    params, cfg, tokenizer, _, _ = load_trained(args.ckpt, args.device, args.tokenizer)
-    tokens, source = load_eval_tokens(args.data, tokenizer, args.split)
-    if args.max_tokens is not None:
-        tokens = tokens[:args.max_tokens]
-    seq_len = cfg.max_seq_len if args.seq_len is None else args.seq_len
-    stride = max(1, seq_len // 2) if args.stride is None else args.stride
-    result = evaluate_tokens(params, cfg, tokens, seq_len, stride, args.batch_size)
-    if args.json:
+    params, cfg, tokenizer, _, _ = load_trained(ec.ckpt, ec.device, ec.tokenizer)
+    tokens, source = load_eval_tokens(ec.data, tokenizer, ec.split)
+    if ec.max_tokens is not None:
+        tokens = tokens[:ec.max_tokens]
+    seq_len = cfg.max_seq_len if ec.seq_len is None else ec.seq_len
+    stride = max(1, seq_len // 2) if ec.stride is None else ec.stride
+    result = evaluate_tokens(params, cfg, tokens, seq_len, stride, ec.batch_size)
+    if ec.json:
         out.write(json.dumps(dict(result, seq_len=seq_len, stride=stride, source=source)) + "\n")
     else:
         out.write(f"loss {result['loss']:.4f} | perplexity {result['ppl']:.3f} | {result['n_tokens']:,} tokens "
@@ -186,7 +162,11 @@ def run(argv, out=None) -> dict:
 
 
 def main(argv=None) -> int:
-    return run_command("npllm.evaluate", run, sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.split("\n\n")[0] + "\n\nOptions:\n" + options_help(EvaluateConfig))
+        return 0
+    return run_command("npllm.evaluate", lambda a: run(EvaluateConfig(**parse_options(a, EvaluateConfig)[0])), argv)
 
 
 if __name__ == "__main__":

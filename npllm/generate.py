@@ -23,8 +23,9 @@ Choices (docs/generation.md explains them):
 
 from __future__ import annotations
 
-import argparse
+import json
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
@@ -33,7 +34,7 @@ import numpy as np
 from .backend import asnumpy, get_array_module
 from .checks import check_int, check_number
 from .cli import run_command
-from .config import ModelConfig
+from .config import GenerateConfig, ModelConfig, options_help, parse_options
 from .models.decoder import model_forward
 from .run import load_trained
 from .sampling import SamplingConfig, log_softmax, sample_token
@@ -106,11 +107,13 @@ def prompt_generators(seed: int, n_prompts: int) -> list[np.random.Generator]:
 
 
 def decode_steps(params, cfg: ModelConfig, prompts, max_new_tokens: int, sampling: SamplingConfig | None = None,
-                 *, seed: int = 0, eos_id: int | None = None, use_kv_cache: bool = True) -> Iterator[DecodeStep]:
+                 *, seed: int = 0, eos_id: int | None = None, use_kv_cache: bool = True,
+                 should_stop: Callable[[int, int], bool] | None = None) -> Iterator[DecodeStep]:
     """Yield every generated token as it is chosen, prompt group by prompt group (equal-length prompts batched).
 
     prompts: a list of token-id lists. sampling: SamplingConfig (default greedy). Within a group, the tokens of one
-    step come in prompt order; a prompt's tokens come in the order generated.
+    step come in prompt order; a prompt's tokens come in the order generated. should_stop(prompt_index, token) is
+    asked for every token: True ends that prompt there, like an EOS (a stop string, say).
     """
     sampling = SamplingConfig(temperature=0.0) if sampling is None else sampling
     max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -122,10 +125,10 @@ def decode_steps(params, cfg: ModelConfig, prompts, max_new_tokens: int, samplin
     for length in sorted(groups):
         rows = np.array(groups[length])  # (B,) prompt indices of this group
         yield from _decode_group(params, cfg, np.array([prompts[i] for i in rows]), rows, rngs, max_new_tokens,
-                                 sampling, eos_id, use_kv_cache)
+                                 sampling, eos_id, use_kv_cache, should_stop)
 
 
-def _decode_group(params, cfg, seqs, rows, rngs, max_new_tokens, sampling, eos_id, use_kv_cache):
+def _decode_group(params, cfg, seqs, rows, rngs, max_new_tokens, sampling, eos_id, use_kv_cache, should_stop):
     """Decode a batch of equal-length prompts seqs (B, T0); rows (B,) are their prompt indices."""
     past_kv = None
     step_input = seqs  # (B, T0) the prefill feeds the whole prompt
@@ -137,6 +140,8 @@ def _decode_group(params, cfg, seqs, rows, rngs, max_new_tokens, sampling, eos_i
         tokens = np.array([sample_token(logits[b], rngs[r], sampling) for b, r in enumerate(rows)])  # (B,)
         last_step = step == max_new_tokens - 1
         done = (tokens == eos_id) if eos_id is not None else np.zeros(len(rows), bool)  # (B,)
+        if should_stop is not None:
+            done |= np.array([should_stop(int(r), int(tokens[b])) for b, r in enumerate(rows)], dtype=bool)
         for b, r in enumerate(rows):
             yield DecodeStep(int(r), int(tokens[b]), logits[b], bool(done[b] or last_step))
         if last_step or done.all():
@@ -281,98 +286,129 @@ class TextStream:
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise ValueError(message)
+class PromptPrinter:
+    """Prints each prompt's text as its tokens come, in prompt order, though a batch makes them in any order.
+
+    The prompt being printed streams; the others' text is held until their turn. With stop strings, text that could
+    still become a stop string is held back, and a prompt's text ends right before the first stop string in it.
+    json: instead of text, one JSON object per prompt when it is finished (in prompt order).
+    """
+
+    def __init__(self, tokenizer, prompts: list[list[int]], texts: list[str], stop: tuple, json_lines: bool, out):
+        self.streams = [TextStream(tokenizer, ids) for ids in prompts]
+        self.prompt_texts = [stream.shown for stream in self.streams]  # each prompt as the model reads it
+        self.opened = [False] * len(prompts)  # its prompt text printed
+        self.texts, self.stop, self.json, self.out = texts, stop, json_lines, out
+        self.generated = [""] * len(prompts)  # each prompt's new text so far (stop string cut off)
+        self.tokens = [0] * len(prompts)
+        self.reason = [None] * len(prompts)  # "eos", "length" or "stop" once finished
+        self.shown = [0] * len(prompts)  # characters of generated[i] already printed
+        self.current = 0
+        self.header = len(prompts) > 1
+        self.started = time.perf_counter()
+        self.seconds = [0.0] * len(prompts)
+
+    def stopped(self, i: int, token: int) -> bool:
+        """Take prompt i's next token; True when its text now holds a stop string."""
+        self.tokens[i] += 1
+        self.generated[i] += self.streams[i].push(token)
+        for stop in self.stop:
+            at = self.generated[i].find(stop)
+            if at >= 0:
+                self.generated[i] = self.generated[i][:at]
+                self.reason[i] = "stop"
+                return True
+        return False
+
+    def finish(self, i: int, eos: bool) -> None:
+        if self.reason[i] is None:
+            self.generated[i] += self.streams[i].finish()
+            self.reason[i] = "eos" if eos else "length"
+        self.seconds[i] = time.perf_counter() - self.started
+        self.flush()
+
+    def flush(self) -> None:
+        """Print what may be printed: the current prompt's safe text, and every finished prompt in turn."""
+        while self.current < len(self.texts):
+            i = self.current
+            if not self.json:
+                if not self.opened[i]:
+                    self.opened[i] = True
+                    self.out.write((f"[{i}] " if self.header else "") + self.prompt_texts[i])
+                hold = 0 if self.reason[i] is not None else max((len(s) - 1 for s in self.stop), default=0)
+                upto = max(self.shown[i], len(self.generated[i]) - hold)
+                self.out.write(self.generated[i][self.shown[i]:upto])
+                self.shown[i] = upto
+            if self.reason[i] is None:
+                break
+            if self.json:
+                self.out.write(json.dumps(dict(index=i, prompt=self.texts[i], completion=self.generated[i],
+                                               new_tokens=self.tokens[i], finish_reason=self.reason[i],
+                                               tokens_per_s=round(self.tokens[i] / max(self.seconds[i], 1e-9), 2)),
+                                          ensure_ascii=False))
+            self.out.write("\n")
+            self.current += 1
+        self.out.flush()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m npllm.generate", description="Generate text from an npllm checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="run directory or ckpt_XXXXXXXX directory")
-    parser.add_argument("--prompt", action="append", default=None,
-                        help="prompt text; repeat for several prompts (default: one empty prompt)")
-    parser.add_argument("--max_new_tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (default 1.0)")
-    parser.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens; 0 = all (default)")
-    parser.add_argument("--top_p", type=float, default=None, help="nucleus mass in (0, 1]; 1 = all (default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--beams", type=int, default=1, help="beam search with this many beams (1: sampling)")
-    parser.add_argument("--length_penalty", type=float, default=DEFAULT_LENGTH_PENALTY,
-                        help="beam score = sum log-prob / length ** length_penalty")
-    parser.add_argument("--no_kv_cache", action="store_true", help="full forward at every step (slow, reference)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
-    return parser
-
-
-def parse_args(argv):
-    """Parsed, checked options: every bad value becomes one ValueError line."""
-    args = build_parser().parse_args(argv)
-    sampling_given = [n for n in ("temperature", "top_k", "top_p") if getattr(args, n) is not None]
-    args.sampling = SamplingConfig(
-        temperature=1.0 if args.temperature is None else args.temperature,
-        top_k=0 if args.top_k is None else args.top_k,
-        top_p=1.0 if args.top_p is None else args.top_p)
-    check_int("--beams", args.beams)  # 1: no beam search
-    if args.beams > 1 and sampling_given:
-        raise ValueError(f"--{sampling_given[0]} applies to sampling; beam search (--beams={args.beams}) is "
-                         f"deterministic and takes no sampling options")
-    check_int("--max_new_tokens", args.max_new_tokens)
-    check_number("--length_penalty", args.length_penalty, 0)
-    check_int("--seed", args.seed, 0)
-    args.prompts = args.prompt if args.prompt else [""]
-    for i, text in enumerate(args.prompts):
+def read_prompts(gc: GenerateConfig) -> list[str]:
+    """--prompt values, then the lines of --prompt_file ("-": standard input); one empty prompt when none."""
+    prompts = list(gc.prompt)
+    if gc.prompt_file is not None:
+        source = sys.stdin if gc.prompt_file == "-" else open(gc.prompt_file, encoding="utf-8")
+        try:
+            prompts += [line.rstrip("\n").replace("\\n", "\n") for line in source if line.strip()]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--prompt_file={gc.prompt_file} is not UTF-8 text ({err.reason})") from None
+        finally:
+            if source is not sys.stdin:
+                source.close()
+    prompts = prompts or [""]
+    for i, text in enumerate(prompts):
         try:
             text.encode("utf-8")  # the shell hands undecodable bytes over as lone surrogates
         except UnicodeEncodeError as err:
             raise ValueError(f"--prompt number {i + 1} is not valid UTF-8 (byte {err.object[err.start]!r} at "
                              f"{err.start}); pass UTF-8 text") from None
-    return args
+    return prompts
 
 
-def run(args, out=None) -> None:
-    out = sys.stdout if out is None else out
-    params, cfg, tokenizer, _, ckpt_dir = load_trained(args.ckpt, args.device, args.tokenizer)
+def run(gc: GenerateConfig, out=None, err=None) -> None:
+    out, err = sys.stdout if out is None else out, sys.stderr if err is None else err
+    texts = read_prompts(gc)
+    params, cfg, tokenizer, _, ckpt_dir = load_trained(gc.ckpt, gc.device, gc.tokenizer)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"the model in {ckpt_dir} has vocab_size={cfg.vocab_size} but its tokenizer "
                          f"{tokenizer.vocab_size} tokens: generation cannot sample a padded vocabulary yet")
-    prompts = [prompt_ids(tokenizer, text) for text in args.prompts]
+    prompts = [prompt_ids(tokenizer, text) for text in texts]
     for ids in prompts:
-        check_prompt(ids, cfg, args.max_new_tokens)  # refuse an overlong request before generating anything
-    use_cache = not args.no_kv_cache
-
-    if args.beams > 1:
+        check_prompt(ids, cfg, gc.max_new_tokens)  # refuse an overlong request before generating anything
+    printer = PromptPrinter(tokenizer, prompts, texts, gc.stop, gc.json, out)
+    if gc.beams > 1:
         for i, ids in enumerate(prompts):
-            best = beam_search(params, cfg, ids, args.max_new_tokens, args.beams, eos_id=tokenizer.eos_id,
-                               length_penalty=args.length_penalty, use_kv_cache=use_cache)[0]
-            header = f"[{i}] " if len(prompts) > 1 else ""
-            out.write(f"{header}{tokenizer.decode(ids + best.tokens)}\n")
-            out.flush()
-        return
-
-    if len(prompts) == 1:  # one prompt: print the text as it is produced
-        text = TextStream(tokenizer, prompts[0])
-        out.write(text.shown)
-        out.flush()
-        for token in stream(params, cfg, prompts[0], args.max_new_tokens, args.sampling, seed=args.seed,
-                            eos_id=tokenizer.eos_id, use_kv_cache=use_cache):
-            out.write(text.push(token))
-            out.flush()
-        out.write(text.finish() + "\n")
-        return
-
-    generated: list[list[int]] = [[] for _ in prompts]  # several prompts: print each one when it is finished
-    for step in decode_steps(params, cfg, prompts, args.max_new_tokens, args.sampling, seed=args.seed,
-                             eos_id=tokenizer.eos_id, use_kv_cache=use_cache):
-        generated[step.prompt_index].append(step.token)
-        if step.finished:
-            i = step.prompt_index
-            out.write(f"[{i}] {tokenizer.decode(prompts[i] + generated[i])}\n")
-            out.flush()
+            best = beam_search(params, cfg, ids, gc.max_new_tokens, gc.beams, eos_id=tokenizer.eos_id,
+                               length_penalty=gc.length_penalty, use_kv_cache=gc.kv_cache)[0]
+            stopped = any(printer.stopped(i, token) for token in best.tokens)
+            printer.finish(i, eos=best.finished and not stopped)
+    else:
+        for step in decode_steps(params, cfg, prompts, gc.max_new_tokens, gc.sampling, seed=gc.seed,
+                                 eos_id=tokenizer.eos_id, use_kv_cache=gc.kv_cache, should_stop=printer.stopped):
+            if step.finished:
+                printer.finish(step.prompt_index, eos=step.token == tokenizer.eos_id)
+            elif step.prompt_index == printer.current:
+                printer.flush()
+    seconds, total = time.perf_counter() - printer.started, sum(printer.tokens)
+    if not gc.json:
+        print(f"npllm.generate: {total} new tokens in {seconds:.2f} s ({total / max(seconds, 1e-9):,.1f} tok/s)",
+              file=err)
 
 
 def main(argv=None) -> int:
-    return run_command("npllm.generate", lambda a: run(parse_args(a)), sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.split("\n\n")[0] + "\n\nOptions:\n" + options_help(GenerateConfig))
+        return 0
+    return run_command("npllm.generate", lambda a: run(GenerateConfig(**parse_options(a, GenerateConfig)[0])), argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """AdamW, global-norm gradient clipping and the warmup + cosine learning-rate schedule.
 
 Parameters and gradients are ordered ``dict[str, array]`` with the same keys (the names come from
-``model.param_shapes``). Arrays may be NumPy or CuPy: every function asks the data for its array module
+``npllm.models.decoder.param_specs``). Arrays may be NumPy or CuPy: every function asks the data for its array module
 (``xp = get_array_module(x)``), so the same code runs on either.
 
 The math, with these symbols, is derived in ``docs/derivations/adamw.md``:

@@ -37,7 +37,7 @@ import numpy as np
 from .backend import asnumpy, to_device, xp_for_device
 from .checkpoint import last_good_checkpoint, latest_checkpoint, save_checkpoint
 from .cli import one_line, report_error
-from .config import PRESETS, ModelConfig, TrainConfig, get_preset, options_help, parse_options
+from .config import PRESETS, ModelConfig, TrainConfig, get_preset, options_help, parse_options, write_config_file
 from .corpus import default_data_dir
 from .data import BatchSampler, TrainingData, load_token_data
 from .layers.loss import IGNORE_INDEX
@@ -201,6 +201,8 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
     """The body of ``train``, in phases: data, starting state, cost and log lines, the loop, the end."""
     main_rank = comm.world.rank == 0
     xp, dtype, out_dir, axes = xp_for_device(tc.device), np.dtype(tc.dtype), Path(tc.out_dir), split_axes(cfg)
+    if main_rank:
+        write_config_file(out_dir / "config.toml", cfg, tc)  # --config=RUN/config.toml runs it again
 
     # 1. data: this dp rank's rows of the global batch
     source = resumed or initial
@@ -241,7 +243,7 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
             log(f"step 0/{tc.steps} | val loss {val_loss:.4f} | val ppl {m['val_ppl']:.2f}")
         for step in range(start_step, tc.steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup, total_steps=tc.decay_steps, min_lr=tc.min_lr)
+            lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup, total_steps=tc.decay_steps, min_lr=tc.final_lr)
             x, y = sampler.next()  # (B, T) each: this dp rank's rows
             loss, grads = accumulate_loss_and_grads(params, xp.asarray(x), xp.asarray(y), cfg, tc.micro_batches,
                                                     tp=comm.tp)

@@ -35,7 +35,7 @@ def test_overrides_replace_fields_and_configs_are_frozen():
     (dict(n_heads=4, n_kv_heads=3), r"n_heads=4 must be divisible by n_kv_heads=3"),
     (dict(dim=12, n_heads=4, n_kv_heads=2), r"RoPE needs an even head size, got dim/n_heads=3"),
     (dict(norm="batchnorm"), r"norm='batchnorm' is not allowed; choose one of: rmsnorm, layernorm"),
-    (dict(mlp="relu"), r"mlp='relu' is not allowed; choose one of: swiglu, gelu"),
+    (dict(mlp="tanh"), r"mlp='tanh' is not allowed; choose one of: swiglu, gelu"),
     (dict(pos="alibi"), r"pos='alibi' is not allowed; choose one of: rope, learned"),
     (dict(vocab_size=0), r"vocab_size=0 is not allowed; use a positive integer"),
     (dict(dim=-8), r"dim=-8 is not allowed; use a positive integer"),
@@ -138,3 +138,34 @@ def test_parse_options_takes_both_spellings_and_suggests_the_nearest_name():
         parse_options(["--lr", "--steps=3"], ModelConfig, TrainConfig)
     with pytest.raises(ValueError, match=r"unexpected argument 'nano'"):
         parse_options(["nano"], ModelConfig, TrainConfig)
+
+
+def test_config_files_toml_and_yaml_with_command_line_overrides(tmp_path):
+    (tmp_path / "run.toml").write_text('preset = "nano-gpt2"\n[train]\nsteps = 2e3\nlr = 3e-4\n[model]\ndim = 64\n')
+    (tmp_path / "run.yaml").write_text("preset: nano-gpt2\nsteps: 2000\nlr: 3.0e-4\ndim: 64\nwarmup_steps: null\n")
+    for name in ("run.toml", "run.yaml"):
+        model, train = parse_options([f"--config={tmp_path / name}", "--lr", "1e-3"], ModelConfig, TrainConfig)
+        assert model == {"dim": 64}
+        assert {k: v for k, v in train.items() if k != "warmup_steps"} == {"preset": "nano-gpt2", "steps": 2000,
+                                                                           "lr": 1e-3}
+    (tmp_path / "typo.toml").write_text("stepz = 3\n")
+    with pytest.raises(ValueError, match=r"typo.toml: unknown option 'stepz'; did you mean --steps"):
+        parse_options([f"--config={tmp_path / 'typo.toml'}"], ModelConfig, TrainConfig)
+    (tmp_path / "bad.toml").write_text('steps = "many"\n')
+    with pytest.raises(ValueError, match=r"bad.toml: --steps='many' is not an integer"):
+        parse_options([f"--config={tmp_path / 'bad.toml'}"], ModelConfig, TrainConfig)
+    (tmp_path / "broken.toml").write_text("steps = = 3\n")
+    with pytest.raises(ValueError, match=r"broken.toml: not valid TOML"):
+        parse_options([f"--config={tmp_path / 'broken.toml'}"], ModelConfig, TrainConfig)
+    with pytest.raises(ValueError, match=r"use a .toml, .yaml or .yml file"):
+        parse_options([f"--config={tmp_path / 'x.ini'}"], ModelConfig, TrainConfig)
+
+
+def test_a_written_config_file_reads_back_as_the_same_configs(tmp_path):
+    from npllm.config import write_config_file
+
+    cfg = get_preset("nano-gpt2", dim=64)
+    tc = TrainConfig(preset="nano-gpt2", steps=7, lr=3e-4, data="some dir/with \"quotes\"", warmup_steps=0)
+    write_config_file(tmp_path / "config.toml", cfg, tc)
+    model, train = parse_options([f"--config={tmp_path / 'config.toml'}"], ModelConfig, TrainConfig)
+    assert ModelConfig(**model) == cfg and TrainConfig(**train) == tc

@@ -159,7 +159,7 @@ def test_cli_shard_dir_and_max_tokens(run_dir, tmp_path, capsys):
 @pytest.mark.parametrize("extra, word", [
     (["--data=/no/such/file"], "no such file"), (["--data=DATA", "--stride=0"], "stride"),
     (["--data=DATA", "--seq_len=99"], "max_seq_len"), (["--data=DATA", "--max_tokens=1"], "max_tokens"),
-    (["--data=DATA", "--batch_size=x"], "invalid int"), ([], "--data"),
+    (["--data=DATA", "--batch_size=x"], "is not an integer"), ([], "--data"),
 ])
 def test_cli_bad_input_is_one_clear_line(run_dir, tmp_path, capsys, extra, word):
     text = tmp_path / "t.txt"

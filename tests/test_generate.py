@@ -11,6 +11,7 @@ Bounds on the cached logits, relative to the largest |logit| of the sequence:
 
 import itertools
 import json
+import re
 import math
 
 import numpy as np
@@ -266,7 +267,7 @@ def test_cli_streams_one_prompt_and_matches_the_python_api(run_dir, capsys):
 
     code, out, err = cli([f"--ckpt={run_dir}", "--prompt=The value", "--max_new_tokens=8", "--temperature=0.9",
                           "--top_k=20", "--seed=4"], capsys)
-    assert code == 0 and err == ""
+    assert code == 0 and re.fullmatch(r"npllm.generate: 8 new tokens in [\d.]+ s \([\d,.]+ tok/s\)\n", err), err
     params, cfg, tok = load_trained(run_dir)[:3]
     ids = prompt_ids(tok, "The value")
     assert ids[0] == tok.eos_id
@@ -309,7 +310,8 @@ def test_cli_beams_and_no_kv_cache(run_dir, capsys):
     (["--top_p=0"], "top_p"), (["--top_p=1.5"], "top_p"), (["--temperature=-1"], "temperature"),
     (["--beams=0"], "beams"), (["--top_k=-3"], "top_k"), (["--max_new_tokens=0"], "max_new_tokens"),
     (["--max_new_tokens=20"], "max_seq_len=16"), (["--beams=2", "--top_k=5"], "beam search"),
-    (["--top_k=abc"], "invalid int"), (["--device=tpu"], "invalid choice"), (["--bogus=1"], "unrecognized"),
+    (["--top_k=abc"], "--top_k='abc' is not an integer"), (["--device=tpu"], "device='tpu' is not allowed"),
+    (["--bogus=1"], "unknown option --bogus"), (["--stop="], "--stop= is empty"),
 ])
 def test_cli_bad_input_is_one_clear_line(run_dir, capsys, extra, word):
     code, out, err = cli([f"--ckpt={run_dir}", "--prompt=hi"] + extra, capsys)
@@ -363,8 +365,35 @@ def test_cli_on_a_run_written_by_the_trainer(tmp_path, capsys):
                        "--steps=2", f"--data={tmp_path / 'data'}", f"--out_dir={run}"]) == 0
     capsys.readouterr()
     code, out, err = cli([f"--ckpt={run}", "--prompt=The", "--max_new_tokens=10", "--temperature=0"], capsys)
-    assert code == 0 and err == "" and out.startswith("The")
+    assert code == 0 and err.startswith("npllm.generate: ") and err.count("\n") == 1 and out.startswith("The")
     assert evaluate_main([f"--ckpt={run}", f"--data={tmp_path / 'data'}", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["seq_len"] == 32 and result["stride"] == 16 and result["n_tokens"] > 100
     assert math.isclose(result["ppl"], math.exp(result["loss"]), rel_tol=1e-12)
+
+
+def test_cli_stop_strings_json_and_prompt_files(run_dir, capsys, tmp_path, monkeypatch):
+    """--stop ends a prompt's text right before the stop string; --json gives one object per prompt in prompt order;
+    --prompt_file and stdin add prompts; the streamed text equals the Python API's."""
+    from npllm.generate import prompt_ids
+    from npllm.run import load_trained
+
+    params, cfg, tok = load_trained(run_dir)[:3]
+    prompts = ["a", "The value of", "def"]
+    ids = [prompt_ids(tok, p) for p in prompts]
+    full = [tok.decode(i + g)[len(tok.decode(i)):] for i, g in zip(ids, generate(params, cfg, ids, 6, eos_id=tok.eos_id))]
+    stop = next(c for c in full[1][1:] if c.isalnum())  # a character the greedy text of prompt 1 holds
+    (tmp_path / "prompts.txt").write_text("The value of\n\ndef\n")
+    code, out, err = cli([f"--ckpt={run_dir}", "--prompt=a", f"--prompt_file={tmp_path / 'prompts.txt'}",
+                          "--max_new_tokens=6", "--temperature=0", "--json", f"--stop={stop}"], capsys)
+    assert code == 0 and err == "", err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2] and [r["prompt"] for r in rows] == prompts
+    for row, text in zip(rows, full):
+        cut = text.find(stop)
+        assert row["completion"] == (text if cut < 0 else text[:cut])
+        assert row["finish_reason"] == ("stop" if cut >= 0 else "eos" if row["new_tokens"] < 6 else "length")
+    assert rows[1]["finish_reason"] == "stop"
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("a\nThe value of\n"))
+    code, out, _ = cli([f"--ckpt={run_dir}", "--prompt_file=-", "--max_new_tokens=6", "--temperature=0"], capsys)
+    assert code == 0 and out.splitlines() == [f"[0] {tok.decode(ids[0])}{full[0]}", f"[1] {tok.decode(ids[1])}{full[1]}"]

@@ -15,6 +15,8 @@ import re
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -398,3 +400,21 @@ def test_cuda_without_cupy_is_one_clear_line(data_dir, tmp_path):
               "sys.exit(main(sys.argv[1:]))")
     proc = run_cli(*tiny(data_dir, tmp_path / "run", "--steps=2"), "--device=cuda", script=script)
     assert_one_line_error(proc, "device 'cuda' needs CuPy", "pip install -e '.[gpu]'")
+
+
+def test_every_run_writes_its_resolved_config_and_config_reruns_it(data_dir, tmp_path):
+    run_main(*tiny(data_dir, tmp_path / "first", "--steps=3", "--eval_interval=3", "--eval_batches=1"))
+    written = (tmp_path / "first" / "config.toml").read_text()
+    assert "[model]" in written and "dim = 32" in written and "steps = 3" in written
+    run_main(f"--config={tmp_path / 'first' / 'config.toml'}", f"--out_dir={tmp_path / 'again'}")
+    assert without_timing(read_metrics(tmp_path / "again")) == without_timing(read_metrics(tmp_path / "first"))
+
+
+def test_console_scripts_run_the_same_commands(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    for script in ("npllm-train", "npllm-generate", "npllm-evaluate"):
+        done = subprocess.run([str(bin_dir / script), "--help"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "--" in done.stdout, (script, done.stderr)
+    done = subprocess.run([str(bin_dir / "npllm-train"), "--stepz=3"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip() == ("npllm.train: error: unknown option --stepz; did you mean "
+                                                            "--steps? (--help lists every option)")
