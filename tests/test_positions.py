@@ -25,26 +25,26 @@ def test_table_matches_the_formula_entry_by_entry(backend, T, half, offset):
     assert table.shape == (T, dim) and table.dtype == np.float64
     expected = np.empty((T, dim))
     for t, pos in enumerate(positions):
-        for i in range(half):
-            angle = pos / 10000.0 ** (2 * i / dim)
-            expected[t, 2 * i] = math.sin(angle)
-            expected[t, 2 * i + 1] = math.cos(angle)
-    # the angle pos * 10000^(-2i/dim) and pos / 10000^(2i/dim) differ by ~1 ulp of the angle (<= 5000 * 1.1e-16)
+        for d in range(half):
+            angle = pos / 10000.0 ** (2 * d / dim)
+            expected[t, 2 * d] = math.sin(angle)
+            expected[t, 2 * d + 1] = math.cos(angle)
+    # the angle pos * 10000^(-2d/dim) and pos / 10000^(2d/dim) differ by ~1 ulp of the angle (<= 5000 * 1.1e-16)
     np.testing.assert_allclose(asnumpy(table), expected, rtol=0, atol=2e-12)
 
 
 @settings(max_examples=20, deadline=None)
-@given(pos=st.integers(0, 2000), k=st.integers(-50, 50), half=st.integers(1, 6))
-def test_a_shift_is_a_fixed_rotation_of_each_pair(pos, k, half):
-    # PE(pos + k)[2i : 2i+2] = R(k * w_i) PE(pos)[2i : 2i+2], R depending on k and i only (not on pos)
+@given(pos=st.integers(0, 2000), shift=st.integers(-50, 50), half=st.integers(1, 6))
+def test_a_shift_is_a_fixed_rotation_of_each_pair(pos, shift, half):
+    # PE[pos + shift, 2d : 2d+2] = Shift_d PE[pos, 2d : 2d+2], a rotation by shift * f_d (not depending on pos)
     dim = 2 * half
-    pos = max(pos, -k)  # keep pos + k >= 0
-    both = sinusoidal_table(np.array([pos, pos + k]), dim, dtype=np.float64)  # (2, dim)
-    w = 10000.0 ** (-np.arange(half) * 2.0 / dim)  # (half,)
-    s, c = both[0, 0::2], both[0, 1::2]
-    cb, sb = np.cos(k * w), np.sin(k * w)
-    np.testing.assert_allclose(both[1, 0::2], s * cb + c * sb, rtol=0, atol=1e-12)   # sin(a + b)
-    np.testing.assert_allclose(both[1, 1::2], c * cb - s * sb, rtol=0, atol=1e-12)   # cos(a + b)
+    pos = max(pos, -shift)  # keep pos + shift >= 0
+    both = sinusoidal_table(np.array([pos, pos + shift]), dim, dtype=np.float64)  # (2, dim)
+    f = 10000.0 ** (-np.arange(half) * 2.0 / dim)  # (half,) the frequencies f_d
+    sin_pos, cos_pos = both[0, 0::2], both[0, 1::2]
+    cos_shift, sin_shift = np.cos(shift * f), np.sin(shift * f)
+    np.testing.assert_allclose(both[1, 0::2], sin_pos * cos_shift + cos_pos * sin_shift, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(both[1, 1::2], cos_pos * cos_shift - sin_pos * sin_shift, rtol=0, atol=1e-12)
 
 
 def test_float32_is_the_rounded_float64_table():
