@@ -23,7 +23,9 @@ DEFAULT_VOCAB_SIZE = 2048  # small enough for the nano model's embedding, large 
 # usual DEFAULT_VOCAB_SIZE tokenizer, its other embedding rows and logits being padding (npllm.data.load_token_data).
 MAX_VOCAB_SIZE = 8192
 VAL_FRACTION = 0.1
-BUILD_RECIPE = 1  # bump when the way the cache is built changes, so old cache entries are not reused
+# Bumped when the way the cache is built changes, so old cache entries are not reused (2: the split is by documents,
+# and meta.json records byte counts).
+BUILD_RECIPE = 2
 
 
 def default_corpus_documents() -> list[str]:

@@ -1,10 +1,17 @@
 """Token shards on disk, and the batches drawn from them.
 
-    text files -> Tokenizer.encode -> one token stream -> DIR/train.bin, DIR/val.bin, DIR/meta.json
+    text -> documents (npllm.sources) -> Tokenizer.encode, on every core -> DIR/train.bin, DIR/val.bin, DIR/meta.json
     load_tokens(DIR/train.bin) -> read-only memmap -> BatchSampler.next() -> (x, y) int64 (B, T)
 
-The token stream is every document's tokens followed by eos_id (so documents are separated by EOS, and the stream
-ends with one). The last floor(N * val_fraction) tokens of the stream are the validation split, the rest train.
+Each document's tokens are followed by eos_id (so documents are separated by EOS, and each split ends with one).
+The split is by documents: document i (counted from 0 over all inputs, in order) goes to val when
+val_score(i) < val_fraction, a fixed hash of i, so val is drawn from the whole corpus and the same inputs give the
+same split. Each split gets at least one document: if none fell in one, the document whose score came nearest
+moves over. A single document is split by tokens instead: its last floor(N * val_fraction) tokens are val.
+
+Preparation streams in bounded memory: documents are read and encoded a piece at a time (npllm.sources), workers
+encode batches of pieces in parallel (results are taken in order, so the output does not depend on the number of
+workers), and each shard is appended to a temp file whose header gets its token count at the end, then renamed.
 
 Shard file (little-endian), see docs/data.md:
     bytes 0..8    magic b"NPLLMTOK"
@@ -15,12 +22,17 @@ Shard file (little-endian), see docs/data.md:
     bytes 28..64  zero
     bytes 64..    the N tokens
 
-    python -m npllm.data prepare --input FILE... --tokenizer DIR --out DIR [--val_fraction 0.1]
+    python -m npllm.data prepare --input PATH... --tokenizer DIR --out DIR [--val_fraction 0.1] [--field text]
+                                 [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import hashlib
+import multiprocessing
+import os
 import struct
 import sys
 from dataclasses import dataclass
@@ -30,16 +42,22 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 
 from .checks import check_int
-from .files import atomic_write, check_input_files
+from .files import atomic_write, fsync_path, temp_name
 from .run import DataMeta, read_data_meta, write_data_meta
-from .tokenizer import Tokenizer
+from .sources import DocumentReader, resolve_inputs, split_text, total_bytes
+from .tokenizer import Tokenizer, load_tokenizer
 
 MAGIC = b"NPLLMTOK"
 FORMAT_VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQI")  # magic, version, bytes per token, token count, vocab size
 TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # bytes per token -> dtype
-ENCODE_CHUNK_CHARS = 1 << 20  # documents are encoded about 1 MiB of text at a time, to bound memory
+ENCODE_CHUNK_CHARS = 1 << 20  # a document is encoded at most about 1M characters at a time, to bound memory
+BATCH_CHARS = 1 << 20  # a worker's task: pieces of documents adding up to about 1M characters
+IN_FLIGHT = 2  # batches sent to the pool per worker, at most, before the oldest result is taken
+COPY_TOKENS = 1 << 20  # tokens are moved between temp shards and counted 1M at a time
+SPLIT_SEED = 0  # val_score's fixed seed
+EOS_BYTES = 1  # an EOS stands for one byte of text: the end of its document (see byte counts in docs/data.md)
 CHECK_CHUNK = 1 << 24  # token ids are range-checked 16M at a time
 
 
@@ -66,8 +84,60 @@ def write_tokens(path: str | Path, tokens, vocab_size: int) -> None:
     if tokens.min() < 0 or tokens.max() >= vocab_size:
         raise ValueError(f"token ids must be in [0, {vocab_size}), got min {tokens.min()} max {tokens.max()}")
     dtype = token_dtype(vocab_size)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, dtype.itemsize, tokens.size, vocab_size).ljust(HEADER_BYTES, b"\0")
-    atomic_write(path, [header, np.ascontiguousarray(tokens, dtype=dtype)])
+    atomic_write(path, [shard_header(dtype, tokens.size, vocab_size), np.ascontiguousarray(tokens, dtype=dtype)])
+
+
+def shard_header(dtype: np.dtype, count: int, vocab_size: int) -> bytes:
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, dtype.itemsize, count, vocab_size).ljust(HEADER_BYTES, b"\0")
+
+
+class ShardWriter:
+    """One shard written a batch at a time: tokens are appended to a temp file beside ``path`` (after a header
+    that says 0 tokens); commit() writes the real count into the header, fsyncs and renames the file to ``path``.
+    Until then ``path`` is the old file or none, never a half shard; abort() removes the temp file."""
+
+    def __init__(self, path: str | Path, vocab_size: int):
+        self.path, self.vocab_size = Path(path), int(vocab_size)
+        self.dtype = token_dtype(self.vocab_size)
+        self.temp = temp_name(self.path)
+        self.file = open(self.temp, "x+b")
+        self.file.write(shard_header(self.dtype, 0, self.vocab_size))
+        self.count = 0  # tokens written
+
+    def write(self, tokens) -> None:
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)  # (n,)
+        self.file.seek(0, os.SEEK_END)
+        self.file.write(tokens)
+        self.count += tokens.size
+
+    def read(self, start: int, stop: int) -> Iterator[np.ndarray]:
+        """Tokens [start, stop) of what was written, COPY_TOKENS at a time."""
+        for s in range(start, stop, COPY_TOKENS):
+            n = min(COPY_TOKENS, stop - s)
+            self.file.seek(HEADER_BYTES + s * self.dtype.itemsize)
+            yield np.frombuffer(self.file.read(n * self.dtype.itemsize), self.dtype)  # (n,)
+
+    def remove(self, start: int, stop: int) -> None:
+        """Remove tokens [start, stop): the tokens after them move down, a chunk at a time."""
+        for s in range(stop, self.count, COPY_TOKENS):
+            (chunk,) = self.read(s, min(s + COPY_TOKENS, self.count))
+            self.file.seek(HEADER_BYTES + (s - (stop - start)) * self.dtype.itemsize)
+            self.file.write(chunk)
+        self.count -= stop - start
+        self.file.truncate(HEADER_BYTES + self.count * self.dtype.itemsize)
+
+    def commit(self) -> None:
+        self.file.seek(0)
+        self.file.write(shard_header(self.dtype, self.count, self.vocab_size))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.temp, self.path)
+        fsync_path(self.path.parent)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.temp.unlink(missing_ok=True)
 
 
 def read_header(path: str | Path) -> ShardHeader:
@@ -113,69 +183,248 @@ def load_tokens(path: str | Path, vocab_size: int | None = None) -> np.memmap:
     return tokens
 
 
-def _line_chunks(text: str, chunk_chars: int) -> Iterator[str]:
-    """Cut text into pieces of about chunk_chars, each ending just after a newline (or at the end of text).
+def val_score(index: int) -> float:
+    """Document ``index``'s fixed place in [0, 1): the first 8 bytes of blake2b("SEED:index"), little-endian, over
+    2**64. The document goes to val when val_score(index) < val_fraction."""
+    digest = hashlib.blake2b(f"{SPLIT_SEED}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64
 
-    No token spans a newline (no learned piece contains one), so encoding the pieces one by one gives
-    exactly the tokens of encoding the whole text.
+
+def encode_pieces(tokenizer: Tokenizer, pieces: list[str], ends: list[bool]):
+    """Encode pieces of documents, an EOS after each piece that ends its document.
+
+    Returns (tokens (n,) of token_dtype(V), tokens per piece (P,) int64 with its EOS, UTF-8 bytes per piece (P,)
+    int64 with EOS_BYTES for its EOS).
     """
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + chunk_chars - 1) + 1 or len(text)
-        yield text[start:end]
-        start = end
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = np.array([tokenizer.eos_id], dtype)  # (1,)
+    arrays, counts, nbytes = [], np.zeros(len(pieces), np.int64), np.zeros(len(pieces), np.int64)
+    for j, (text, end) in enumerate(zip(pieces, ends)):
+        arrays.append(tokenizer.encode_array(text, dtype))  # (n_j,)
+        if end:
+            arrays.append(eos)
+        counts[j] = len(arrays[-1 - end]) + end
+        nbytes[j] = len(text.encode("utf-8", "surrogatepass")) + EOS_BYTES * end
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)  # (sum of counts,)
+    return tokens, counts, nbytes
 
 
 def encode_documents(documents: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
-    """One token stream: each document's tokens followed by eos_id. Returns (N,) of token_dtype(V)."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    pieces = []
-    for doc in documents:
-        for chunk in _line_chunks(doc, ENCODE_CHUNK_CHARS):
-            pieces.append(np.array(tokenizer.encode(chunk), dtype=dtype))
-        pieces.append(np.array([tokenizer.eos_id], dtype=dtype))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+    """One token stream: each document's tokens followed by eos_id. Returns (N,) of token_dtype(V).
+
+    A long document is encoded a piece of about ENCODE_CHUNK_CHARS at a time, cut where the tokenizer says the
+    pieces encode as the whole does (Tokenizer.next_cut)."""
+    parts = [encode_pieces(tokenizer, [text], [end])[0]
+             for doc in documents for text, end in split_text(doc, tokenizer.next_cut, ENCODE_CHUNK_CHARS)]
+    return np.concatenate(parts) if parts else np.zeros(0, token_dtype(tokenizer.vocab_size))
 
 
-def write_dataset(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path,
-                  val_fraction: float = 0.1, sources: list[str] | None = None) -> DataMeta:
-    """Encode documents, split the stream (last floor(N * val_fraction) tokens are val), and write
-    out_dir/train.bin, out_dir/val.bin and out_dir/meta.json. Returns the DataMeta."""
+def _batches(pieces: Iterable[tuple[str, bool]]) -> Iterator[tuple[list[str], list[bool]]]:
+    """Pieces grouped into batches of about BATCH_CHARS characters: (texts, ends)."""
+    texts, ends, size = [], [], 0
+    for text, end in pieces:
+        texts.append(text)
+        ends.append(end)
+        size += len(text)
+        if size >= BATCH_CHARS:
+            yield texts, ends
+            texts, ends, size = [], [], 0
+    if texts:
+        yield texts, ends
+
+
+_worker_tokenizer = None  # each pool worker's own copy
+
+
+def _start_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; no threads inside each worker
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(pieces: list[str], ends: list[bool]):
+    return encode_pieces(_worker_tokenizer, pieces, ends)
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Encoder:
+    """Encodes batches of pieces in order, in this process (workers=1) or in a pool of worker processes. At most
+    IN_FLIGHT batches per worker are out at a time, so reading never runs far ahead of encoding."""
+
+    def __init__(self, tokenizer: Tokenizer, workers: int = 1):
+        check_int("workers", workers)
+        self.tokenizer, self.workers = tokenizer, int(workers)
+        self.pool = None
+        if self.workers > 1:
+            self.pool = multiprocessing.get_context().Pool(self.workers, initializer=_start_worker,
+                                                           initargs=(tokenizer,))
+
+    def map(self, batches: Iterable[tuple[list[str], list[bool]]]):
+        """(ends, encode_pieces result) for each batch, in the batches' order."""
+        if self.pool is None:
+            for texts, ends in batches:
+                yield ends, encode_pieces(self.tokenizer, texts, ends)
+            return
+        pending = collections.deque()
+        for texts, ends in batches:
+            pending.append((ends, self.pool.apply_async(_encode_in_worker, (texts, ends))))
+            if len(pending) >= IN_FLIGHT * self.workers:
+                ends, result = pending.popleft()
+                yield ends, result.get()
+        while pending:
+            ends, result = pending.popleft()
+            yield ends, result.get()
+
+    def __enter__(self) -> "Encoder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.pool is not None:
+            if exc_type is None:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()  # reaps the workers (their peak memory then shows in RUSAGE_CHILDREN)
+
+
+class _Nearest:
+    """The document of a split whose score came nearest to the other split, and where its tokens lie."""
+
+    def __init__(self):
+        self.distance, self.start, self.stop, self.nbytes = None, 0, 0, 0
+
+    def offer(self, distance: float, start: int, stop: int, nbytes: int) -> None:
+        if self.distance is None or distance < self.distance:
+            self.distance, self.start, self.stop, self.nbytes = distance, start, stop, nbytes
+
+
+def _move(src: ShardWriter, dst: ShardWriter, start: int, stop: int) -> None:
+    """Append src's tokens [start, stop) to dst and remove them from src."""
+    for chunk in src.read(start, stop):
+        dst.write(chunk)
+    src.remove(start, stop)
+
+
+def write_splits(pieces: Iterable[tuple[str, bool]], tokenizer: Tokenizer, out_dir: str | Path,
+                 val_fraction: float = 0.1, sources: list[str] | None = None,
+                 encoder: Encoder | None = None) -> DataMeta:
+    """Encode the pieces of documents ((text, ends_document) pairs, in order), split them by documents (module
+    docstring), write out_dir/train.bin, val.bin and meta.json. Returns the DataMeta."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    tokens = encode_documents(documents, tokenizer)  # (N,)
-    n_val = int(len(tokens) * val_fraction)
-    if n_val == 0 or n_val == len(tokens):
-        raise ValueError(f"the text has only {len(tokens)} tokens: too few to split with val_fraction={val_fraction}")
+    encoder = encoder or Encoder(tokenizer, 1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_tokens(out_dir / "train.bin", tokens[:-n_val], tokenizer.vocab_size)
-    write_tokens(out_dir / "val.bin", tokens[-n_val:], tokenizer.vocab_size)
-    tokenizer_dir = tokenizer.model_path.parent.resolve()
+    V = tokenizer.vocab_size
+    writers = {False: ShardWriter(out_dir / "train.bin", V), True: ShardWriter(out_dir / "val.bin", V)}
+    try:
+        n_docs = {False: 0, True: 0}
+        n_bytes = {False: 0, True: 0}
+        position = {False: 0, True: 0}  # tokens routed to each split so far
+        nearest = {False: _Nearest(), True: _Nearest()}  # train: lowest score; val: highest
+        in_val, score, doc_start, doc_bytes = None, 0.0, 0, 0  # the document being read (in_val None: between)
+        for ends, (tokens, counts, piece_bytes) in encoder.map(_batches(pieces)):
+            to_val = np.zeros(len(ends), bool)  # (P,) the split of each piece's document
+            for j, end in enumerate(ends):
+                if in_val is None:  # a document starts
+                    score = val_score(n_docs[False] + n_docs[True])
+                    in_val = score < val_fraction
+                    doc_start, doc_bytes = position[in_val], 0
+                to_val[j] = in_val
+                position[in_val] += int(counts[j])
+                doc_bytes += int(piece_bytes[j])
+                if end:
+                    n_docs[in_val] += 1
+                    n_bytes[in_val] += doc_bytes
+                    nearest[in_val].offer(val_fraction - score if in_val else score - val_fraction,
+                                          doc_start, position[in_val], doc_bytes)
+                    in_val = None
+            mask = np.repeat(to_val, counts)  # (n,) each token's split
+            writers[False].write(tokens[~mask])
+            writers[True].write(tokens[mask])
+        split = _fix_split(writers, n_docs, n_bytes, nearest, val_fraction, tokenizer)
+        for w in writers.values():
+            w.commit()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    tokenizer_dir = tokenizer.directory.resolve()
     if tokenizer_dir.is_relative_to(out_dir.resolve()):  # a tokenizer inside the data dir moves with it
         tokenizer_dir = tokenizer_dir.relative_to(out_dir.resolve())
     meta = DataMeta(tokenizer_dir=str(tokenizer_dir), tokenizer_fingerprint=tokenizer.fingerprint,
-                    vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                    dtype=str(token_dtype(tokenizer.vocab_size)), val_fraction=val_fraction,
-                    train_tokens=len(tokens) - n_val, val_tokens=n_val, sources=sources or [])
+                    vocab_size=V, eos_id=tokenizer.eos_id, dtype=str(token_dtype(V)), val_fraction=val_fraction,
+                    train_tokens=writers[False].count, val_tokens=writers[True].count, sources=sources or [],
+                    train_bytes=n_bytes[False], val_bytes=n_bytes[True], train_documents=n_docs[False],
+                    val_documents=n_docs[True], split=split)
     write_data_meta(out_dir, meta)
     return meta
 
 
-def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
-                 val_fraction: float = 0.1) -> DataMeta:
-    """Tokenize UTF-8 text files (each file is one document) into shards in out_dir. Returns the DataMeta."""
-    paths = check_input_files(inputs)
-    tokenizer = Tokenizer.load(tokenizer_dir)
+def _fix_split(writers, n_docs, n_bytes, nearest, val_fraction, tokenizer) -> str:
+    """Make both splits non-empty (module docstring); update the counts. Returns the split rule used."""
+    total_docs = n_docs[False] + n_docs[True]
+    if total_docs == 0:
+        raise ValueError("the inputs hold no documents (only empty or blank .jsonl files)")
+    if total_docs == 1:  # one document: its last floor(N * val_fraction) tokens are val
+        in_val = n_docs[True] == 1
+        N = writers[in_val].count
+        n_val = int(N * val_fraction)
+        if n_val == 0 or n_val == N:
+            raise ValueError(f"the text has only {N} tokens: too few to split with val_fraction={val_fraction}")
+        if in_val:
+            _move(writers[True], writers[False], 0, N - n_val)
+        else:
+            _move(writers[False], writers[True], N - n_val, N)
+        counter = tokenizer.byte_counter()
+        for chunk in writers[True].read(0, n_val):
+            counter.add(chunk)
+        total = n_bytes[in_val]
+        n_bytes[True], n_bytes[False] = counter.total, total - counter.total
+        return "tokens"
+    for empty in (True, False):
+        if n_docs[empty] == 0:  # the other split's document nearest to this one moves over
+            doc = nearest[not empty]
+            _move(writers[not empty], writers[empty], doc.start, doc.stop)
+            n_docs[empty], n_docs[not empty] = 1, n_docs[not empty] - 1
+            n_bytes[empty], n_bytes[not empty] = doc.nbytes, n_bytes[not empty] - doc.nbytes
+    return "documents"
 
-    def documents():
-        for p in paths:
-            try:
-                yield p.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"input file {p} is not UTF-8 text: {e}") from None
 
-    return write_dataset(documents(), tokenizer, out_dir, val_fraction, sources=[str(p) for p in paths])
+def write_dataset(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path,
+                  val_fraction: float = 0.1, sources: list[str] | None = None) -> DataMeta:
+    """Encode documents (strings, in this process), split them (module docstring) and write out_dir/train.bin,
+    out_dir/val.bin and out_dir/meta.json. Returns the DataMeta."""
+    pieces = (piece for doc in documents for piece in split_text(doc, tokenizer.next_cut, ENCODE_CHUNK_CHARS))
+    return write_splits(pieces, tokenizer, out_dir, val_fraction, sources)
+
+
+def prepare_data(inputs, tokenizer_dir: str | Path, out_dir: str | Path, val_fraction: float = 0.1, *,
+                 field: str = "text", workers: int | None = None, progress: bool | None = None) -> DataMeta:
+    """Tokenize the inputs (files, folders, glob patterns; .txt, .jsonl with ``field``, .gz: npllm.sources) with the
+    tokenizer in tokenizer_dir (any kind npllm.tokenizer.load_tokenizer reads) into shards in out_dir.
+
+    workers: encoding processes (default: one per core, fewer for a small input). progress: a tqdm bar of the
+    bytes read (default: when stderr is a terminal). Returns the DataMeta.
+    """
+    from tqdm import tqdm
+
+    if not 0.0 < val_fraction < 1.0:  # before the reading starts
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    files = resolve_inputs(inputs)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    size = total_bytes(files)
+    if workers is None:
+        workers = max(1, min(default_workers(), -(-size // BATCH_CHARS)))  # a pool only for more than one batch
+    with Encoder(tokenizer, workers) as encoder, tqdm(
+            total=size, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare", leave=False,
+            disable=not sys.stderr.isatty() if progress is None else not progress) as bar:
+        reader = DocumentReader(files, field, tokenizer.next_cut, ENCODE_CHUNK_CHARS, on_bytes=bar.update)
+        return write_splits(reader.pieces(), tokenizer, out_dir, val_fraction, [str(i) for i in inputs], encoder)
 
 
 class TrainingData(NamedTuple):
@@ -333,18 +582,26 @@ def eval_batches(tokens, batch_size: int, seq_len: int,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m npllm.data", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="tokenize text files into train.bin / val.bin")
-    prepare.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                         help="UTF-8 text files, one document each")
-    prepare.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
+    prepare = commands.add_parser("prepare", help="tokenize text into train.bin / val.bin")
+    prepare.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                         help="text files (one document each), .jsonl files (one document per line), .gz of "
+                              "either, folders (searched recursively) or glob patterns")
+    prepare.add_argument("--tokenizer", required=True, metavar="DIR",
+                         help="tokenizer directory: ours, or a Hugging Face model directory")
     prepare.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    prepare.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of tokens kept for validation")
+    prepare.add_argument("--val_fraction", type=float, default=0.1,
+                         help="share of the documents held out for validation")
+    prepare.add_argument("--field", default="text", help="the JSON field that holds the text in .jsonl inputs")
+    prepare.add_argument("--workers", type=int, default=None, help="encoding processes (default: one per core)")
     args = parser.parse_args(argv)
     try:
-        meta = prepare_data(args.input, args.tokenizer, args.out, args.val_fraction)
+        meta = prepare_data(args.input, args.tokenizer, args.out, args.val_fraction, field=args.field,
+                            workers=args.workers)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {meta.train_tokens} train + {meta.val_tokens} val tokens ({meta.dtype}) to {args.out}")
+    print(f"wrote {meta.train_tokens} train + {meta.val_tokens} val tokens ({meta.dtype}; "
+          f"{meta.train_documents} + {meta.val_documents} documents, {meta.train_bytes} + {meta.val_bytes} bytes) "
+          f"to {args.out}")
 
 
 if __name__ == "__main__":

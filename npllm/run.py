@@ -254,10 +254,18 @@ class DataMeta:
     vocab_size: int  # the tokenizer's V: every token id is below it
     eos_id: int  # the id that ends each document in the stream
     dtype: str  # token dtype on disk ("uint16" or "uint32")
-    val_fraction: float  # the share of the stream held out for validation
+    val_fraction: float  # the share of the documents held out for validation (of the tokens, for one document)
     train_tokens: int
     val_tokens: int
     sources: list  # where the text came from
+    # Bytes of UTF-8 text each split's tokens stand for: each document's bytes, plus 1 for the EOS that ends it (so
+    # val bits/byte = loss_nats_per_token * val_tokens / (val_bytes * ln 2)). None in data prepared before they were
+    # recorded.
+    train_bytes: int | None = None
+    val_bytes: int | None = None
+    train_documents: int | None = None
+    val_documents: int | None = None
+    split: str | None = None  # "documents" (each document whole in one split) or "tokens" (one document, cut)
 
     def to_json(self) -> dict:
         return dict(format=DATA_FORMAT, version=DATA_VERSION, **dataclasses.asdict(self))
@@ -268,10 +276,16 @@ class DataMeta:
         fraction = f.get("val_fraction", (int, float), "a number in (0, 1)")
         if not 0 < fraction < 1:
             raise f._bad("val_fraction", "a number in (0, 1)")
+        split = f.str("split", optional=True)
+        if split not in (None, "documents", "tokens"):
+            raise f._bad("split", '"documents" or "tokens"')
         return cls(tokenizer_dir=f.str("tokenizer_dir"), tokenizer_fingerprint=f.str("tokenizer_fingerprint"),
                    vocab_size=f.int("vocab_size", 1), eos_id=f.int("eos_id"), dtype=f.str("dtype"),
                    val_fraction=float(fraction), train_tokens=f.int("train_tokens"), val_tokens=f.int("val_tokens"),
-                   sources=f.get("sources", list, "a list of strings"))
+                   sources=f.get("sources", list, "a list of strings"),
+                   train_bytes=f.int("train_bytes", optional=True), val_bytes=f.int("val_bytes", optional=True),
+                   train_documents=f.int("train_documents", optional=True),
+                   val_documents=f.int("val_documents", optional=True), split=split)
 
     def tokenizer_path(self, data_dir) -> Path:
         return (Path(data_dir) / self.tokenizer_dir).resolve()
