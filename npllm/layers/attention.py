@@ -41,7 +41,7 @@ def _check_heads(n_heads, n_kv_heads):
 
 
 def _check_core_args(qg, k, v, causal, T_past, key_mask, dropout_rate, dropout_key):
-    B, NKV, G, T, hs = qg.shape
+    B, NKV, _, T, hs = qg.shape  # (B, NKV, G, T, hs)
     if k.ndim != 4 or k.shape[:2] != (B, NKV) or k.shape[3] != hs or v.shape != k.shape:
         raise ValueError(f"k {k.shape} and v {v.shape} must both be (B, NKV, Tk, hs) = ({B}, {NKV}, Tk, {hs})")
     Tk = k.shape[2]
@@ -70,7 +70,7 @@ def attention_core_forward(qg, k, v, scale, causal=True, T_past=0, key_mask=None
     """
     _check_core_args(qg, k, v, causal, T_past, key_mask, dropout_rate, dropout_key)
     xp = get_array_module(qg)
-    B, NKV, G, T, hs = qg.shape
+    B, NKV, G, T, _ = qg.shape  # (B, NKV, G, T, hs)
     Tk = k.shape[2]
     s = (qg @ k[:, :, None].swapaxes(-1, -2)) * scale  # (B, NKV, G, T, Tk)
     if causal:  # query i sits at absolute position T_past + i and may read keys j <= T_past + i
