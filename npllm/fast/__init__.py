@@ -10,4 +10,9 @@ Modules:
                     each tile's probabilities from the stored row logsumexp (FlashAttention-2), GQA by broadcast;
                     same contract as npllm.layers.attention. Its core (flash_core_forward / flash_core_backward)
                     also does bidirectional attention and key padding masks.
+    pool.py         the shared thread pool: map_rows(fn, n_rows, row_size) over row chunks on this process's cores
+    mlp.py          GELU-tanh, SwiGLU, ReLU MLPs: fused, chunked, all-core elementwise work; npllm.layers.mlp's contract
+    norm.py         RMSNorm and LayerNorm chunk by chunk of rows on all cores; npllm.layers.norm's contract and bits
+    loss.py         vocabulary-parallel cross-entropy in one pass, no second (N, V_tp) array (in_place: none at all)
+    optim.py        adamw_update fused and chunked over each tensor on all cores; npllm.optim's contract and bits
 """

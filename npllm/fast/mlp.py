@@ -1,0 +1,260 @@
+"""Feed-forward blocks with fused, all-core elementwise work: the contract of npllm.layers.mlp, computed faster.
+
+Same names, signatures, caches and grads as the reference (``gelu_forward(p, x) -> (y, cache)``,
+``gelu_backward(dy, cache) -> (dx, grads)``, ...): a cache made here can go to the reference's backward and the
+other way round. The matmuls are the reference's (BLAS already uses every core); what changes is the elementwise
+work between them. The reference makes a fresh (N, F) array for every operation of its formulas (GELU's forward: 12
+of them, its backward: 14), and each of those costs a pass over memory and fresh pages; here every ufunc writes with
+``out=`` into the layer's own outputs or into a small per-chunk scratch, chunk by chunk of rows (npllm.fast.pool), so
+a chunk's arrays stay in cache from the first operation to the last and the chunks run on all cores.
+
+    forward  h = x @ w1 (+ b1 in place), then per chunk of rows the activation (written into the cache's arrays)
+    backward da = dy @ w2.T, then per chunk act'(h) into a scratch and dh = da * act'(h) written over da; the bias
+             gradient's per-chunk partial sums come from the same pass, while the chunk is in cache
+
+The fused formulas (same math as the reference, fewer operations; each line below is one ufunc per chunk):
+    gelu      u = h (K + K A h^2), t = tanh(u), a = (0.5 t + 0.5) h
+    gelu'     0.5 (1 + t) + 0.5 h (1 - t^2) K (1 + 3 A h^2) = (0.5 t + 0.5) (1 + K h (1 + 3 A h^2) (1 - t))
+              (1 - t^2 = (1 - t)(1 + t) factored out: two operations fewer, and no cancellation in 1 - t*t at t ~ -1)
+    swiglu    the reference's operations in the reference's order (bit-identical outputs and dh1, dh3)
+    relu      a = max(h, 0) written over h (the cache keeps a only); dh = da * [a > 0]
+GELU with erf ("gelu_erf") has no fast path here: MLP_KINDS maps it to the reference functions.
+"""
+
+from __future__ import annotations
+
+from ..backend import get_array_module
+from ..layers import mlp as reference
+from ..layers.mlp import GELU_A, GELU_K
+from .pool import map_rows, sum_parts
+
+GELU_KA = GELU_K * GELU_A  # K A: u = h (K + K A h^2)
+GELU_3KA = 3.0 * GELU_K * GELU_A  # 3 K A: K (1 + 3 A h^2) = K + 3 K A h^2
+
+
+def _rows(a):
+    """(..., X) -> (N, X) view of a C-contiguous array (the layer's own fresh arrays always are)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GELU (tanh approximation)
+
+
+def gelu_forward(p, x):
+    """y = gelu_tanh(x @ w1 + b1) @ w2 + b2.  p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with bias.
+    Cache: h, tanh(.) and gelu(h), as the reference's."""
+    xp = get_array_module(x)
+    h = x @ p["w1"]  # (..., F) fresh; + b1 in place, chunk by chunk
+    t = xp.empty_like(h)  # (..., F) tanh(u)
+    a = xp.empty_like(h)  # (..., F) gelu(h)
+    h2, t2, a2 = _rows(h), _rows(t), _rows(a)  # (N, F) views
+    b1 = p.get("b1")
+
+    def rows(r):
+        hr, tr, ar = h2[r], t2[r], a2[r]
+        if b1 is not None:
+            hr += b1  # h = x @ w1 + b1
+        xp.multiply(hr, hr, out=tr)  # h^2
+        tr *= GELU_KA  # K A h^2
+        tr += GELU_K  # K (1 + A h^2)
+        tr *= hr  # u = K (h + A h^3)
+        xp.tanh(tr, out=tr)  # t = tanh(u)
+        xp.multiply(tr, 0.5, out=ar)  # 0.5 t
+        ar += 0.5  # 0.5 (1 + t)
+        ar *= hr  # a = 0.5 h (1 + t)
+
+    map_rows(rows, h2.shape[0], h2.shape[1], xp=xp)
+    y = a @ p["w2"]  # (..., C)
+    if "b2" in p:
+        y += p["b2"]
+    return y, (p, x, (h, t), a)  # the reference's cache: keep h and tanh(.) (tanh is the costly part of act')
+
+
+def gelu_backward(dy, cache):
+    """forward was a = 0.5 h (1 + t), t = tanh(u), u = K (h + A h^3), y = a @ w2 + b2, h = x @ w1 + b1, so
+    da = dy @ w2.T, dh = da * (0.5 t + 0.5) (1 + K h (1 + 3 A h^2) (1 - t)), dx = dh @ w1.T."""
+    p, x, (h, t), a = cache
+    xp = get_array_module(dy)
+    C, F = p["w1"].shape
+    dy2 = dy.reshape(-1, C)  # (N, C)
+    grads = {"w2": _rows(a).T @ dy2}  # (F, C)
+    if "b2" in p:
+        grads["b2"] = dy2.sum(axis=0)  # (C,)
+    dh = dy @ p["w2"].T  # (..., F) da, turned into dh in place below
+    h2, t2, dh2 = _rows(h), _rows(t), _rows(dh)  # (N, F) views
+    with_b1 = "b1" in p
+
+    def rows(r):
+        hr, tr, gr = h2[r], t2[r], dh2[r]
+        w = xp.empty_like(hr)  # (n, F) act'(h), built up in place
+        s = xp.empty_like(hr)  # (n, F) scratch
+        xp.multiply(hr, hr, out=w)  # h^2
+        w *= GELU_3KA  # 3 K A h^2
+        w += GELU_K  # K (1 + 3 A h^2)
+        w *= hr  # K h (1 + 3 A h^2)
+        xp.subtract(1.0, tr, out=s)  # 1 - t
+        w *= s  # K h (1 + 3 A h^2) (1 - t)
+        w += 1.0  # 1 + K h (1 + 3 A h^2) (1 - t)
+        xp.multiply(tr, 0.5, out=s)  # 0.5 t
+        s += 0.5  # 0.5 (1 + t)
+        w *= s  # act'(h)
+        gr *= w  # dh = da * act'(h)
+        return gr.sum(axis=0) if with_b1 else None  # (F,) this chunk's part of db1
+
+    parts = map_rows(rows, dh2.shape[0], F, xp=xp)
+    grads["w1"] = x.reshape(-1, C).T @ dh2  # (C, F)
+    if with_b1:
+        grads["b1"] = sum_parts(xp, parts, F, dh2.dtype)  # (F,)
+    dx = dh @ p["w1"].T  # (..., C)
+    return dx, {name: grads[name] for name in p}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SwiGLU
+
+
+def swiglu_forward(p, x):
+    """y = (silu(x @ w1 + b1) * (x @ w3 + b3)) @ w2 + b2.
+    p = {"w1": (C, F), "w3": (C, F), "w2": (F, C)}, and "b1", "b3" (F,), "b2" (C,) when the model has biases.
+    Cache: h1, h3, sigmoid(h1), silu(h1), g, as the reference's."""
+    xp = get_array_module(x)
+    h1 = x @ p["w1"]  # (..., F) fresh; + b1 in place below
+    h3 = x @ p["w3"]  # (..., F) fresh; + b3 in place below
+    sig = xp.empty_like(h1)  # (..., F) sigmoid(h1)
+    a = xp.empty_like(h1)  # (..., F) silu(h1)
+    g = xp.empty_like(h1)  # (..., F) silu(h1) * h3
+    h1_2, h3_2, sig2, a2, g2 = _rows(h1), _rows(h3), _rows(sig), _rows(a), _rows(g)  # (N, F) views
+    b1, b3 = p.get("b1"), p.get("b3")
+
+    def rows(r):
+        h1r, h3r, sr, ar = h1_2[r], h3_2[r], sig2[r], a2[r]
+        if b1 is not None:
+            h1r += b1  # h1 = x @ w1 + b1
+            h3r += b3  # h3 = x @ w3 + b3
+        xp.multiply(h1r, 0.5, out=sr)  # h1 / 2
+        xp.tanh(sr, out=sr)  # tanh(h1 / 2)
+        sr *= 0.5
+        sr += 0.5  # sigmoid(h1) = 0.5 (1 + tanh(h1 / 2))
+        xp.multiply(h1r, sr, out=ar)  # a = silu(h1) = h1 sigmoid(h1)
+        xp.multiply(ar, h3r, out=g2[r])  # g = a * h3
+
+    map_rows(rows, h1_2.shape[0], h1_2.shape[1], xp=xp)
+    y = g @ p["w2"]  # (..., C)
+    if "b2" in p:
+        y += p["b2"]
+    return y, (p, x, h1, h3, sig, a, g)  # the reference's cache: the F-wide activations (recomputing costs 2 GEMMs)
+
+
+def swiglu_backward(dy, cache):
+    """forward was g = silu(h1) * h3, y = g @ w2, h1 = x @ w1, h3 = x @ w3, so
+    dg = dy @ w2.T, dh3 = dg * silu(h1), dh1 = dg * h3 * sig * (1 + h1 * (1 - sig)), dx = dh1 @ w1.T + dh3 @ w3.T."""
+    p, x, h1, h3, sig, a, g = cache
+    xp = get_array_module(dy)
+    C, F = p["w1"].shape
+    dy2 = dy.reshape(-1, C)  # (N, C)
+    x2 = x.reshape(-1, C)  # (N, C)
+    grads = {"w2": _rows(g).T @ dy2}  # (F, C)
+    dh1 = dy @ p["w2"].T  # (..., F) dg, turned into dh1 in place below
+    dh3 = xp.empty_like(dh1)  # (..., F)
+    h1_2, h3_2, sig2, a2, dh1_2, dh3_2 = _rows(h1), _rows(h3), _rows(sig), _rows(a), _rows(dh1), _rows(dh3)
+    with_bias = "b1" in p
+
+    def rows(r):
+        h1r, sr, d1 = h1_2[r], sig2[r], dh1_2[r]
+        d3 = dh3_2[r]
+        xp.multiply(d1, a2[r], out=d3)  # dh3 = dg * silu(h1)
+        w = xp.empty_like(h1r)  # (n, F) silu'(h1) / sig
+        d1 *= h3_2[r]  # dg * h3
+        d1 *= sr  # dg * h3 * sig
+        xp.subtract(1.0, sr, out=w)  # 1 - sig
+        w *= h1r  # h1 (1 - sig)
+        w += 1.0  # 1 + h1 (1 - sig)
+        d1 *= w  # dh1 = dg * h3 * sig * (1 + h1 (1 - sig))
+        return (d1.sum(axis=0), d3.sum(axis=0)) if with_bias else None  # (F,) each: this chunk's db1, db3
+
+    parts = map_rows(rows, dh1_2.shape[0], F, xp=xp)
+    grads["w1"] = x2.T @ dh1_2  # (C, F)
+    grads["w3"] = x2.T @ dh3_2  # (C, F)
+    if with_bias:
+        grads["b1"] = sum_parts(xp, [d1 for d1, _ in parts], F, dh1.dtype)  # (F,)
+        grads["b3"] = sum_parts(xp, [d3 for _, d3 in parts], F, dh3.dtype)  # (F,)
+    if "b2" in p:
+        grads["b2"] = dy2.sum(axis=0)  # (C,)
+    dx = dh1 @ p["w1"].T  # (..., C)
+    dx += dh3 @ p["w3"].T  # (..., C)
+    return dx, {name: grads[name] for name in p}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ReLU
+
+
+def relu_forward(p, x):
+    """y = relu(x @ w1 + b1) @ w2 + b2. p as gelu_forward. Cache: relu(h) only (its sign is the derivative)."""
+    xp = get_array_module(x)
+    a = x @ p["w1"]  # (..., F) h, turned into relu(h) in place below
+    a2 = _rows(a)  # (N, F)
+    b1 = p.get("b1")
+
+    def rows(r):
+        ar = a2[r]
+        if b1 is not None:
+            ar += b1  # h = x @ w1 + b1
+        xp.maximum(ar, 0.0, out=ar)  # a = max(h, 0)
+
+    map_rows(rows, a2.shape[0], a2.shape[1], xp=xp)
+    y = a @ p["w2"]  # (..., C)
+    if "b2" in p:
+        y += p["b2"]
+    return y, (p, x, (), a)  # the reference's cache: keep relu(h) only
+
+
+def relu_backward(dy, cache):
+    """forward was a = max(h, 0), y = a @ w2 + b2, h = x @ w1 + b1, so
+    da = dy @ w2.T, dh = da * [a > 0], dx = dh @ w1.T."""
+    p, x, _, a = cache
+    xp = get_array_module(dy)
+    C, F = p["w1"].shape
+    dy2 = dy.reshape(-1, C)  # (N, C)
+    grads = {"w2": _rows(a).T @ dy2}  # (F, C)
+    if "b2" in p:
+        grads["b2"] = dy2.sum(axis=0)  # (C,)
+    dh = dy @ p["w2"].T  # (..., F) da, turned into dh in place below
+    a2, dh2 = _rows(a), _rows(dh)  # (N, F)
+    with_b1 = "b1" in p
+
+    def rows(r):
+        gr = dh2[r]
+        gr *= a2[r] > 0  # dh = da * [h > 0]
+        return gr.sum(axis=0) if with_b1 else None  # (F,)
+
+    parts = map_rows(rows, dh2.shape[0], F, xp=xp)
+    grads["w1"] = x.reshape(-1, C).T @ dh2  # (C, F)
+    if with_b1:
+        grads["b1"] = sum_parts(xp, parts, F, dh2.dtype)  # (F,)
+    dx = dh @ p["w1"].T  # (..., C)
+    return dx, {name: grads[name] for name in p}
+
+
+MLP_KINDS = {  # the config's ``mlp`` field -> (forward, backward); gelu_erf is the reference's own pair
+    "swiglu": (swiglu_forward, swiglu_backward),
+    "gelu": (gelu_forward, gelu_backward),
+    "gelu_erf": (reference.gelu_erf_forward, reference.gelu_erf_backward),
+    "relu": (relu_forward, relu_backward),
+}
+
+
+def _pair(kind):
+    if kind not in MLP_KINDS:
+        raise ValueError(f"mlp={kind!r} is not allowed; use one of: {', '.join(MLP_KINDS)}")
+    return MLP_KINDS[kind]
+
+
+def mlp_forward(kind, p, x):
+    """Dispatch on the config's ``mlp`` field ("swiglu", "gelu", "gelu_erf" or "relu")."""
+    return _pair(kind)[0](p, x)
+
+
+def mlp_backward(kind, dy, cache):
+    return _pair(kind)[1](dy, cache)

@@ -1,0 +1,155 @@
+"""One shared thread pool for row-chunked elementwise work (the fused layers of npllm/fast run on it).
+
+NumPy releases the GIL inside a ufunc's inner loop, so Python threads that each run ufuncs on their own rows of an
+array use several cores. ``map_rows(fn, n_rows, row_size)`` cuts the rows [0, n_rows) into contiguous chunks of
+about CHUNK_ELEMENTS elements (``row_size`` elements per row) and calls ``fn(rows)``, rows a ``slice``, once per
+chunk; the pool's threads and the calling thread take chunks from one queue (a thread slowed down by another
+process on its core simply takes fewer chunks), and the results come back in row order.
+
+Rules for ``fn``:
+  - it writes only its own rows of its outputs (no two chunks write the same memory);
+  - it never waits on another chunk or another thread (no collectives, no locks);
+  - it calls no BLAS (no ``@``, ``dot``, ``matmul``, ``vecdot``, ``einsum(optimize=True)``): the matmuls stay in the
+    calling thread, where BLAS already uses every core. A BLAS call from a pool thread would start BLAS's own threads
+    on top of the pool's (oversubscription), and limiting them would mean changing BLAS's thread settings, which are
+    process-wide state the rest of the program relies on. Nothing here changes any setting of the process: the pool
+    threads run ufuncs and reductions only.
+
+Determinism: the chunks depend only on (n_rows, row_size, CHUNK_ELEMENTS), never on the number of threads or on
+which thread ran which chunk, and the results come back in chunk order. A function that sums its chunks' partial
+results in that order therefore gives the same bits with 1 thread, 2 threads or serially.
+
+Thread count: the cores this process may run on (its CPU affinity) divided by the MPI ranks on this node, at least 1.
+Below MIN_PARALLEL_ELEMENTS elements in all, the chunks run in the calling thread: a hand-off to the pool costs
+more than it saves there. A ``map_rows`` called from inside a chunk (nested) also runs in its own thread.
+For CuPy arrays (``xp`` not NumPy) ``fn`` is called once over all rows: the GPU does the parallel work.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..parallel.threads import available_cores, ranks_on_this_node
+
+# Elements per chunk. A chunk's 3-5 arrays (inputs, outputs, a scratch) of 32768 float32 values each (128 KiB) stay
+# in the 512 KiB L2 cache of a core here (AMD EPYC), so the ufuncs of a fused chain after the first read from cache;
+# per chunk a fused layer makes 5-15 ufunc calls of ~1-2 us overhead each, under 10% of the chunk's work.
+# Measured with benchmarks/bench_elementwise.py --tune (the numbers are in the comment of tune_report there).
+CHUNK_ELEMENTS = 1 << 15
+
+# Below this many elements in all, map_rows runs every chunk in the calling thread. Measured (--tune): handing
+# chunks to one more thread and waiting for it costs ~30-60 us here, the time fused work takes over ~2^16 elements.
+MIN_PARALLEL_ELEMENTS = 1 << 17
+
+# The thread count when a call gives none; None: default_threads(). Benchmarks and tests set it.
+THREADS: int | None = None
+
+_pool: ThreadPoolExecutor | None = None  # created on first use, grown when a call asks for more threads
+_pool_size = 0
+_pool_lock = threading.Lock()
+_state = threading.local()  # .in_chunk: this thread is running chunks of a map_rows (nested calls run serially)
+
+
+def default_threads() -> int:
+    """This process's share of the node's cores: max(1, cores it may use // MPI ranks on this node)."""
+    return max(1, available_cores() // ranks_on_this_node(os.environ))
+
+
+def _mark_pool_thread():
+    _state.in_chunk = True  # a pool thread only ever runs chunks
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            old = _pool
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npllm-rows",
+                                       initializer=_mark_pool_thread)
+            _pool_size = workers
+            if old is not None:
+                old.shutdown(wait=False)  # its running work finishes; new work goes to the larger pool
+        return _pool
+
+
+def chunk_rows(row_size: int) -> int:
+    """Rows per chunk for rows of ``row_size`` elements: CHUNK_ELEMENTS // row_size, at least 1."""
+    return max(1, CHUNK_ELEMENTS // max(1, row_size))
+
+
+def row_chunks(n_rows: int, row_size: int) -> list[slice]:
+    """The contiguous row slices map_rows cuts [0, n_rows) into (the last one may be shorter)."""
+    step = chunk_rows(row_size)
+    return [slice(lo, min(lo + step, n_rows)) for lo in range(0, n_rows, step)]
+
+
+def map_rows(fn, n_rows: int, row_size: int, *, xp=np, threads: int | None = None) -> list:
+    """[fn(rows) for rows in row_chunks(n_rows, row_size)], the chunks spread over the pool and this thread.
+
+    n_rows: rows of the work; row_size: elements per row (what a chunk's size is measured in); xp: the array module
+    of the data (CuPy: one call fn(slice(0, n_rows))); threads: the most threads to use, this one included (default:
+    THREADS, or ``default_threads()`` when that is None). Returns fn's results in row order. An exception raised by
+    fn in any chunk is raised here (the first one), after every started chunk has finished; no chunk starts after a
+    failure. The call returns as soon as every chunk is done: it never waits for a pool thread that was too late
+    (on a busy machine) to take a chunk, so a loaded machine costs at most the serial time, not a scheduling delay.
+    """
+    if xp is not np:
+        return [fn(slice(0, n_rows))]
+    chunks = row_chunks(n_rows, row_size)
+    if threads is None:
+        threads = THREADS if THREADS is not None else default_threads()
+    n = min(threads, len(chunks))
+    if n <= 1 or n_rows * row_size < MIN_PARALLEL_ELEMENTS or getattr(_state, "in_chunk", False):
+        return [fn(rows) for rows in chunks]
+
+    results = [None] * len(chunks)
+    cond = threading.Condition()
+    progress = {"next": 0, "done": 0}  # chunks handed out / finished (under cond)
+    errors = []  # exceptions raised by fn (under cond); the first one is raised to the caller
+
+    def work():
+        while True:
+            with cond:
+                if errors or progress["next"] == len(chunks):
+                    return
+                i = progress["next"]
+                progress["next"] += 1
+            try:
+                results[i] = fn(chunks[i])
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                with cond:
+                    errors.append(e)
+            finally:
+                with cond:
+                    progress["done"] += 1
+                    if progress["done"] == progress["next"]:
+                        cond.notify_all()  # the caller may be waiting for exactly this
+
+    executor = _executor(n - 1)
+    for _ in range(n - 1):
+        executor.submit(work)  # a worker that starts late finds no chunk left and returns at once
+    _state.in_chunk = True
+    try:
+        work()
+    finally:
+        _state.in_chunk = False
+    with cond:  # wait for the chunks other threads took, not for threads that never got to take one
+        cond.wait_for(lambda: progress["done"] == progress["next"])
+    if errors:
+        raise errors[0]
+    return results
+
+
+def sum_parts(xp, parts: list, width: int, dtype):
+    """The sum of per-chunk partial sums ``parts`` [(width,), ...] (map_rows' results), added in row order: the same
+    bits whatever the thread count. No chunks (no rows): zeros (width,) of ``dtype``."""
+    if not parts:
+        return xp.zeros(width, dtype=dtype)  # (width,)
+    total = parts[0].copy()  # (width,)
+    for part in parts[1:]:
+        total += part
+    return total
