@@ -27,6 +27,7 @@ import ctypes
 import math
 import threading
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -293,6 +294,24 @@ def test_fast_mlp_gradient(grad_check, kind, bias, lead, C, F, seed):
     fwd, bwd = fast_mlp.MLP_KINDS[kind]
     errors = grad_check.layer(f"fast {kind} mlp (bias={bias})", fwd, bwd, p, x, seed=seed)
     assert set(errors) == set(p) | {"x"}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_far_in_its_tails_matches_the_reference_without_warnings(dtype):
+    """The fast GELU computes tanh(u) from exp(-2u), which overflows to inf for u << 0: s = 0 and t = -1 there exactly,
+    and no warning (warnings are process-wide, so a worker thread's RuntimeWarning would be an error here)."""
+    h_values = np.array([-1e4, -500.0, -60.0, -12.0, -9.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 12.0, 60.0, 1e4])
+    p = {"w1": np.eye(len(h_values), dtype=dtype), "w2": np.eye(len(h_values), dtype=dtype)}
+    x = np.stack([h_values, -h_values]).astype(dtype)  # (2, F): the hidden units are x itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, (_, _, (_, t), a) = fast_mlp.gelu_forward(p, x)
+    y0, (_, _, (_, t0), a0) = ref_mlp.gelu_forward(p, x)
+    assert np.isfinite(y).all() and np.isfinite(t).all()
+    np.testing.assert_array_equal(t[x < -60], -1.0)
+    np.testing.assert_array_equal(a[x < -60], 0.0)  # gelu(h) ~ h exp(-2|u|) underflows to 0 (as -0.0)
+    tol = AGREE if dtype == np.float64 else F32_ELEMENTWISE
+    assert_close({"y": y, "t": t, "a": a}, {"y": y0, "t": t0, "a": a0}, tol, "gelu tails")
 
 
 def test_mlp_dispatch_and_unknown_kind():

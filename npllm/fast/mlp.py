@@ -13,7 +13,10 @@ a chunk's arrays stay in cache from the first operation to the last and the chun
              gradient's per-chunk partial sums come from the same pass, while the chunk is in cache
 
 The fused formulas (same math as the reference, fewer operations; each line below is one ufunc per chunk):
-    gelu      u = h (K + K A h^2), t = tanh(u), a = (0.5 t + 0.5) h
+    gelu      -2u = h (-2K - 2KA h^2), s = 1 / (1 + exp(-2u)) = 0.5 (1 + tanh(u)), a = h s, t = 2 s - 1
+              (one exp instead of tanh: NumPy's float32 exp takes ~2/3 of tanh's time here; the chain ran ~28%
+              faster for one more cheap operation; exp(-2u) overflows to inf for u << 0, where s = 0 and t = -1
+              exactly, with NumPy's overflow warning silenced for that one call, in the chunk's own thread)
     gelu'     0.5 (1 + t) + 0.5 h (1 - t^2) K (1 + 3 A h^2) = (0.5 t + 0.5) (1 + K h (1 + 3 A h^2) (1 - t))
               (1 - t^2 = (1 - t)(1 + t) factored out: two operations fewer, and no cancellation in 1 - t*t at t ~ -1)
     swiglu    the reference's operations in the reference's order (bit-identical outputs and dh1, dh3)
@@ -23,6 +26,10 @@ GELU with erf ("gelu_erf") has no fast path here: MLP_KINDS maps it to the refer
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
+
 from ..backend import get_array_module
 from ..layers import mlp as reference
 from ..layers.mlp import GELU_A, GELU_K
@@ -30,6 +37,11 @@ from .pool import map_rows, sum_parts
 
 GELU_KA = GELU_K * GELU_A  # K A: u = h (K + K A h^2)
 GELU_3KA = 3.0 * GELU_K * GELU_A  # 3 K A: K (1 + 3 A h^2) = K + 3 K A h^2
+
+
+def _no_overflow_warning(xp):
+    """np.errstate(over="ignore") for NumPy (per thread and per context: nothing outside the block changes)."""
+    return np.errstate(over="ignore") if xp is np else contextlib.nullcontext()
 
 
 def _rows(a):
@@ -56,19 +68,22 @@ def gelu_forward(p, x):
         if b1 is not None:
             hr += b1  # h = x @ w1 + b1
         xp.multiply(hr, hr, out=tr)  # h^2
-        tr *= GELU_KA  # K A h^2
-        tr += GELU_K  # K (1 + A h^2)
-        tr *= hr  # u = K (h + A h^3)
-        xp.tanh(tr, out=tr)  # t = tanh(u)
-        xp.multiply(tr, 0.5, out=ar)  # 0.5 t
-        ar += 0.5  # 0.5 (1 + t)
-        ar *= hr  # a = 0.5 h (1 + t)
+        tr *= -2.0 * GELU_KA  # -2 K A h^2
+        tr -= 2.0 * GELU_K  # -2 K (1 + A h^2)
+        tr *= hr  # -2u = -2 K (h + A h^3)
+        with _no_overflow_warning(xp):
+            xp.exp(tr, out=tr)  # exp(-2u); inf where u << 0 (u < -44 in float32), and then s = 0 exactly
+        tr += 1.0
+        xp.divide(1.0, tr, out=tr)  # s = 1 / (1 + exp(-2u)) = 0.5 (1 + tanh(u))
+        xp.multiply(hr, tr, out=ar)  # a = h s = 0.5 h (1 + t)
+        tr *= 2.0
+        tr -= 1.0  # t = 2 s - 1 = tanh(u)
 
     map_rows(rows, h2.shape[0], h2.shape[1], xp=xp)
     y = a @ p["w2"]  # (..., C)
     if "b2" in p:
         y += p["b2"]
-    return y, (p, x, (h, t), a)  # the reference's cache: keep h and tanh(.) (tanh is the costly part of act')
+    return y, (p, x, (h, t), a)  # the reference's cache: keep h and tanh(u) (the costly part of act')
 
 
 def gelu_backward(dy, cache):

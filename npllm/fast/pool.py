@@ -35,15 +35,18 @@ import numpy as np
 
 from ..parallel.threads import available_cores, ranks_on_this_node
 
-# Elements per chunk. A chunk's 3-5 arrays (inputs, outputs, a scratch) of 32768 float32 values each (128 KiB) stay
-# in the 512 KiB L2 cache of a core here (AMD EPYC), so the ufuncs of a fused chain after the first read from cache;
-# per chunk a fused layer makes 5-15 ufunc calls of ~1-2 us overhead each, under 10% of the chunk's work.
-# Measured with benchmarks/bench_elementwise.py --tune (the numbers are in the comment of tune_report there).
-CHUNK_ELEMENTS = 1 << 15
+# Elements per chunk. Measured with benchmarks/bench_elementwise.py --tune (float32, the profile's shapes): 64K and
+# 128K were the fastest or within noise of it for every fast path, 4K-16K were 10-60% slower (each chunk costs 5-15
+# ufunc calls of ~1-2 us, and the norms' rows of 256 have the least work per call), 256K no better. At 64K float32
+# values (256 KiB) a chunk's few arrays fit in the L2 cache of a core here (512 KiB) or near it; the profile's larger
+# arrays (8 MiB (N, F) activations) sit in the 32 MiB L3 anyway.
+CHUNK_ELEMENTS = 1 << 16
 
-# Below this many elements in all, map_rows runs every chunk in the calling thread. Measured (--tune): handing
-# chunks to one more thread and waiting for it costs ~30-60 us here, the time fused work takes over ~2^16 elements.
-MIN_PARALLEL_ELEMENTS = 1 << 17
+# Below this many elements in all, map_rows runs every chunk in the calling thread. Two chunks are needed for two
+# threads at all; at two chunks the work of one (~50-300 us: 64K elements of 5-15 passes at 0.15-0.3 ns per element,
+# a tanh or exp ~2-3 ns) is larger than handing it to a pool thread and waiting for it (~25-40 us round trip measured
+# here, --tune), so the cut is at two chunks.
+MIN_PARALLEL_ELEMENTS = 2 * CHUNK_ELEMENTS
 
 # The thread count when a call gives none; None: default_threads(). Benchmarks and tests set it.
 THREADS: int | None = None
