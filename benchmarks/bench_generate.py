@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from npllm.backend import xp_for_device  # noqa: E402
 from npllm.config import get_preset  # noqa: E402
 from npllm.generate import generate  # noqa: E402
-from npllm.models.decoder import init_params, num_params  # noqa: E402
+from npllm.models import init_params, num_params  # noqa: E402
 
 
 def time_generation(params, cfg, prompts, new_tokens, use_kv_cache, repeats):

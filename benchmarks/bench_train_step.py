@@ -13,7 +13,8 @@ import time
 import numpy as np
 
 from npllm.config import get_preset
-from npllm.models.decoder import flops_per_token, init_params, loss_and_grads
+from npllm.models import flops_per_token, init_params
+from npllm.models.decoder import loss_and_grads
 from npllm.optim import adamw_init, adamw_update, clip_grad_norm
 from npllm.metrics import measure_peak_flops
 

@@ -26,7 +26,8 @@ from npllm.data import encode_documents  # noqa: E402
 from npllm.evaluate import evaluate_tokens  # noqa: E402
 from npllm.generate import beam_search, generate, prompt_ids, stream  # noqa: E402
 from npllm.run import load_trained  # noqa: E402
-from npllm.models.decoder import init_params, loss_and_grads  # noqa: E402
+from npllm.models import init_params  # noqa: E402
+from npllm.models.decoder import loss_and_grads  # noqa: E402
 from npllm.optim import adamw_init, adamw_update, clip_grad_norm  # noqa: E402
 from npllm.sampling import SamplingConfig  # noqa: E402
 from npllm.tokenizer import train_tokenizer  # noqa: E402

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .checks import check_choice, check_int, check_number
 
+ARCHS = ("decoder", "encoder", "encoder-decoder")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu", "gelu_erf", "relu")
 POSITIONS = ("rope", "learned")
@@ -19,6 +20,7 @@ POSITIONS = ("rope", "learned")
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: str = "decoder"  # "decoder" (GPT-2, LLaMA), "encoder" (BERT), "encoder-decoder" (the Transformer)
     vocab_size: int = 2048  # V: tokens in the vocabulary
     dim: int = 128  # C: width of the residual stream
     n_layers: int = 4  # L: transformer blocks
@@ -33,6 +35,14 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base: frequency i is theta ** (-2i / hs)
     bias: bool = False  # biases on the attention and MLP linears (GPT-2 has them, LLaMA does not)
     tie_embeddings: bool = False  # logits = x @ tok_emb.T instead of a separate lm_head
+    n_decoder_layers: int = 0  # encoder-decoder: the decoder's blocks (n_layers counts the encoder's); else 0
+    norm_first: bool = True  # pre-norm blocks x + f(norm(x)); false: post-norm norm(x + f(x)) (Transformer, BERT)
+    dropout: float = 0.0  # dropout rate on the embeddings and on every block's output branch (training only)
+    attn_dropout: float = 0.0  # dropout rate on the attention probabilities (training only)
+    type_vocab_size: int = 0  # encoder: segment (token type) embeddings, BERT's 2; else 0
+    scale_embeddings: bool = False  # token embeddings times sqrt(dim) before the positions are added (Transformer)
+    pad_id: int | None = None  # the padding token: never attended to, never a target (encoder, encoder-decoder)
+    mask_id: int | None = None  # encoder: the [MASK] token of the masked-language-model objective
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -42,6 +52,21 @@ class ModelConfig:
         check_choice("pos", self.pos, POSITIONS)
         check_number("norm_eps", self.norm_eps, 0, low_open=True)
         check_number("rope_theta", self.rope_theta, 0, low_open=True)
+        check_choice("arch", self.arch, ARCHS)
+        check_int("n_decoder_layers", self.n_decoder_layers, 1 if self.arch == "encoder-decoder" else 0)
+        if self.arch != "encoder-decoder" and self.n_decoder_layers:
+            raise ValueError(f"n_decoder_layers={self.n_decoder_layers} is for arch='encoder-decoder' only; use 0")
+        check_number("dropout", self.dropout, 0, 1, high_open=True)
+        check_number("attn_dropout", self.attn_dropout, 0, 1, high_open=True)
+        check_int("type_vocab_size", self.type_vocab_size, 0)
+        for name in ("pad_id", "mask_id"):
+            value = check_int(name, getattr(self, name), 0, optional=True)
+            if value is not None and value >= self.vocab_size:
+                raise ValueError(f"{name}={value} is not a token of vocab_size={self.vocab_size}")
+        if self.arch == "decoder" and (self.type_vocab_size or self.mask_id is not None):
+            raise ValueError("type_vocab_size and mask_id are for arch='encoder' (BERT)")
+        if self.arch == "encoder" and self.mask_id is None:
+            raise ValueError("arch='encoder' trains with the masked-language-model objective: give mask_id")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -156,6 +181,15 @@ def parse_options(argv: list[str], *classes) -> list[dict]:
         if name != "config" and not any(name in t for t in types):
             raise ValueError(f"unknown option --{name}{_suggest(name, types)}")
         annotation = "str" if name == "config" else next(t[name] for t in types if name in t)
+        if not has_value and _base_type(annotation).startswith("tuple"):  # --input a b c: every word up to --
+            j = i + 1
+            while j < len(words) and not words[j].startswith("--"):
+                given.append((name, words[j]))
+                j += 1
+            if j == i + 1:
+                raise ValueError(f"option --{name} needs a value (--{name}=VALUE or --{name} VALUE ...)")
+            i = j
+            continue
         if not has_value:
             if i + 1 < len(words) and not words[i + 1].startswith("--"):
                 text, i = words[i + 1], i + 1
@@ -181,6 +215,19 @@ def parse_options(argv: list[str], *classes) -> list[dict]:
     for name, (group, value) in from_command_line.items():
         out[group][name] = value
     return out
+
+
+def parse_subcommand(argv: list[str], commands: dict) -> tuple[str, object]:
+    """``COMMAND [POSITIONAL] --options``: the command's name and its config dataclass built from the options.
+    A config class may name fields that leading bare words fill (``positional = ("dir",)``)."""
+    if not argv or argv[0] not in commands:
+        given = f"{argv[0]!r} is not a command" if argv else "no command given"
+        raise ValueError(f"{given}; choose one of: {', '.join(commands)} (each takes --help)")
+    name, cls, words = argv[0], commands[argv[0]], list(argv[1:])
+    for field in getattr(cls, "positional", ()):
+        if words and not words[0].startswith("--"):
+            words[0] = f"--{field}={words[0]}"
+    return name, cls(**parse_options(words, cls)[0])
 
 
 def _base_type(annotation) -> str:
@@ -461,3 +508,65 @@ class EvaluateConfig:
         check_int("batch_size", self.batch_size)
         check_int("max_tokens", self.max_tokens, 2, optional=True)
         check_choice("device", self.device, ("cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """``python -m npllm.data prepare``: text to token shards."""
+
+    input: tuple[str, ...] = ()  # text files (a document each), .jsonl (a document per line), .gz, folders, globs
+    tokenizer: str | None = None  # the tokenizer directory: ours, or a Hugging Face model directory
+    out: str | None = None  # the output directory: train.bin, val.bin, meta.json
+    val_fraction: float = 0.1  # share of the documents held out for validation
+    field: str = "text"  # the JSON field that holds the text in .jsonl inputs
+    workers: int | None = None  # encoding processes; None: one per core
+
+    def __post_init__(self):
+        for name in ("input", "tokenizer", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        check_number("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        check_int("workers", self.workers, optional=True)
+
+
+@dataclass(frozen=True)
+class TokenizerTrainConfig:
+    """``python -m npllm.tokenizer train``: a tokenizer from text."""
+
+    input: tuple[str, ...] = ()  # text or .jsonl files (.gz too), folders, glob patterns
+    out: str | None = None  # the tokenizer directory to write
+    kind: str = "bpe"  # "bpe" (byte-fallback BPE) or "char" (one id per character)
+    vocab_size: int | None = None  # token ids; bpe needs it; char: 3 .. 2 + the distinct characters (None: all)
+    field: str = "text"  # the JSON field that holds the text in .jsonl inputs
+
+    def __post_init__(self):
+        for name in ("input", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        check_choice("kind", self.kind, ("bpe", "char"))
+        check_int("vocab_size", self.vocab_size, optional=True)
+
+
+@dataclass(frozen=True)
+class TokenizerShowConfig:
+    """``python -m npllm.tokenizer show DIR``: describe a tokenizer (ours or a Hugging Face one)."""
+
+    positional = ("dir",)
+    dir: str | None = None  # the tokenizer directory
+
+    def __post_init__(self):
+        if not self.dir:
+            raise ValueError("give the tokenizer directory: show DIR")
+
+
+@dataclass(frozen=True)
+class TokenizerCopyConfig:
+    """``python -m npllm.tokenizer copy DIR --out=DEST``: copy any tokenizer into one of our directories."""
+
+    positional = ("dir",)
+    dir: str | None = None  # the tokenizer to copy
+    out: str | None = None  # the directory to make
+
+    def __post_init__(self):
+        if not self.dir or not self.out:
+            raise ValueError("give the tokenizer and the destination: copy DIR --out=DEST")

@@ -28,7 +28,6 @@ Shard file (little-endian), see docs/data.md:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import multiprocessing
@@ -42,6 +41,8 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 
 from .checks import check_int
+from .cli import run_command
+from .config import PrepareConfig, options_help, parse_subcommand
 from .files import atomic_write, fsync_path, temp_name
 from .run import DataMeta, read_data_meta, write_data_meta
 from .sources import DocumentReader, resolve_inputs, split_text, total_bytes
@@ -514,6 +515,11 @@ class StepSampler:
         self.step += 1
         return batch
 
+    def next_batch(self) -> dict:
+        """``next()`` as the dict every architecture's loss takes: {"tokens": x, "targets": y} for (x, y) rows."""
+        rows = self.next()
+        return rows if isinstance(rows, dict) else {"tokens": rows[0], "targets": rows[1]}
+
     def state_dict(self) -> dict:
         state = dict(seed=self.seed, step=self.step, rank=self.rank)
         state.update({key: getattr(self, key) for key in self.state_keys})
@@ -579,30 +585,23 @@ def eval_batches(tokens, batch_size: int, seq_len: int,
         yield windows[:, :-1], windows[:, 1:]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m npllm.data", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="tokenize text into train.bin / val.bin")
-    prepare.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                         help="text files (one document each), .jsonl files (one document per line), .gz of "
-                              "either, folders (searched recursively) or glob patterns")
-    prepare.add_argument("--tokenizer", required=True, metavar="DIR",
-                         help="tokenizer directory: ours, or a Hugging Face model directory")
-    prepare.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    prepare.add_argument("--val_fraction", type=float, default=0.1,
-                         help="share of the documents held out for validation")
-    prepare.add_argument("--field", default="text", help="the JSON field that holds the text in .jsonl inputs")
-    prepare.add_argument("--workers", type=int, default=None, help="encoding processes (default: one per core)")
-    args = parser.parse_args(argv)
-    try:
-        meta = prepare_data(args.input, args.tokenizer, args.out, args.val_fraction, field=args.field,
-                            workers=args.workers)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+def run_prepare(pc: PrepareConfig) -> None:
+    if Path(pc.out).exists() and not Path(pc.out).is_dir():
+        raise ValueError(f"--out={pc.out} is a file; give a directory (it is made if missing)")
+    meta = prepare_data(list(pc.input), pc.tokenizer, pc.out, pc.val_fraction, field=pc.field, workers=pc.workers)
     print(f"wrote {meta.train_tokens} train + {meta.val_tokens} val tokens ({meta.dtype}; "
           f"{meta.train_documents} + {meta.val_documents} documents, {meta.train_bytes} + {meta.val_bytes} bytes) "
-          f"to {args.out}")
+          f"to {pc.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or "--help" in argv:
+        print(__doc__.split("\n")[0] + "\n\n    python -m npllm.data prepare --input PATH... --tokenizer DIR --out DIR"
+              "\n\nOptions of prepare:\n" + options_help(PrepareConfig))
+        return 0
+    return run_command("npllm.data", lambda a: run_prepare(parse_subcommand(a, {"prepare": PrepareConfig})[1]), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

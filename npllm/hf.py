@@ -38,7 +38,7 @@ import numpy as np
 from .backend import asnumpy
 from .config import ModelConfig
 from .files import fsync_path
-from .models.decoder import param_shapes
+from .models import param_shapes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig, TrainConfig
-from .models.decoder import flops_per_token, num_params, param_shapes, param_shard_shapes, split_axes
+from .models import flops_per_token, num_params, param_shapes, param_shard_shapes, split_axes
 from .optim import moment_dtype
 from .parallel.data import dp_partition
 

@@ -22,9 +22,8 @@ from .config import ModelConfig, TrainConfig
 from .data import eval_batches
 from .files import atomic_write
 from .layers.loss import IGNORE_INDEX
-from .models.decoder import model_forward, num_params
+from .models import batch_loss, num_params
 from .parallel.comm import LocalComm
-from .parallel.tensor import vocab_parallel_cross_entropy_forward
 from .sft import sft_eval_batches
 
 METRICS_FILE = "metrics.jsonl"
@@ -99,26 +98,32 @@ def plot_losses(out_dir) -> Path | None:
     return path
 
 
-def validation_loss(params: dict, cfg: ModelConfig, val, tc: TrainConfig, xp, comm=None) -> float:
-    """Mean loss over the first ``eval_batches`` fixed, non-overlapping validation windows (forward only), or,
-    with --sft, over the counted (response) targets of the first ``eval_batches`` batches of held-out records.
+def validation_batches(data, rows: int, tc: TrainConfig) -> list[dict]:
+    """The fixed validation batches of ``rows`` rows each (a global batch: dp * batch_size rows), at most
+    ``eval_batches`` of them: non-overlapping windows of the val token stream, or held-out SFT records in order."""
+    if data.unit == "records":
+        pairs = sft_eval_batches(data.val, rows, tc.eval_batches)
+    else:
+        pairs = eval_batches(data.val, rows, tc.seq_len, tc.eval_batches)
+    return [dict(tokens=x, targets=y) for x, y in pairs]
 
-    comm: a parallel run's ParallelComm; a batch is then a global batch of dp * batch_size rows, each batch's sum of
-    losses all-reduced over dp before the batches are added in order: one process's number (to rounding).
+
+def validation_loss(params: dict, cfg: ModelConfig, batches: list[dict], tc: TrainConfig, xp, comm=None) -> float:
+    """Mean loss over the counted targets of ``batches`` (``validation_batches``), forward only.
+
+    comm: a parallel run's ParallelComm; each batch is then a global batch of dp * batch_size rows, each dp rank
+    scores its rows, and each batch's sum of losses is all-reduced over dp before the batches are added in order:
+    one process's number (to rounding).
     """
     tp, dp = (LocalComm(), LocalComm()) if comm is None else (comm.tp, comm.dp)
-    rows = tc.batch_size * dp.size  # one global batch
-    batches = list(sft_eval_batches(val, rows, tc.eval_batches) if tc.sft is not None
-                   else eval_batches(val, rows, tc.seq_len, tc.eval_batches))
     mine = slice(dp.rank * tc.batch_size, (dp.rank + 1) * tc.batch_size)  # this dp rank's rows of each batch
     sums, counts = np.zeros(len(batches)), np.zeros(len(batches))  # (n_batches,) loss * n and n of this rank's rows
-    for i, (x, y) in enumerate(batches):
-        x, y = x[mine], y[mine]  # (B, T) each; a short last batch may leave a rank no rows
-        if len(x) == 0:
+    for i, batch in enumerate(batches):
+        rows = {key: value[mine] for key, value in batch.items()}  # (B, ...) each; a short last batch may leave none
+        if len(rows["targets"]) == 0:
             continue
-        logits, _ = model_forward(params, xp.asarray(x), cfg, tp=tp)  # (B, T, V_tp)
-        loss, _ = vocab_parallel_cross_entropy_forward(logits, xp.asarray(y), tp)
-        n = int((y != IGNORE_INDEX).sum())  # weight each batch by its counted targets (all of them for token data)
+        loss = batch_loss(params, {key: xp.asarray(value) for key, value in rows.items()}, cfg, tp=tp)
+        n = int((rows["targets"] != IGNORE_INDEX).sum())  # weight each batch by its counted targets
         sums[i], counts[i] = loss * n, n
     sums, counts = dp.allreduce(sums), dp.allreduce(counts)  # (n_batches,) each: the whole global batches
     return sum(float(batch_sum) for batch_sum in sums) / sum(int(batch_count) for batch_count in counts)

@@ -326,7 +326,7 @@ def load_trained(path, device: str = "cpu", tokenizer_dir=None) -> Trained:
     """
     from .backend import to_device
     from .checkpoint import find_checkpoint, load_checkpoint
-    from .models.decoder import split_axes
+    from .models import split_axes
 
     ckpt_dir = find_checkpoint(path)
     meta = read_run_meta(ckpt_dir)
@@ -374,7 +374,7 @@ def load_resumed(path, cfg: ModelConfig, comm) -> Resumed:
     """This rank's shards and AdamW state of the checkpoint ``npllm.train --resume`` continues (re-sharded if it was
     written with another tp); ValueError unless its tensors are those of ``cfg`` and it holds the optimizer state."""
     from .checkpoint import load_checkpoint
-    from .models.decoder import split_axes
+    from .models import split_axes
 
     params, opt_state, _ = load_checkpoint(path, tp_rank=comm.tp.rank, tp_size=comm.tp.size,
                                            split_axes=split_axes(cfg))
@@ -386,7 +386,7 @@ def load_resumed(path, cfg: ModelConfig, comm) -> Resumed:
 
 def check_param_shapes(saved_params: dict, cfg: ModelConfig, tp_size: int = 1) -> None:
     """ValueError unless a checkpoint's tensors are exactly those of the config (this rank's shards with tp > 1)."""
-    from .models.decoder import param_shard_shapes
+    from .models import param_shard_shapes
 
     expected = param_shard_shapes(cfg, tp_size)
     found = {name: tuple(value.shape) for name, value in saved_params.items()}

@@ -39,7 +39,6 @@ There is no pad id (pad = -1) in any kind: batches are windows of one token stre
 from __future__ import annotations
 
 import abc
-import argparse
 import hashlib
 import io
 import itertools
@@ -55,6 +54,8 @@ import numpy as np
 import sentencepiece as spm
 
 from .checks import is_int
+from .cli import run_command
+from .config import TokenizerCopyConfig, TokenizerShowConfig, TokenizerTrainConfig, options_help, parse_subcommand
 from .files import atomic_write, fsync_path
 from .sources import READ_CHARS, DocumentReader, resolve_inputs, split_text
 
@@ -769,39 +770,32 @@ def train_tokenizer(inputs, vocab_size: int | None, out_dir, kind: str = "bpe", 
     return tokenizer
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m npllm.tokenizer", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a tokenizer on text")
-    train.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                       help="text or .jsonl files (.gz too), folders, glob patterns")
-    train.add_argument("--kind", choices=TRAINED_KINDS, default="bpe",
-                       help="bpe (byte-fallback BPE, the default) or char (one id per character)")
-    train.add_argument("--vocab_size", type=int, default=None,
-                       help=f"number of token ids: bpe needs it (>= {MIN_VOCAB_SIZE}); char: 3 .. 2 + the "
-                            f"text's distinct characters (the default: all of them)")
-    train.add_argument("--out", required=True, metavar="DIR", help="directory for the tokenizer")
-    train.add_argument("--field", default="text", help="the JSON field that holds the text in .jsonl inputs")
-    show = commands.add_parser("show", help="load a tokenizer directory (ours or a Hugging Face one) and describe it")
-    show.add_argument("dir", metavar="DIR")
-    copy = commands.add_parser("copy", help="copy any tokenizer into one of our directories")
-    copy.add_argument("dir", metavar="DIR")
-    copy.add_argument("--out", required=True, metavar="DIR")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
-            tokenizer = train_tokenizer(args.input, args.vocab_size, args.out, args.kind, args.field)
-            print(f"trained tokenizer: kind={tokenizer.kind} vocab_size={tokenizer.vocab_size} "
-                  f"fingerprint={tokenizer.fingerprint[:12]} -> {tokenizer.directory}")
-        elif args.command == "show":
-            print(json.dumps(load_tokenizer(args.dir).info(), indent=2))
-        else:
-            tokenizer = load_tokenizer(args.dir)
-            print(f"copied {tokenizer.kind} tokenizer (fingerprint {tokenizer.fingerprint[:12]}) -> "
-                  f"{copy_tokenizer(tokenizer, args.out)}")
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+COMMANDS = {"train": TokenizerTrainConfig, "show": TokenizerShowConfig, "copy": TokenizerCopyConfig}
+
+
+def run(command: str, options) -> None:
+    if command == "train":
+        tokenizer = train_tokenizer(list(options.input), options.vocab_size, options.out, options.kind, options.field)
+        print(f"trained tokenizer: kind={tokenizer.kind} vocab_size={tokenizer.vocab_size} "
+              f"fingerprint={tokenizer.fingerprint[:12]} -> {tokenizer.directory}")
+    elif command == "show":
+        print(json.dumps(load_tokenizer(options.dir).info(), indent=2))
+    else:
+        tokenizer = load_tokenizer(options.dir)
+        print(f"copied {tokenizer.kind} tokenizer (fingerprint {tokenizer.fingerprint[:12]}) -> "
+              f"{copy_tokenizer(tokenizer, options.out)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or "--help" in argv:
+        print(__doc__.split("\n")[0] + "\n\n    python -m npllm.tokenizer train --input PATH... --out DIR [--kind=char]"
+              "\n    python -m npllm.tokenizer show DIR\n    python -m npllm.tokenizer copy DIR --out DEST")
+        for name, cls in COMMANDS.items():
+            print(f"\nOptions of {name}:\n" + options_help(cls))
+        return 0
+    return run_command("npllm.tokenizer", lambda a: run(*parse_subcommand(a, COMMANDS)), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,8 +9,8 @@
 
 Every field of ModelConfig and TrainConfig (npllm/config.py) is an option ``--name=value``. One step:
 
-    x, y = sampler.next()                                                   # (B, T) token windows
-    loss, grads = accumulate_loss_and_grads(params, x, y, cfg, micro_batches, tp=comm.tp)  # forward + backward
+    batch = sampler.next_batch()                                            # {"tokens", "targets"}: (B, T) each
+    loss, grads = accumulate_loss_and_grads(params, batch, cfg, micro_batches, tp=comm.tp)  # forward + backward
     grads, norm, _ = reduce_and_clip(grads, axes, comm, zero=zero, max_norm=grad_clip)      # one global norm
     apply_update(params, grads, opt_state, comm, zero=zero, lr=lr_at(step), ...)          # AdamW, in place
 
@@ -44,11 +44,9 @@ from .layers.loss import IGNORE_INDEX
 from .memory import dry_run_report
 from .metrics import (
     MetricsLog, format_line, measure_peak_flops, peak_rss_bytes, perplexity, plot_losses, read_metrics,
-    remove_stale_temp_files, start_lines, validation_loss, write_metrics,
+    remove_stale_temp_files, start_lines, validation_batches, validation_loss, write_metrics,
 )
-from .models.decoder import (
-    accumulate_loss_and_grads, flops_per_token, init_params, split_axes, tp_split_sizes,
-)
+from .models import accumulate_loss_and_grads, flops_per_token, init_params, split_axes, tp_split_sizes
 from .optim import lr_at
 from .parallel.comm import (
     ErrorVote, Terminated, end_job_on_signals, one_process_comm, run_comm, run_main,
@@ -210,6 +208,7 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
                      comm.world)
     sampler = (SFTBatchSampler if tc.sft is not None else BatchSampler)(
         data.train, tc.batch_size, tc.seq_len, seed=tc.seed, rank=comm.dp.rank, world_size=comm.dp.size)
+    val_batches = validation_batches(data, tc.batch_size * comm.dp.size, tc)  # the same fixed global batches each time
 
     # 2. weights and optimizer state: fresh, from --init_from, or exactly where --resume left them
     params, opt_state, start_step = starting_state(cfg, tc, comm, data, sampler, resumed, initial)
@@ -236,7 +235,7 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
     history, metrics = [], MetricsLog(out_dir, enabled=main_rank)
     try:
         if start_step == 0:  # the untrained model's validation loss: the baseline every later eval compares to
-            val_loss = validation_loss(params, cfg, data.val, tc, xp, comm)
+            val_loss = validation_loss(params, cfg, val_batches, tc, xp, comm)
             m = dict(step=0, val_loss=val_loss, val_ppl=perplexity(val_loss))
             metrics.write(m)
             history.append(m)
@@ -244,10 +243,11 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
         for step in range(start_step, tc.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup, total_steps=tc.decay_steps, min_lr=tc.final_lr)
-            x, y = sampler.next()  # (B, T) each: this dp rank's rows
-            loss, grads = accumulate_loss_and_grads(params, xp.asarray(x), xp.asarray(y), cfg, tc.micro_batches,
-                                                    tp=comm.tp)
-            loss, grads = global_batch_mean(loss, grads, int((np.asarray(y) != IGNORE_INDEX).sum()), comm.dp)
+            batch = sampler.next_batch()  # {"tokens": (B, T), "targets": (B, T), ...}: this dp rank's rows
+            n_targets = int((batch["targets"] != IGNORE_INDEX).sum())
+            batch = {key: xp.asarray(value) for key, value in batch.items()}
+            loss, grads = accumulate_loss_and_grads(params, batch, cfg, tc.micro_batches, tp=comm.tp)
+            loss, grads = global_batch_mean(loss, grads, n_targets, comm.dp)
             grads, norm, _ = reduce_and_clip(grads, axes, comm, zero=tc.zero, max_norm=tc.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank: all stop together
                 raise TrainingError(f"step {step + 1}: loss {loss} / gradient norm {norm} is not finite; stopping "
@@ -261,7 +261,7 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
             m = dict(step=done, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_step / dt,
                      mfu=step_flops / dt / peak)
             if done % tc.eval_interval == 0 or done == tc.steps:
-                m["val_loss"] = validation_loss(params, cfg, data.val, tc, xp, comm)
+                m["val_loss"] = validation_loss(params, cfg, val_batches, tc, xp, comm)
                 m["val_ppl"] = perplexity(m["val_loss"])
             metrics.write(m)
             history.append(m)

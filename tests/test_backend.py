@@ -26,7 +26,8 @@ import npllm, npllm.backend, npllm.config, npllm.gradcheck, npllm.models.decoder
 from npllm.layers import attention, embedding, linear, loss, mlp, norm, rope
 from npllm.config import get_preset
 from npllm.gradcheck import check_layer
-from npllm.models.decoder import init_params, loss_and_grads
+from npllm.models import init_params
+from npllm.models.decoder import loss_and_grads
 for preset in ("nano", "nano-gpt2"):
     cfg = get_preset(preset, vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=8, max_seq_len=4)
     tokens = np.arange(8).reshape(2, 4) % 16

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from npllm.config import get_preset
 from npllm.data import write_tokens
 from npllm.evaluate import evaluate_tokens, main, sliding_windows
-from npllm.models.decoder import init_params, model_forward
+from npllm.models import init_params
+from npllm.models.decoder import model_forward
 from npllm.sampling import log_softmax
 
 CFG = get_preset("nano", vocab_size=400, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)

@@ -20,7 +20,8 @@ import pytest
 from npllm.backend import asnumpy, get_array_module
 from npllm.config import get_preset
 from npllm.generate import (Hypothesis, beam_search, decode_steps, generate, normalized_score, stream)
-from npllm.models.decoder import init_params, model_forward
+from npllm.models import init_params
+from npllm.models.decoder import model_forward
 from npllm.sampling import SamplingConfig, log_softmax, sampling_distribution
 
 REL_TOL = {np.float64: 1e-10, np.float32: 1e-5}
@@ -381,7 +382,8 @@ def test_cli_stop_strings_json_and_prompt_files(run_dir, capsys, tmp_path, monke
     params, cfg, tok = load_trained(run_dir)[:3]
     prompts = ["a", "The value of", "def"]
     ids = [prompt_ids(tok, p) for p in prompts]
-    full = [tok.decode(i + g)[len(tok.decode(i)):] for i, g in zip(ids, generate(params, cfg, ids, 6, eos_id=tok.eos_id))]
+    new = generate(params, cfg, ids, 6, eos_id=tok.eos_id)
+    full = [tok.decode(i + g)[len(tok.decode(i)):] for i, g in zip(ids, new)]
     stop = next(c for c in full[1][1:] if c.isalnum())  # a character the greedy text of prompt 1 holds
     (tmp_path / "prompts.txt").write_text("The value of\n\ndef\n")
     code, out, err = cli([f"--ckpt={run_dir}", "--prompt=a", f"--prompt_file={tmp_path / 'prompts.txt'}",
@@ -396,4 +398,5 @@ def test_cli_stop_strings_json_and_prompt_files(run_dir, capsys, tmp_path, monke
     assert rows[1]["finish_reason"] == "stop"
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("a\nThe value of\n"))
     code, out, _ = cli([f"--ckpt={run_dir}", "--prompt_file=-", "--max_new_tokens=6", "--temperature=0"], capsys)
-    assert code == 0 and out.splitlines() == [f"[0] {tok.decode(ids[0])}{full[0]}", f"[1] {tok.decode(ids[1])}{full[1]}"]
+    assert code == 0
+    assert out.splitlines() == [f"[0] {tok.decode(ids[0])}{full[0]}", f"[1] {tok.decode(ids[1])}{full[1]}"]

@@ -37,7 +37,8 @@ from npllm.hf import (
     bf16_bits_to_float32, config_from_hf, config_to_hf, float32_to_bf16_bits, is_hf_dir, load_hf, save_hf,
     to_hf_state,
 )
-from npllm.models.decoder import forward, init_params, loss_and_grads, param_shapes
+from npllm.models import init_params, param_shapes
+from npllm.models.decoder import forward, loss_and_grads
 
 TOL = 1e-9  # relative, see the module docstring
 ATTN = "sdpa"  # float64 throughout (the eager LLaMA attention takes its softmax in float32)

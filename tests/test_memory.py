@@ -16,7 +16,8 @@ import pytest
 
 from npllm.config import ModelConfig, TrainConfig, get_preset
 from npllm.memory import activation_bytes, plan_memory
-from npllm.models.decoder import accumulate_loss_and_grads, init_params, model_forward, split_axes
+from npllm.models import accumulate_loss_and_grads, init_params, split_axes
+from npllm.models.decoder import model_forward
 from npllm.parallel.comm import make_comm
 from npllm.parallel.data import apply_update, init_optimizer, reduce_and_clip
 from npllm.parallel.tensor import vocab_parallel_cross_entropy_backward, vocab_parallel_cross_entropy_forward
@@ -158,7 +159,7 @@ def test_peak_of_a_real_step_is_the_planned_peak(mlp, micro_batches):
     x, y = rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
     tracemalloc.start()
     try:
-        loss, grads = accumulate_loss_and_grads(params, x, y, cfg, micro_batches, tp=comm.tp)
+        loss, grads = accumulate_loss_and_grads(params, {"tokens": x, "targets": y}, cfg, micro_batches, tp=comm.tp)
         grads, _, _ = reduce_and_clip(grads, split_axes(cfg), comm, max_norm=1.0)
         apply_update(params, grads, state, comm, lr=1e-3)
         del grads

@@ -17,17 +17,8 @@ from hypothesis import strategies as st
 from npllm.backend import asnumpy
 from npllm.config import get_preset
 from npllm.layers.loss import IGNORE_INDEX, cross_entropy_forward
-from npllm.models.decoder import (
-    flops_per_token,
-    forward,
-    init_params,
-    loss_and_grads,
-    model_forward,
-    num_params,
-    param_shapes,
-    param_specs,
-    split_axes,
-)
+from npllm.models import flops_per_token, init_params, num_params, param_shapes, split_axes
+from npllm.models.decoder import forward, loss_and_grads, model_forward, param_specs
 from npllm.models.spec import initial_value
 
 # (preset, fixed overrides): the two presets and the mixes between them

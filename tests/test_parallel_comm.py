@@ -76,7 +76,8 @@ def test_check_tp_errors(tp, world, message):
 
 def test_one_process_never_imports_mpi4py():
     code = ("import sys; import numpy as np; from npllm.parallel.comm import make_comm; "
-            "from npllm.config import get_preset; from npllm.models.decoder import init_params, loss_and_grads; "
+            "from npllm.config import get_preset; from npllm.models import init_params; "
+            "from npllm.models.decoder import loss_and_grads; "
             "cfg = get_preset('nano', n_layers=1); comm = make_comm(); "
             "loss_and_grads(init_params(cfg), np.zeros((1, 4), int), np.ones((1, 4), int), cfg, tp=comm.tp); "
             "print('mpi4py' in sys.modules)")

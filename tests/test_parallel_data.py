@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllm.config import get_preset
-from npllm.models.decoder import init_params, loss_and_grads, param_shapes, split_axes
+from npllm.models import init_params, param_shapes, split_axes
+from npllm.models.decoder import loss_and_grads
 from npllm.optim import adamw_init, adamw_update, clip_grad_norm
 from npllm.parallel.comm import make_comm
 from npllm.parallel.data import (

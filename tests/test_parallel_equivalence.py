@@ -28,7 +28,8 @@ from tests.mpi_scripts.mpi_common import (
     CONFIGS, INIT_SEED, MAX_NORM, NO_MPIRUN, OPTIM, STEPS, find_mpirun, global_batch, load_npz, run_mpi,
 )
 
-from npllm.models.decoder import init_params, loss_and_grads, param_shapes
+from npllm.models import init_params, param_shapes
+from npllm.models.decoder import loss_and_grads
 from npllm.optim import adamw_init, adamw_update, clip_grad_norm
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(find_mpirun() is None, reason=NO_MPIRUN)]

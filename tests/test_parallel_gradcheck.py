@@ -14,7 +14,7 @@ import pytest
 
 from tests.mpi_scripts.mpi_common import NO_MPIRUN, TINY_CONFIGS, find_mpirun, load_npz, run_mpi
 
-from npllm.models.decoder import split_axes
+from npllm.models import split_axes
 
 
 @pytest.mark.mpi

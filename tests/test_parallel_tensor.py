@@ -19,9 +19,8 @@ from npllm.config import PRESETS, ModelConfig, get_preset
 from npllm.layers.attention import attention_backward, attention_forward
 from npllm.layers.loss import cross_entropy_backward, cross_entropy_forward
 from npllm.layers.mlp import mlp_backward, mlp_forward
-from npllm.models.decoder import (
-    init_params, model_forward, num_params, param_shapes, param_shard_shapes, split_axes, tp_split_sizes,
-)
+from npllm.models import init_params, num_params, param_shapes, param_shard_shapes, split_axes, tp_split_sizes
+from npllm.models.decoder import model_forward
 from npllm.parallel.comm import LocalComm
 from npllm.parallel.tensor import (
     check_tp_divides, shard_array, shard_params, unshard_params, vocab_parallel_cross_entropy_backward,

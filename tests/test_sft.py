@@ -28,12 +28,13 @@ from npllm.corpus import default_corpus_text
 from npllm.data import prepare_data
 from npllm.generate import prompt_ids
 from npllm.layers.loss import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
-from npllm.models.decoder import accumulate_loss_and_grads, init_params, loss_and_grads, model_backward, model_forward
+from npllm.models import accumulate_loss_and_grads, init_params
+from npllm.models.decoder import loss_and_grads, model_backward, model_forward
 from npllm.sft import (SFTBatchSampler, encode_sft_example, encode_sft_records, load_sft_data, load_sft_records,
                        sft_eval_batches, split_records)
 from npllm.tokenizer import Tokenizer, train_tokenizer
-from npllm.metrics import read_metrics
-from npllm.train import main, validation_loss
+from npllm.metrics import read_metrics, validation_batches, validation_loss
+from npllm.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 400
@@ -218,7 +219,7 @@ def test_sft_loss_and_grads_equal_the_response_only_loss_computed_directly(tok):
         assert err <= 1e-12, f"{name}: relative error {err:.2e}"
     # records have different numbers of counted targets (3, 5, ...): micro-batches must weight by them
     for micro_batches in (2, 4):
-        loss_k, grads_k = accumulate_loss_and_grads(params, x, y, cfg, micro_batches)
+        loss_k, grads_k = accumulate_loss_and_grads(params, {"tokens": x, "targets": y}, cfg, micro_batches)
         assert abs(loss_k - loss) <= 1e-12 * abs(loss)
         for name, g in grads.items():
             assert np.max(np.abs(grads_k[name] - g)) <= 1e-12 * np.max(np.abs(g)), (micro_batches, name)
@@ -359,11 +360,12 @@ def test_sft_run_from_a_pretrained_checkpoint_learns_and_resumes_exactly(pretrai
 def test_sft_val_loss_is_the_mean_over_every_counted_target_of_the_held_out_records(pretrained, sft_file, tok):
     params, _, meta = load_checkpoint(pretrained)
     cfg = ModelConfig(**meta["model_config"])
-    val = load_sft_data(sft_file, tok, SFT_SEQ_LEN).val
+    data = load_sft_data(sft_file, tok, SFT_SEQ_LEN)
+    val = data.val
     counts = (val.targets != IGNORE_INDEX).sum(axis=1)
     assert len(val) == 4 and len(set(counts.tolist())) > 1, "records with different response lengths"
     tc = TrainConfig(init_from=str(pretrained), sft=str(sft_file), seq_len=SFT_SEQ_LEN, batch_size=1)
-    got = validation_loss(params, cfg, val, tc, np)  # four batches of one record each
+    got = validation_loss(params, cfg, validation_batches(data, 1, tc), tc, np)  # four batches of one record each
 
     logits, _ = model_forward(params, val.tokens.astype(np.int64), cfg)  # (4, T, V) in one forward
     nll = []

@@ -166,7 +166,7 @@ def test_cli_train(text_file, tmp_path):
 def test_cli_missing_input_is_one_line_error(tmp_path):
     result = run_cli("train", "--input", tmp_path / "missing.txt", "--vocab_size", 400, "--out", tmp_path / "tok")
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"error: input not found: {tmp_path / 'missing.txt'} (pass text "
+    assert result.stderr.strip().splitlines() == [f"npllm.tokenizer: error: input not found: {tmp_path / 'missing.txt'} (pass text "
                                                   f"or .jsonl files, folders or glob patterns)"]
     assert not (tmp_path / "tok").exists()
 
@@ -289,7 +289,7 @@ def test_cli_train_char(shakespeare, tmp_path):
     assert load_tokenizer(tmp_path / "tok").kind == "char"
     result = run_cli("train", "--input", shakespeare, "--out", tmp_path / "tok2")
     assert result.returncode != 0 and result.stderr.strip().splitlines() == [
-        "error: --kind=bpe needs --vocab_size (an integer >= 260)"]
+        "npllm.tokenizer: error: --kind=bpe needs --vocab_size (an integer >= 260)"]
 
 
 # ---- pretrained: sentencepiece (LLaMA-style) and Hugging Face tokenizers (GPT-2-style) -------------------------------

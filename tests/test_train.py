@@ -25,7 +25,7 @@ import pytest
 from npllm.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
 from npllm.config import ModelConfig, TrainConfig, get_preset
 from npllm.data import BatchSampler, load_tokens
-from npllm.models.decoder import accumulate_loss_and_grads, flops_per_token, init_params
+from npllm.models import accumulate_loss_and_grads, flops_per_token, init_params
 from npllm.config import parse_options
 from npllm.metrics import read_metrics
 from npllm.train import main
@@ -80,9 +80,9 @@ def test_micro_batches_give_the_loss_and_grads_of_the_whole_batch(data_dir):
     cfg = get_preset("nano", n_layers=1, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=VOCAB)
     params = init_params(cfg, seed=3, dtype=np.float64)
     x, y = BatchSampler(load_tokens(data_dir / "train.bin"), batch_size=8, seq_len=16, seed=1).next()  # (B, T)
-    loss_1, grads_1 = accumulate_loss_and_grads(params, x, y, cfg, 1)
+    loss_1, grads_1 = accumulate_loss_and_grads(params, {"tokens": x, "targets": y}, cfg, 1)
     for micro_batches in (2, 4):
-        loss_k, grads_k = accumulate_loss_and_grads(params, x, y, cfg, micro_batches)
+        loss_k, grads_k = accumulate_loss_and_grads(params, {"tokens": x, "targets": y}, cfg, micro_batches)
         assert abs(loss_k - loss_1) <= 1e-12 * abs(loss_1)
         assert list(grads_k) == list(grads_1)
         for name, g in grads_1.items():

@@ -33,7 +33,7 @@ import pytest
 from npllm.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
 from npllm.data import write_tokens
 from npllm.metrics import read_metrics
-from npllm.models.decoder import split_axes
+from npllm.models import split_axes
 from npllm.run import read_run_meta
 from npllm.tokenizer import train_tokenizer
 from npllm.train import main
@@ -418,7 +418,7 @@ def test_evaluate_on_an_empty_file_is_refused(trained, tmp_path):
 
 def test_generate_seed_names_the_option(trained):
     line = one_line(run_module("npllm.generate", f"--ckpt={trained}", "--seed=-1"), "npllm.generate")
-    assert "--seed=-1 is not allowed; use an integer >= 0" in line
+    assert "seed=-1 is not allowed; use an integer >= 0" in line
 
 
 def test_leftovers_of_killed_runs_are_cleaned_on_the_next_start(trained, tmp_path):

@@ -32,7 +32,8 @@ from npllm.config import ModelConfig, get_preset
 from npllm.corpus import default_corpus_text
 from npllm.data import prepare_data
 from npllm.metrics import read_metrics
-from npllm.models.decoder import init_params, loss_and_grads, param_shapes, split_axes
+from npllm.models import init_params, param_shapes, split_axes
+from npllm.models.decoder import loss_and_grads
 from npllm.parallel.data import dp_count_weight
 from npllm.parallel.tensor import shard_array
 from npllm.run import load_trained, read_checkpoint_record, read_run_meta

@@ -10,7 +10,7 @@ import numpy as np
 from npllm.checkpoint import save_checkpoint
 from npllm.config import TrainConfig, get_preset
 from npllm.corpus import default_corpus_text
-from npllm.models.decoder import init_params
+from npllm.models import init_params
 from npllm.run import RunMeta, TokenizerRef
 from npllm.tokenizer import train_tokenizer
 

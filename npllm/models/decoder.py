@@ -1,14 +1,16 @@
-"""The transformer: parameters, forward and backward, composed from ``npllm.layers``.
+"""The decoder-only transformer (GPT-2, LLaMA): parameters, forward and backward, composed from ``npllm.layers``.
 
 Pre-norm residual blocks (x = x + attn(norm(x)); x = x + mlp(norm(x))), a final norm, and a tied or untied
-output head. All gradient accumulation happens here: the residual stream, the tied embedding, and micro-batches
-(``accumulate_loss_and_grads``). Start reading at ``loss_and_grads``; ``param_specs`` lists the parameters.
+output head. All gradient accumulation of one forward/backward happens here: the residual stream and the tied
+embedding (micro-batches are summed in ``npllm.models.accumulate_loss_and_grads``). Start reading at
+``loss_and_grads``; ``param_specs`` lists the parameters.
 
-Tensor parallelism: pass a communicator ``tp`` and this rank's shards of the parameters (``param_shard_shapes``).
-Attention and MLP then run on this rank's heads and hidden units, the embedding, head and loss on its slice of the
-vocabulary, and Megatron's f and g (``copy_to_tp``, ``reduce_from_tp`` of ``npllm.parallel.mappings``) stand in
-``model_forward`` where they act (docs/parallelism.md). Without ``tp`` (one process) they are identities and this
-is the plain single-process model, the same lines.
+Tensor parallelism: pass a communicator ``tp`` and this rank's shards of the parameters
+(``npllm.models.param_shard_shapes``). Attention and MLP then run on this rank's heads and hidden units, the
+embedding, head and loss on its slice of the vocabulary, and Megatron's f and g (``copy_to_tp``,
+``reduce_from_tp`` of ``npllm.parallel.mappings``) stand in ``model_forward`` where they act
+(docs/parallelism.md). Without ``tp`` (one process) they are identities and this is the plain single-process
+model, the same lines.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from ..config import ModelConfig
 from ..layers.attention import attention_backward, attention_forward
 from ..layers.embedding import embedding_backward, embedding_forward
 from ..layers.linear import linear_backward, linear_forward
-from ..layers.loss import IGNORE_INDEX
+
 from ..layers.mlp import mlp_backward, mlp_forward
 from ..layers.norm import norm_backward, norm_forward
 from ..layers.rope import rope_tables
-from .spec import ParamSpec, count_of, init_from_specs, shapes_of, shard_shapes_of, split_axes_of
+from .spec import ParamSpec, shapes_of, shard_shapes_of
 from ..parallel.comm import LocalComm
 from ..parallel.mappings import copy_to_tp, copy_to_tp_backward, reduce_from_tp, reduce_from_tp_backward
 from ..parallel.tensor import (
@@ -85,30 +87,9 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     return specs
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """{name: full shape} in parameter order (read off ``param_specs``)."""
-    return shapes_of(param_specs(cfg))
-
-
-def split_axes(cfg: ModelConfig) -> dict[str, int | None]:
-    """{name: tensor-parallel split axis or None (replicated)} (read off ``param_specs``)."""
-    return split_axes_of(param_specs(cfg))
-
-
 def tp_split_sizes(cfg: ModelConfig) -> dict[str, int]:
     """The sizes tensor parallelism splits evenly: heads, key/value heads, MLP width, vocabulary."""
     return dict(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size)
-
-
-def param_shard_shapes(cfg: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]]:
-    """The shapes of one tensor-parallel rank's shards; ValueError when tp_size does not divide the split sizes."""
-    check_tp_divides(tp_split_sizes(cfg), tp_size)
-    return shard_shapes_of(param_specs(cfg), tp_size)
-
-
-def num_params(cfg: ModelConfig) -> int:
-    """Parameter count, from the shapes alone (nothing is allocated)."""
-    return count_of(param_specs(cfg))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
@@ -117,21 +98,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     Forward: 2 FLOPs per weight of every matmul (the embedding lookup is no matmul, the tied or untied head is),
     plus attention's q @ k^T and P @ v: 2 * 2 * NH * hs * T per layer (full T x T, the causal half not discounted).
     """
-    shapes = param_shapes(cfg)
+    shapes = shapes_of(param_specs(cfg))
     matmul_weights = sum(math.prod(s) for n, s in shapes.items() if len(s) == 2 and n not in ("tok_emb", "pos_emb"))
     if cfg.tie_embeddings:
         matmul_weights += cfg.vocab_size * cfg.dim
     attention = cfg.n_layers * 2 * 2 * cfg.n_heads * cfg.head_dim * seq_len
     return 3 * (2 * matmul_weights + attention)
-
-
-def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32, xp=np, *, tp_rank: int = 0,
-                tp_size: int = 1) -> dict:
-    """All parameters, ordered as ``param_specs``, as ``dtype`` arrays of the array module ``xp``, each drawn by
-    its spec's init rule from the stream (seed, its index). With tp_size > 1: rank tp_rank's shards, equal to
-    slicing the full initial parameters."""
-    check_tp_divides(tp_split_sizes(cfg), tp_size)
-    return init_from_specs(param_specs(cfg), seed, dtype, xp, tp_rank=tp_rank, tp_size=tp_size)
 
 
 def sub_params(params: dict, prefix: str) -> dict:
@@ -152,7 +124,8 @@ def _without(p: dict, name: str) -> dict:
 
 def _check_shard_shapes(params: dict, cfg: ModelConfig, tp_size: int) -> None:
     """ValueError when a parameter's shape is not this rank's shard shape (e.g. full tensors given with tp > 1)."""
-    for name, shape in param_shard_shapes(cfg, tp_size).items():
+    check_tp_divides(tp_split_sizes(cfg), tp_size)
+    for name, shape in shard_shapes_of(param_specs(cfg), tp_size).items():
         if name in params and tuple(params[name].shape) != shape:
             raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)}; with tp={tp_size} this rank's "
                              f"shard has shape {shape} (see npllm.parallel.tensor.shard_params)")
@@ -259,7 +232,7 @@ def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
     else:
         grads["tok_emb"] = g["w"]
         grads["lm_head"] = g_head["w"]
-    return {name: grads[name] for name in param_shapes(cfg)}  # the parameters' own order
+    return {spec.name: grads[spec.name] for spec in param_specs(cfg)}  # the parameters' own order
 
 
 def forward(params: dict, tokens, cfg: ModelConfig):
@@ -282,31 +255,13 @@ def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, tp=None):
     return loss, model_backward(dlogits, cache, cfg)
 
 
-def accumulate_loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, micro_batches: int = 1, tp=None):
-    """``loss_and_grads`` over a batch split into ``micro_batches`` row chunks, one forward/backward at a time.
+def batch_loss_and_grads(params: dict, batch: dict, cfg: ModelConfig, tp=None):
+    """``loss_and_grads`` of a batch {"tokens": (B, T), "targets": (B, T)} (the form every architecture takes)."""
+    return loss_and_grads(params, batch["tokens"], batch["targets"], cfg, tp=tp)
 
-    Each chunk's mean loss (and gradient) is weighted by its share of the batch's valid targets, so the sum equals
-    the mean over the whole batch (up to float rounding) while only one chunk's activations are alive at once.
-    tp: the tensor-parallel communicator, passed on to ``loss_and_grads`` (None: one process).
-    """
-    B = tokens.shape[0]
-    xp = get_array_module(params["tok_emb"])
-    n_total = int((targets != IGNORE_INDEX).sum())
-    if micro_batches == 1 or n_total == 0:
-        return loss_and_grads(params, tokens, targets, cfg, tp=tp)
-    loss, grads = 0.0, None
-    for rows in np.array_split(np.arange(B), micro_batches):
-        rows = xp.asarray(rows)
-        n_chunk = int((targets[rows] != IGNORE_INDEX).sum())
-        if n_chunk == 0:
-            continue  # no target in this chunk: it adds nothing to the mean
-        weight = n_chunk / n_total
-        chunk_loss, chunk_grads = loss_and_grads(params, tokens[rows], targets[rows], cfg, tp=tp)
-        loss += weight * chunk_loss
-        if grads is None:
-            grads = {name: weight * g for name, g in chunk_grads.items()}
-        else:
-            for name, g in chunk_grads.items():
-                grads[name] += weight * g  # the micro-batch sum
-        del chunk_grads  # freed before the next micro-batch's backward makes new ones: 2 sets of grads alive, not 3
-    return loss, grads
+
+def batch_loss(params: dict, batch: dict, cfg: ModelConfig, tp=None) -> float:
+    """The mean loss of a batch, forward only (validation)."""
+    logits, cache = model_forward(params, batch["tokens"], cfg, tp=tp)  # (B, T, V_tp)
+    loss, _ = vocab_parallel_cross_entropy_forward(logits, batch["targets"], cache["tp"])
+    return loss

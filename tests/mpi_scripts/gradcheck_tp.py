@@ -31,7 +31,8 @@ from mpi_common import TINY_CONFIGS, save_npz
 import npllm.parallel.tensor as tensor
 from npllm.gradcheck import check_gradients
 import npllm.models.decoder as decoder
-from npllm.models.decoder import init_params, loss_and_grads, model_forward, split_axes
+from npllm.models import init_params, split_axes
+from npllm.models.decoder import loss_and_grads, model_forward
 from npllm.parallel.comm import make_comm, run_main
 
 # Shards of up to MAX_ELEMENTWISE entries are checked entry by entry, larger ones along random directions: every

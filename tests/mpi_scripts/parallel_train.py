@@ -19,7 +19,8 @@ import argparse
 import numpy as np
 from mpi_common import CONFIGS, INIT_SEED, MAX_NORM, OPTIM, STEPS, global_batch, rank_rows, save_npz
 
-from npllm.models.decoder import init_params, loss_and_grads, split_axes
+from npllm.models import init_params, split_axes
+from npllm.models.decoder import loss_and_grads
 from npllm.parallel.comm import make_comm, run_main
 from npllm.parallel.data import dp_allreduce_grads, dp_mean, init_optimizer, optimizer_step
 

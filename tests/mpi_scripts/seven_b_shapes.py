@@ -21,7 +21,8 @@ import numpy as np
 from mpi_common import SEVEN_B_SHAPES, save_npz, seven_b_batch, seven_b_params, seven_b_probe_dot
 
 from npllm.config import get_preset
-from npllm.models.decoder import loss_and_grads, param_shapes, split_axes
+from npllm.models import param_shapes, split_axes
+from npllm.models.decoder import loss_and_grads
 from npllm.parallel.comm import make_comm, run_main
 from npllm.parallel.data import world_grad_norm
 
