@@ -311,6 +311,24 @@ def test_huge_scores_stay_finite():
     assert_agree({"x": dx, **grads}, {"x": dx_ref, **grads_ref}, "huge scores backward", floor=1.0)
 
 
+@pytest.mark.skipif(fast._blas_threads is None, reason="BLAS is not an OpenBLAS whose thread count we can read")
+def test_blas_keeps_its_thread_count():
+    # the core runs BLAS on one thread while its own threads work, and must give the count back, also on an error
+    get = fast._blas_threads[0]
+    before = get()
+    rng = np.random.default_rng(0)
+    qg, k = rng.standard_normal((2, 1, 2, 40, 4)), rng.standard_normal((2, 1, 40, 4))
+    flash_core_forward(qg, k, k, 0.5, causal=True, threads=2, q_tile=8)
+    assert get() == before
+
+    def failing_chunk(lo, hi):
+        raise RuntimeError(f"chunk {lo}:{hi} failed")
+
+    with pytest.raises(RuntimeError, match="chunk"):
+        fast._run_over_slices(np, failing_chunk, 2, 10**9, 2)
+    assert get() == before
+
+
 def test_bad_arguments_are_one_line_errors():
     rng = np.random.default_rng(0)
     p = make_params(rng, 4, 3, 2, 2, bias=False)

@@ -22,6 +22,8 @@ group without a copy, and the sum over those G heads in dk, dv is the matrix pro
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import itertools
 import math
 import numbers
@@ -52,28 +54,56 @@ def default_q_tile(T: int) -> int:
 MIN_WORK_FOR_THREADS = 1 << 18
 
 
-def _find_local_blas_threads_setter():
-    """OpenBLAS's openblas_set_num_threads_local (sets the BLAS threads of the calling thread only), or None.
+def _find_blas_thread_control():
+    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None (another BLAS, or not Linux).
 
-    Looked up in the OpenBLAS that NumPy loaded (Linux: /proc/self/maps). The core's pool threads each call it with
-    1: two Python threads each running a 2-thread BLAS on 2 cores ran the core 10-50x slower (oversubscription).
+    Looked up in the shared objects of this process (/proc/self/maps). OpenBLAS keeps one thread count for the whole
+    process: even its openblas_set_num_threads_local sets that one count in a pthreads build (measured: a pool
+    thread's call made the main thread's BLAS single-threaded), so the core changes it only around its own
+    parallel section (_blas_on_one_thread).
     """
     import ctypes
 
+    names = (("openblas_get_num_threads", "openblas_set_num_threads"),
+             ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+             ("openblas_get_num_threads64_", "openblas_set_num_threads64_"))
     try:
         with open("/proc/self/maps") as f:
             paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
         for path in paths:
-            setter = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
-            if setter is not None:
-                setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
-                return setter
-    except (OSError, AttributeError):
+            lib = ctypes.CDLL(path)
+            for get_name, set_name in names:
+                get, set_ = getattr(lib, get_name, None), getattr(lib, set_name, None)
+                if get is not None and set_ is not None:
+                    get.argtypes, get.restype = [], ctypes.c_int
+                    set_.argtypes, set_.restype = [ctypes.c_int], None
+                    return get, set_
+    except OSError:
         pass
     return None
 
 
-_set_local_blas_threads = _find_local_blas_threads_setter()
+_blas_threads = _find_blas_thread_control()
+
+
+@contextlib.contextmanager
+def _blas_on_one_thread():
+    """Run BLAS on one thread inside the block, and on as many as before after it.
+
+    Inside, the core's own threads call BLAS side by side; each call starting BLAS's threads on top of them
+    oversubscribes the cores (measured on 2 cores: 10-50x slower). The calling thread only waits meanwhile, and
+    nothing else in npllm calls BLAS from another thread, so no other computation sees the change.
+    """
+    if _blas_threads is None or _blas_threads[0]() == 1:
+        yield
+        return
+    get, set_ = _blas_threads
+    before = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
 
 
 def _blas_threads_from_environment():
@@ -86,17 +116,12 @@ def _blas_threads_from_environment():
 
 
 def default_threads() -> int:
-    """Threads for the core: this process's share of the node's cores, max(1, cores // MPI ranks on this node),
-    divided by the threads each BLAS call may start where the pool's threads cannot limit their BLAS to one."""
+    """Threads for the core: this process's share of the node's cores, max(1, cores // MPI ranks on this node);
+    divided by the BLAS threads each call may start where BLAS's thread count cannot be set (not OpenBLAS)."""
     share = max(1, available_cores() // ranks_on_this_node(os.environ))
-    if _set_local_blas_threads is not None:
+    if _blas_threads is not None:
         return share
     return max(1, share // (_blas_threads_from_environment() or share))
-
-
-def _single_threaded_blas():
-    if _set_local_blas_threads is not None:
-        _set_local_blas_threads(1)
 
 
 _pool = None  # created on first use, grown when a call asks for more threads
@@ -108,9 +133,7 @@ def _executor(n):
     if _pool is None or _pool_size < n:
         if _pool is not None:
             _pool.shutdown(wait=True)
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="npllm-attention",
-                                   initializer=_single_threaded_blas)
-        _pool_size = n
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="npllm-attention"), n
     return _pool
 
 
@@ -125,7 +148,9 @@ def _run_over_slices(xp, fn, S, work, threads):
         fn(0, S)
         return
     bounds = [S * c // n for c in range(n + 1)]
-    futures = [_executor(n).submit(fn, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+    with _blas_on_one_thread():
+        futures = [_executor(n).submit(fn, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        concurrent.futures.wait(futures)  # every chunk has ended before BLAS gets its threads back
     for f in futures:
         f.result()  # re-raises a worker's exception here
 
