@@ -40,6 +40,7 @@ from .cli import one_line, report_error
 from .config import PRESETS, ModelConfig, TrainConfig, get_preset, options_help, parse_options, write_config_file
 from .corpus import default_data_dir
 from .data import BatchSampler, TrainingData, load_token_data
+from .layers.dropout import Dropout
 from .layers.loss import IGNORE_INDEX
 from .memory import dry_run_report
 from .metrics import (
@@ -246,7 +247,9 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
             batch = sampler.next_batch()  # {"tokens": (B, T), "targets": (B, T), ...}: this dp rank's rows
             n_targets = int((batch["targets"] != IGNORE_INDEX).sum())
             batch = {key: xp.asarray(value) for key, value in batch.items()}
-            loss, grads = accumulate_loss_and_grads(params, batch, cfg, tc.micro_batches, tp=comm.tp)
+            dropout = None if not (cfg.dropout or cfg.attn_dropout) else Dropout(
+                cfg.dropout, cfg.attn_dropout, tc.seed, step, row_offset=comm.dp.rank * tc.batch_size)
+            loss, grads = accumulate_loss_and_grads(params, batch, cfg, tc.micro_batches, tp=comm.tp, dropout=dropout)
             loss, grads = global_batch_mean(loss, grads, n_targets, comm.dp)
             grads, norm, _ = reduce_and_clip(grads, axes, comm, zero=tc.zero, max_norm=tc.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank: all stop together

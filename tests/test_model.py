@@ -314,3 +314,53 @@ def test_param_specs_are_the_one_list_everything_reads(variant):
     for s in specs:  # 1-D tensors are norm gains (ones) or biases (zeros); weights are drawn
         assert s.init == ("ones" if s.name.endswith("norm.w") else "zeros" if len(s.shape) == 1 else "normal"), s
         assert s.split_axis is None or s.split_axis < len(s.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dropout (GPT-2's three places: embeddings, attention probabilities, each block's output branches)
+
+
+@pytest.mark.parametrize("preset", ["nano", "nano-gpt2"])
+def test_dropout_gradient_under_a_fixed_mask(grad_check, preset):
+    """The same Dropout (seed, step, rows) in f and in the backward: the masks are fixed, so f is differentiable and
+    the backward through every dropout site is checked by finite differences (float64)."""
+    from npllm.layers.dropout import Dropout
+
+    cfg = get_preset(preset, vocab_size=16, dim=8, n_layers=1, n_heads=4, n_kv_heads=2 if preset == "nano" else 4,
+                     ffn_dim=12, max_seq_len=6, dropout=0.2, attn_dropout=0.3)
+    params = perturbed_params(cfg, 5)
+    tokens, targets = batch(cfg, 2, 6, seed=5)
+    dropout = Dropout(cfg.dropout, cfg.attn_dropout, seed=7, step=2, row_offset=4)
+    loss, grads = loss_and_grads(params, tokens, targets, cfg, dropout=dropout)
+    no_dropout, _ = loss_and_grads(params, tokens, targets, cfg)
+    assert loss != no_dropout  # something was dropped
+
+    def f():
+        logits, _ = model_forward(params, tokens, cfg, dropout=dropout)
+        return cross_entropy_forward(logits, targets)[0]
+
+    grad_check.function(f"model with dropout: {preset}", f, params, grads, seed=5)
+
+
+def test_dropout_rate_zero_is_no_dropout_bit_for_bit_and_rows_split_like_one_process():
+    from npllm.layers.dropout import Dropout
+    from npllm.models import accumulate_loss_and_grads
+
+    cfg = get_preset("nano-gpt2", vocab_size=32, dim=16, n_layers=2, n_heads=4, ffn_dim=24, max_seq_len=8)
+    params = perturbed_params(cfg, 3)
+    tokens, targets = batch(cfg, 4, 8, seed=3)
+    plain = loss_and_grads(params, tokens, targets, cfg)
+    zero = loss_and_grads(params, tokens, targets, cfg, dropout=Dropout(0.0, 0.0, seed=1, step=1))
+    assert plain[0] == zero[0] and all(np.array_equal(plain[1][n], zero[1][n]) for n in params)
+    # rows 2..3 of a batch drop exactly what a data-parallel rank holding global rows 2..3 drops, and two
+    # micro-batches of the batch drop what the whole batch drops
+    drop = get_preset("nano-gpt2", vocab_size=32, dim=16, n_layers=2, n_heads=4, ffn_dim=24, max_seq_len=8,
+                      dropout=0.3, attn_dropout=0.3)
+    whole, _ = model_forward(params, tokens, drop, dropout=Dropout(0.3, 0.3, seed=1, step=1))
+    part, _ = model_forward(params, tokens[2:], drop, dropout=Dropout(0.3, 0.3, seed=1, step=1, row_offset=2))
+    np.testing.assert_array_equal(whole[2:], part)
+    batch_ = {"tokens": tokens, "targets": targets}
+    one = accumulate_loss_and_grads(params, batch_, drop, 1, dropout=Dropout(0.3, 0.3, seed=1, step=1))
+    two = accumulate_loss_and_grads(params, batch_, drop, 2, dropout=Dropout(0.3, 0.3, seed=1, step=1))
+    assert abs(one[0] - two[0]) <= 1e-12 * abs(one[0])
+    assert all(np.allclose(one[1][n], two[1][n], rtol=1e-10, atol=1e-14) for n in params)

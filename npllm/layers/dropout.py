@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -184,3 +185,33 @@ def dropout_backward(dy, cache):
         return dy, {}
     mask, scale = cache
     return dy * mask * scale, {}  # (same shape as dy)
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """What a model needs to drop out during one training forward: the rates, and the coordinates of the masks.
+
+    Training builds one per micro-batch: ``Dropout(rate, attn_rate, seed, step, row_offset)`` with row_offset the
+    global row (in the step's whole batch over every data-parallel rank) of the micro-batch's first row. The key's
+    micro_batch stays 0: global rows already tell every micro-batch's rows apart, so a mask depends on neither how
+    the batch is split into micro-batches nor over how many ranks, and every layout draws one process's masks.
+    Evaluation and generation pass no Dropout (None): nothing is dropped.
+    """
+
+    rate: float  # on the embeddings and on every block's output branches (cfg.dropout)
+    attn_rate: float  # on the attention probabilities (cfg.attn_dropout)
+    seed: int
+    step: int
+    row_offset: int = 0
+
+    def key(self, layer: int, site: str) -> tuple[int, int]:
+        """The Philox key of one dropout site of one block (layer) in this step."""
+        return dropout_key(self.seed, self.step, 0, layer, site)
+
+    def rows(self, start: int) -> "Dropout":
+        """The same step's dropout for the rows from ``start`` of this batch on (a micro-batch)."""
+        return Dropout(self.rate, self.attn_rate, self.seed, self.step, self.row_offset + int(start))
+
+    def apply(self, x, layer: int, site: str, **offsets):
+        """dropout_forward of x at (layer, site) with this batch's row offset: (y, cache)."""
+        return dropout_forward(x, self.rate, self.key(layer, site), row_offset=self.row_offset, **offsets)

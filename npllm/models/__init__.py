@@ -3,6 +3,11 @@
     spec.py      ParamSpec, and what is read off an architecture's specs (shapes, split axes, initial values)
     decoder.py   decoder-only: GPT-2 and LLaMA shapes (pre-norm, RoPE or learned positions, GQA, SwiGLU or GELU,
                  tied or untied head), next-token cross-entropy
+    bert.py      encoder: BERT (BertForMaskedLM's post-norm layers, segments, embedding LayerNorm, the MLM head
+                 tied to tok_emb); cross-entropy at the masked positions (the objective: npllm/mlm.py)
+    seq2seq.py   encoder-decoder: torch.nn.Transformer's layers (post-norm or norm_first, ReLU or GELU), sinusoidal
+                 positions, shared or separate embeddings, tied or untied head; teacher-forced cross-entropy;
+                 cached greedy and beam decoding
 
 Every architecture module has the same few functions; the rest of npllm reaches them through the ones below,
 which dispatch on ``cfg.arch``:
@@ -27,7 +32,7 @@ from ..layers.loss import IGNORE_INDEX
 from ..parallel.tensor import check_tp_divides
 from .spec import count_of, init_from_specs, shapes_of, shard_shapes_of, split_axes_of
 
-MODULES = {"decoder": "decoder"}  # cfg.arch -> module of npllm.models
+MODULES = {"decoder": "decoder", "encoder": "bert", "encoder-decoder": "seq2seq"}  # cfg.arch -> module of npllm.models
 
 
 def architecture(cfg):
@@ -78,9 +83,10 @@ def init_params(cfg, seed: int = 0, dtype=np.float32, xp=np, *, tp_rank: int = 0
     return init_from_specs(param_specs(cfg), seed, dtype, xp, tp_rank=tp_rank, tp_size=tp_size)
 
 
-def batch_loss_and_grads(params: dict, batch: dict, cfg, tp=None):
-    """The architecture's mean loss over the batch's counted targets, and its gradient for every parameter."""
-    return architecture(cfg).batch_loss_and_grads(params, batch, cfg, tp=tp)
+def batch_loss_and_grads(params: dict, batch: dict, cfg, tp=None, dropout=None):
+    """The architecture's mean loss over the batch's counted targets, and its gradient for every parameter.
+    dropout: a ``npllm.layers.dropout.Dropout`` when training with dropout, else None."""
+    return architecture(cfg).batch_loss_and_grads(params, batch, cfg, tp=tp, dropout=dropout)
 
 
 def batch_loss(params: dict, batch: dict, cfg, tp=None) -> float:
@@ -88,7 +94,7 @@ def batch_loss(params: dict, batch: dict, cfg, tp=None) -> float:
     return architecture(cfg).batch_loss(params, batch, cfg, tp=tp)
 
 
-def accumulate_loss_and_grads(params: dict, batch: dict, cfg, micro_batches: int = 1, tp=None):
+def accumulate_loss_and_grads(params: dict, batch: dict, cfg, micro_batches: int = 1, tp=None, dropout=None):
     """``batch_loss_and_grads`` over a batch split into ``micro_batches`` row chunks, one forward/backward at a time.
 
     Each chunk's mean loss (and gradient) is weighted by its share of the batch's counted targets, so the sum equals
@@ -99,7 +105,7 @@ def accumulate_loss_and_grads(params: dict, batch: dict, cfg, micro_batches: int
     xp = get_array_module(next(iter(params.values())))
     n_total = int((targets != IGNORE_INDEX).sum())
     if micro_batches == 1 or n_total == 0:
-        return batch_loss_and_grads(params, batch, cfg, tp=tp)
+        return batch_loss_and_grads(params, batch, cfg, tp=tp, dropout=dropout)
     loss, grads = 0.0, None
     for rows in np.array_split(np.arange(B), micro_batches):
         rows = xp.asarray(rows)
@@ -108,7 +114,8 @@ def accumulate_loss_and_grads(params: dict, batch: dict, cfg, micro_batches: int
         if n_chunk == 0:
             continue  # no target in this chunk: it adds nothing to the mean
         weight = n_chunk / n_total
-        chunk_loss, chunk_grads = batch_loss_and_grads(params, chunk, cfg, tp=tp)
+        chunk_dropout = None if dropout is None else dropout.rows(int(rows[0]))  # the chunk's global rows
+        chunk_loss, chunk_grads = batch_loss_and_grads(params, chunk, cfg, tp=tp, dropout=chunk_dropout)
         loss += weight * chunk_loss
         if grads is None:
             grads = {name: weight * g for name, g in chunk_grads.items()}

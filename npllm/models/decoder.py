@@ -22,6 +22,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..config import ModelConfig
 from ..layers.attention import attention_backward, attention_forward
+from ..layers.dropout import dropout_backward
 from ..layers.embedding import embedding_backward, embedding_forward
 from ..layers.linear import linear_backward, linear_forward
 
@@ -131,7 +132,12 @@ def _check_shard_shapes(params: dict, cfg: ModelConfig, tp_size: int) -> None:
                              f"shard has shape {shape} (see npllm.parallel.tensor.shard_params)")
 
 
-def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None):
+def _drop(dropout, x, layer: int, site: str):
+    """Dropout of a (B, T, C) activation at (layer, site) in training; (x, None) without a Dropout."""
+    return (x, None) if dropout is None else dropout.apply(x, layer, site)
+
+
+def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None, dropout=None):
     """tokens int (B, T) -> logits (B, T, V_tp), and the cache for ``model_backward``.
 
     past_kv: for cached decoding, a list of L (k, v) pairs (B, NKV_tp, T_past, hs) from earlier positions; the
@@ -139,6 +145,8 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None)
     tp: the tensor-parallel communicator; None for one process. With tp ranks, ``params`` are this rank's shards
     and the logits are this rank's slice of the vocabulary (V_tp = V / tp); with one process V_tp = V, NKV_tp = NKV.
     Each split block reads h = copy_to_tp(h) (f) in and y = reduce_from_tp(y) (g) out: identities with one process.
+    dropout: a ``npllm.layers.dropout.Dropout`` in training (on the embeddings, the attention probabilities and each
+    block's output branches, GPT-2's three places), None otherwise.
     """
     tp = LocalComm() if tp is None else tp
     _check_shard_shapes(params, cfg, tp.size)
@@ -159,6 +167,9 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None)
         x = x + pe  # (B, T, C), pe broadcast over the batch
     else:
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, xp=xp, dtype=dtype)  # 2 x (T, hs)
+    x, cache["drop_embed"] = _drop(dropout, x, 0, "embed")  # (B, T, C)
+    attn_dropout = {} if dropout is None else dict(dropout_rate=dropout.attn_rate, row_offset=dropout.row_offset,
+                                                   head_offset=tp.rank * NH_tp)  # the global heads' masks
 
     for l in range(cfg.n_layers):
         pre = f"layers.{l}"
@@ -166,11 +177,15 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None)
         # attention block: x = x + g(attention(f(norm(x)))) + bo
         h, c_attn_norm = norm_forward(cfg.norm, sub_params(params, pre + ".attn_norm"), x, cfg.norm_eps)  # (B, T, C)
         h = copy_to_tp(h, tp)  # (B, T, C) f: identity
+        if dropout is not None:
+            attn_dropout["dropout_key"] = dropout.key(l, "attn_probs")
         a, c_attn = attention_forward(_without(attn, "bo"), h, NH_tp, NKV_tp, rope=rope,
-                                      past_kv=None if past_kv is None else past_kv[l])  # (B, T, C) this rank's heads
+                                      past_kv=None if past_kv is None else past_kv[l],
+                                      **attn_dropout)  # (B, T, C) this rank's heads
         a = reduce_from_tp(a, tp)  # (B, T, C) g: the sum over the ranks' heads
         if "bo" in attn:
             a = a + attn["bo"]  # (B, T, C) added once, after the sum
+        a, c_drop_attn = _drop(dropout, a, l, "attn_out")  # (B, T, C)
         x = x + a  # (B, T, C) residual
         # MLP block: x = x + g(mlp(f(norm(x)))) + b2
         h, c_mlp_norm = norm_forward(cfg.norm, sub_params(params, pre + ".mlp_norm"), x, cfg.norm_eps)  # (B, T, C)
@@ -179,8 +194,9 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None)
         m = reduce_from_tp(m, tp)  # (B, T, C) g
         if "b2" in mlp:
             m = m + mlp["b2"]  # (B, T, C)
+        m, c_drop_mlp = _drop(dropout, m, l, "mlp_out")  # (B, T, C)
         x = x + m  # (B, T, C) residual
-        cache["layers"].append((c_attn_norm, c_attn, c_mlp_norm, c_mlp))
+        cache["layers"].append((c_attn_norm, c_attn, c_drop_attn, c_mlp_norm, c_mlp, c_drop_mlp))
         cache["present_kv"].append((c_attn["k"], c_attn["v"]))  # each (B, NKV_tp, T_past + T, hs)
 
     x, cache["norm"] = norm_forward(cfg.norm, sub_params(params, "norm"), x, cfg.norm_eps)  # (B, T, C)
@@ -204,25 +220,28 @@ def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
 
     for l in reversed(range(cfg.n_layers)):
         pre = f"layers.{l}"
-        c_attn_norm, c_attn, c_mlp_norm, c_mlp = cache["layers"][l]
-        # forward was x_out = x_mid + g(mlp(f(norm(x_mid)))) + b2: the residual passes dx through, the branch adds
+        c_attn_norm, c_attn, c_drop_attn, c_mlp_norm, c_mlp, c_drop_mlp = cache["layers"][l]
+        # forward was x_out = x_mid + drop(g(mlp(f(norm(x_mid)))) + b2): the residual passes dx on, the branch adds
+        dm, _ = dropout_backward(dx, c_drop_mlp)  # (B, T, C); dx itself without dropout
         if cfg.bias:
-            grads[pre + ".mlp.b2"] = dx.reshape(-1, dx.shape[-1]).sum(axis=0)  # (C,)
-        dh, g = mlp_backward(cfg.mlp, reduce_from_tp_backward(dx, tp), c_mlp)  # (B, T, C); g's backward: identity
+            grads[pre + ".mlp.b2"] = dm.reshape(-1, dm.shape[-1]).sum(axis=0)  # (C,)
+        dh, g = mlp_backward(cfg.mlp, reduce_from_tp_backward(dm, tp), c_mlp)  # (B, T, C); g's backward: identity
         _put_grads(grads, pre + ".mlp", g)
         dh, g = norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c_mlp_norm)  # f's backward: all-reduce
         _put_grads(grads, pre + ".mlp_norm", g)
         dx = dx + dh  # (B, T, C)
-        # forward was x_mid = x_in + g(attention(f(norm(x_in)))) + bo
+        # forward was x_mid = x_in + drop(g(attention(f(norm(x_in)))) + bo)
+        da, _ = dropout_backward(dx, c_drop_attn)  # (B, T, C)
         if cfg.bias:
-            grads[pre + ".attn.bo"] = dx.reshape(-1, dx.shape[-1]).sum(axis=0)  # (C,)
-        dh, g = attention_backward(reduce_from_tp_backward(dx, tp), c_attn)  # (B, T, C)
+            grads[pre + ".attn.bo"] = da.reshape(-1, da.shape[-1]).sum(axis=0)  # (C,)
+        dh, g = attention_backward(reduce_from_tp_backward(da, tp), c_attn)  # (B, T, C)
         _put_grads(grads, pre + ".attn", g)
         dh, g = norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c_attn_norm)
         _put_grads(grads, pre + ".attn_norm", g)
         dx = dx + dh  # (B, T, C)
-        del dh  # freed before the next block's backward: only dx flows on
+        del dh, da, dm  # freed before the next block's backward: only dx flows on
 
+    dx, _ = dropout_backward(dx, cache["drop_embed"])  # forward was x = drop(tok_emb[tokens] + pos_emb[positions])
     if cfg.pos == "learned":  # forward was x = tok_emb[tokens] + pos_emb[positions] (broadcast over B)
         _, g = embedding_backward(dx.sum(axis=0), cache["pos_emb"])
         grads["pos_emb"] = g["w"]
@@ -241,7 +260,7 @@ def forward(params: dict, tokens, cfg: ModelConfig):
     return logits
 
 
-def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, tp=None):
+def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, tp=None, dropout=None):
     """Mean cross-entropy of ``targets`` (B, T) under the model, and its gradient for every parameter.
 
     Targets equal to IGNORE_INDEX (-100) are ignored. Returns (loss: float, grads: dict with exactly the keys of
@@ -249,15 +268,15 @@ def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, tp=None):
     tp: the tensor-parallel communicator (None: one process); the loss is then the same on every rank of the group
     and the grads are this rank's shards. The loss is computed from each rank's vocabulary slice of the logits.
     """
-    logits, cache = model_forward(params, tokens, cfg, tp=tp)  # (B, T, V_tp)
+    logits, cache = model_forward(params, tokens, cfg, tp=tp, dropout=dropout)  # (B, T, V_tp)
     loss, loss_cache = vocab_parallel_cross_entropy_forward(logits, targets, cache["tp"])
     dlogits, _ = vocab_parallel_cross_entropy_backward(1.0, loss_cache)  # (B, T, V_tp)
     return loss, model_backward(dlogits, cache, cfg)
 
 
-def batch_loss_and_grads(params: dict, batch: dict, cfg: ModelConfig, tp=None):
+def batch_loss_and_grads(params: dict, batch: dict, cfg: ModelConfig, tp=None, dropout=None):
     """``loss_and_grads`` of a batch {"tokens": (B, T), "targets": (B, T)} (the form every architecture takes)."""
-    return loss_and_grads(params, batch["tokens"], batch["targets"], cfg, tp=tp)
+    return loss_and_grads(params, batch["tokens"], batch["targets"], cfg, tp=tp, dropout=dropout)
 
 
 def batch_loss(params: dict, batch: dict, cfg: ModelConfig, tp=None) -> float:
