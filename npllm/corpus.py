@@ -87,7 +87,8 @@ def build_default_data(target: Path, vocab_size: int) -> None:
     result and delete their own.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.building.", dir=target.parent))
+    remove_dead_builds(target)
+    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.building.{os.getpid()}.", dir=target.parent))
     try:
         text = default_corpus_text()
         atomic_write(build / "corpus.txt", text)
@@ -101,3 +102,19 @@ def build_default_data(target: Path, vocab_size: int) -> None:
                 raise
     finally:
         shutil.rmtree(build, ignore_errors=True)  # gone already when our rename succeeded
+
+
+def remove_dead_builds(target: Path) -> None:
+    """Delete the build directories of ``target`` that a killed process left: ``.NAME.building.PID.*`` whose PID is
+    no longer running on this machine (a live one may be building right now, and is left alone)."""
+    for entry in target.parent.glob(f".{target.name}.building.*"):
+        pid = entry.name[len(f".{target.name}.building."):].split(".")[0]
+        if not pid.isdigit():
+            continue  # not one of ours (or from before builds carried their pid): leave it
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, and another user's
+

@@ -299,10 +299,20 @@ class SentencePieceTokenizer(Tokenizer):
         return {}  # read from the model itself
 
 
+TRAINING_LINE_CHARS = 8192  # sentencepiece skips lines over max_sentence_length bytes: longer lines are cut
+
+
 def _training_lines(reader: DocumentReader):
-    """Every non-blank line of the documents (sentencepiece trains on lines)."""
+    """Every non-blank line of the documents (sentencepiece trains on lines); a line longer than
+    TRAINING_LINE_CHARS characters (at most 4 bytes each, below max_sentence_length) is cut into pieces, at the last
+    space before the limit where there is one, so no text is skipped."""
     for piece, _ in reader.pieces():
         for line in piece.splitlines():
+            while len(line) > TRAINING_LINE_CHARS:
+                cut = line.rfind(" ", TRAINING_LINE_CHARS // 2, TRAINING_LINE_CHARS) + 1 or TRAINING_LINE_CHARS
+                if line[:cut].strip():
+                    yield line[:cut]
+                line = line[cut:]
             if line.strip():
                 yield line
 

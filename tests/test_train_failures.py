@@ -434,3 +434,26 @@ def test_leftovers_of_killed_runs_are_cleaned_on_the_next_start(trained, tmp_pat
     assert main([f"--resume={run}", "--steps=5", "--eval_batches=1"]) == 0
     assert not any(path.exists() for path in leftovers) and not (run / ".tmp_ckpt_00000006_123").exists()
     assert [m["step"] for m in read_metrics(run)][-2:] == [4, 5]  # the torn line belonged to a step never saved
+
+
+def test_a_tokenizer_trains_on_text_whose_only_line_is_longer_than_64_kib(tmp_path):
+    from npllm.tokenizer import train_tokenizer
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    line = " ".join(words[i % 8] + str(i % 97) for i in range(20_000))  # ~190 KB on one line
+    (tmp_path / "one_line.txt").write_text(line)
+    tok = train_tokenizer([tmp_path / "one_line.txt"], 300, tmp_path / "tok")  # before: "every line is blank"
+    assert tok.decode(tok.encode(line[:500])) == line[:500] and len(tok.encode("alpha12 beta13")) < 14
+
+
+def test_build_directories_of_killed_processes_are_removed(tmp_path):
+    from npllm.corpus import remove_dead_builds
+
+    target = tmp_path / "default-corpus-v2048-abc"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".{target.name}.building.{int(dead.stdout)}.x1y2"
+    live = tmp_path / f".{target.name}.building.{os.getpid()}.z3"
+    for d in (stale, live):
+        (d / "tokenizer").mkdir(parents=True)
+    remove_dead_builds(target)
+    assert not stale.exists() and live.exists()
