@@ -1,0 +1,46 @@
+"""benchmarks/bench_vs_pytorch.py in its quick mode on a toy LLaMA: the run completes, npllm and PyTorch start from
+the same weights (their first-step losses agree), and the output carries the npllm/PyTorch ratio line.
+
+Nothing here depends on timing: the test reads the losses and the shape of the output, never a speed. It runs the
+benchmark as a user does (a subprocess whose children import torch and transformers), ~10-25 s on 2 busy cores, and
+is skipped when torch or transformers is not installed (found without importing them: the import alone costs
+seconds, and the benchmark's PyTorch child imports them itself).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_pytorch.py"
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
+    reason="needs torch and transformers (the PyTorch side of the benchmark)")
+
+
+def test_quick_toy_losses_agree_and_ratio_printed():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--shapes", "toy-llama", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    # the first step's losses of both sides, printed with 6 decimals, and their relative difference (float32)
+    check = re.search(r"loss check toy-llama: first step npllm (\S+) PyTorch (\S+) rel\. diff (\S+) \(ok", out.stdout)
+    assert check, out.stdout
+    npllm_loss, torch_loss, rel = map(float, check.groups())
+    assert abs(npllm_loss - torch_loss) <= 1e-5 * abs(torch_loss) + 1e-6  # 1e-6: the printed rounding
+    assert rel <= 1e-5
+    assert 5.0 < npllm_loss < 6.0  # ln(256) = 5.55: a fresh model's loss on a 256-token vocabulary
+    ratio = re.search(r"ratio toy-llama: npllm/PyTorch = (\d+\.\d+)", out.stdout)
+    assert ratio and float(ratio.group(1)) > 0, out.stdout
+    assert re.search(r"^\| toy-llama \|", out.stdout, re.MULTILINE), out.stdout  # the table's row
+
+
+def test_bad_option_is_refused():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--repeats", "0"], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 2 and "--repeats=0 is not allowed" in out.stderr
