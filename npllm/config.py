@@ -102,6 +102,21 @@ PRESETS: dict[str, dict] = {
         norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", pos="rope", rope_theta=10000.0, bias=False,
         tie_embeddings=False,
     ),
+    # BERT, small (npllm/models/bert.py, BertForMaskedLM's math): post-norm encoder, exact GELU, learned positions,
+    # segments A/B, the MLM decoder tied to tok_emb. [MASK] is id 0, our BPE tokenizer's unk, which encode never emits
+    # (byte fallback); [CLS] and [SEP] are its bos and eos (npllm/mlm.py).
+    "bert-nano": dict(
+        arch="encoder", vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=512, max_seq_len=128,
+        norm="layernorm", norm_eps=1e-12, mlp="gelu_erf", pos="learned", bias=True, tie_embeddings=True,
+        norm_first=False, type_vocab_size=2, dropout=0.1, attn_dropout=0.1, mask_id=0,
+    ),
+    # BERT-base (Devlin et al. 2019, "110M"): BertForMaskedLM has 109,514,298 parameters; bert-base-uncased's
+    # [PAD] is 0 and [MASK] 103.
+    "bert-base": dict(
+        arch="encoder", vocab_size=30522, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=3072,
+        max_seq_len=512, norm="layernorm", norm_eps=1e-12, mlp="gelu_erf", pos="learned", bias=True,
+        tie_embeddings=True, norm_first=False, type_vocab_size=2, dropout=0.1, attn_dropout=0.1, pad_id=0, mask_id=103,
+    ),
 }
 
 
