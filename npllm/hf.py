@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: GPT2LMHeadModel and LlamaForCausalLM directories <-> npllm parameters.
+"""Hugging Face checkpoints in and out: GPT2LMHeadModel, LlamaForCausalLM and BertForMaskedLM directories <-> npllm
+parameters.
 
     load_hf(directory, dtype)              config.json + *.safetensors  ->  (params, ModelConfig)
     save_hf(params, cfg, directory, ...)   (params, ModelConfig)         ->  config.json + *.safetensors
@@ -14,6 +15,12 @@ their concatenation along the output axis (GPT-2's fused c_attn = [wq | wk | wv]
   * LLaMA's nn.Linear stores (out, in): transposed. HF's q_proj / k_proj rows are already in the rotate-half order
     (pair i with i + hs/2) that npllm's RoPE uses, so no permutation is needed (tests/test_hf.py checks the logits).
   * The lm_head is an nn.Linear (V, C) -> npllm's (C, V); a tied model stores none.
+  * BERT's nn.Linear weights are transposed like LLaMA's. Its MLM decoder (cls.predictions.decoder) is tied to the
+    word embedding and its bias to cls.predictions.bias (npllm's head.bias): a file may store either name of a tied
+    pair, or both when they are equal (``tied_copies``). The pooler and the next-sentence head of BertForPreTraining
+    files are not part of BertForMaskedLM and are skipped, as transformers skips them; TF-era LayerNorm.gamma/.beta
+    names are read as .weight/.bias. HF's config has no [MASK] id: save_hf writes "mask_token_id" into config.json,
+    and load_hf reads it from there or from the directory's vocab.txt.
 
 The safetensors files are read and written here (an 8-byte little-endian header length, a JSON header with dtype,
 shape and data_offsets per tensor, then the raw bytes), because NumPy has no bfloat16: BF16 -> float32 is the 16
@@ -46,11 +53,18 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # one safetensors file holds at most this many bytes of tensors (as HF's "5GB")
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}  # model_type -> the class we read/write
-BASE_PREFIX = {"gpt2": "transformer.", "llama": "model."}  # HF's base-model prefix (absent in some GPT-2 files)
+# model_type -> the class we read/write
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
+# HF's base-model prefix (absent in files saved from the base model, e.g. GPT-2's own), and its head's prefix
+BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
+HEAD_PREFIX = {"gpt2": "lm_head.", "llama": "lm_head.", "bert": "cls."}
 # buffers HF may store next to the weights; they are recomputed, never parameters
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", ".embeddings.position_ids",
+                    ".embeddings.token_type_ids")
+# parts of BertForPreTraining files that BertForMaskedLM has not got: the pooler and the next-sentence head
+IGNORED_PREFIXES = {"bert": ("bert.pooler.", "cls.seq_relationship.")}
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are gelu's tanh approximation, npllm's "gelu"
+BERT_MASK_TOKEN = "[MASK]"  # looked up in a BERT directory's vocab.txt when config.json has no mask_token_id
 
 # safetensors dtype code <-> the dtype name HF writes in config.json, and the bytes per element
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -116,9 +130,56 @@ def _llama_table(cfg: ModelConfig, attention_bias: bool, mlp_bias: bool) -> list
     return rows
 
 
+def _bert_table(cfg: ModelConfig) -> list[Entry]:
+    E = Entry
+    rows = [E("bert.embeddings.word_embeddings.weight", ("tok_emb",), False),
+            E("bert.embeddings.position_embeddings.weight", ("pos_emb",), False),
+            E("bert.embeddings.token_type_embeddings.weight", ("seg_emb",), False),
+            E("bert.embeddings.LayerNorm.weight", ("emb_norm.w",), False),
+            E("bert.embeddings.LayerNorm.bias", ("emb_norm.b",), False)]
+    for l in range(cfg.n_layers):
+        hf, np_ = f"bert.encoder.layer.{l}.", f"layers.{l}."
+        for proj, w in (("self.query", "q"), ("self.key", "k"), ("self.value", "v"), ("output.dense", "o")):
+            rows += [E(f"{hf}attention.{proj}.weight", (f"{np_}attn.w{w}",), True),
+                     E(f"{hf}attention.{proj}.bias", (f"{np_}attn.b{w}",), False)]
+        rows += [
+            E(hf + "attention.output.LayerNorm.weight", (np_ + "attn_norm.w",), False),
+            E(hf + "attention.output.LayerNorm.bias", (np_ + "attn_norm.b",), False),
+            E(hf + "intermediate.dense.weight", (np_ + "mlp.w1",), True),
+            E(hf + "intermediate.dense.bias", (np_ + "mlp.b1",), False),
+            E(hf + "output.dense.weight", (np_ + "mlp.w2",), True),
+            E(hf + "output.dense.bias", (np_ + "mlp.b2",), False),
+            E(hf + "output.LayerNorm.weight", (np_ + "mlp_norm.w",), False),
+            E(hf + "output.LayerNorm.bias", (np_ + "mlp_norm.b",), False),
+        ]
+    rows += [E("cls.predictions.bias", ("head.bias",), False),
+             E("cls.predictions.transform.dense.weight", ("head.dense.w",), True),
+             E("cls.predictions.transform.dense.bias", ("head.dense.b",), False),
+             E("cls.predictions.transform.LayerNorm.weight", ("head.norm.w",), False),
+             E("cls.predictions.transform.LayerNorm.bias", ("head.norm.b",), False)]
+    return rows
+
+
+TOK_EMB_NAME = {"gpt2": "transformer.wte.weight", "llama": "model.embed_tokens.weight",
+                "bert": "bert.embeddings.word_embeddings.weight"}  # each architecture's token embedding
+
+
+def tied_copies(cfg: ModelConfig, model_type: str) -> dict[str, str]:
+    """{HF name of a tensor tied to a row of the table: that row's HF name}. A file may store the copy in place of
+    the row's own name (it is read as the row), or both (they must be equal); save_hf writes the row only."""
+    copies = {}
+    if cfg.tie_embeddings:
+        head = "cls.predictions.decoder.weight" if model_type == "bert" else "lm_head.weight"
+        copies[head] = TOK_EMB_NAME[model_type]
+    if model_type == "bert":  # BertLMPredictionHead's decoder.bias is its own .bias
+        copies["cls.predictions.decoder.bias"] = "cls.predictions.bias"
+    return copies
+
+
 def name_table(cfg: ModelConfig, model_type: str, attention_bias: bool | None = None,
                mlp_bias: bool | None = None) -> list[Entry]:
-    """The rows (HF tensor <-> npllm parameters) of ``model_type`` ("gpt2" or "llama") for ``cfg``, in HF's order.
+    """The rows (HF tensor <-> npllm parameters) of ``model_type`` ("gpt2", "llama" or "bert") for ``cfg``, in HF's
+    order.
 
     attention_bias / mlp_bias (LLaMA only; default cfg.bias): whether the HF side has those biases. GPT-2 always
     has every bias. An npllm parameter no row names is a bias the HF model lacks (it loads as zeros); a row naming
@@ -126,6 +187,8 @@ def name_table(cfg: ModelConfig, model_type: str, attention_bias: bool | None = 
     """
     if model_type == "gpt2":
         return _gpt2_table(cfg)
+    if model_type == "bert":
+        return _bert_table(cfg)
     if model_type == "llama":
         attention_bias = cfg.bias if attention_bias is None else attention_bias
         mlp_bias = cfg.bias if mlp_bias is None else mlp_bias
@@ -220,6 +283,8 @@ def _read_config(hf: dict, where: str = CONFIG_FILE) -> tuple[str, ModelConfig, 
         raise ValueError(f"{where}: a config must be a JSON object, got {type(hf).__name__}")
     model_type = _model_type(hf, where)
     _check_common(hf, where)
+    if model_type == "bert":
+        return model_type, _bert_config(hf, where), True, True
     if model_type == "gpt2":
         _require(hf, "activation_function", GPT2_ACTIVATIONS, where, "gelu_new",
                  " (its GELU is the tanh approximation)")
@@ -272,6 +337,49 @@ def _read_config(hf: dict, where: str = CONFIG_FILE) -> tuple[str, ModelConfig, 
     return model_type, cfg, attention_bias, mlp_bias
 
 
+def _bert_config(hf: dict, where: str) -> ModelConfig:
+    """The ModelConfig of a BertForMaskedLM config.json (already known to be one)."""
+    _require(hf, "hidden_act", ("gelu",), where, "gelu", " (its GELU is the exact erf form)")
+    _require(hf, "position_embedding_type", ("absolute",), where, "absolute", " (positions are a learned table)")
+    _require(hf, "is_decoder", (False,), where, False, " (BertForMaskedLM's attention is bidirectional)")
+    _require(hf, "add_cross_attention", (False,), where, False)
+    # untied, HF's MLM head adds decoder.bias and leaves cls.predictions.bias unused; npllm's BERT is tied only
+    _require(hf, "tie_word_embeddings", (True,), where, True, " (its MLM decoder is the word embedding)")
+    mask_id = hf.get("mask_token_id")
+    if mask_id is None:
+        raise ValueError(f"{where}: mask_token_id is missing and no vocab.txt beside it names {BERT_MASK_TOKEN}; "
+                         f"npllm's encoder needs the [MASK] id: add \"mask_token_id\" (bert-base-uncased: 103)")
+    rates = {}
+    for key, name in (("hidden_dropout_prob", "dropout"), ("attention_probs_dropout_prob", "attn_dropout")):
+        rate = hf.get(key, 0.1)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+            raise ValueError(f"{where}: {key}={rate!r} must be a number in [0, 1)")
+        rates[name] = float(rate)
+    return _model_config(where, arch="encoder", vocab_size=_int_field(hf, "vocab_size", where, 30522),
+                         dim=_int_field(hf, "hidden_size", where, 768),
+                         n_layers=_int_field(hf, "num_hidden_layers", where, 12),
+                         n_heads=_int_field(hf, "num_attention_heads", where, 12),
+                         n_kv_heads=_int_field(hf, "num_attention_heads", where, 12),
+                         ffn_dim=_int_field(hf, "intermediate_size", where, 3072),
+                         max_seq_len=_int_field(hf, "max_position_embeddings", where, 512),
+                         type_vocab_size=_int_field(hf, "type_vocab_size", where, 2),
+                         norm="layernorm", norm_eps=float(hf.get("layer_norm_eps", 1e-12)), mlp="gelu_erf",
+                         pos="learned", bias=True, norm_first=False,
+                         tie_embeddings=True, pad_id=hf.get("pad_token_id", 0),
+                         mask_id=mask_id, **rates)
+
+
+def _vocab_mask_id(directory: Path) -> int | None:
+    """The line number of [MASK] in a BERT directory's vocab.txt (its id), or None without one."""
+    path = directory / "vocab.txt"
+    if not path.is_file():
+        return None
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if line.strip() == BERT_MASK_TOKEN:
+            return i
+    return None
+
+
 def _model_config(where: str, **fields) -> ModelConfig:
     try:
         return ModelConfig(**fields)
@@ -280,11 +388,13 @@ def _model_config(where: str, **fields) -> ModelConfig:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """The ModelConfig of a parsed Hugging Face config.json (GPT2LMHeadModel or LlamaForCausalLM).
+    """The ModelConfig of a parsed Hugging Face config.json (GPT2LMHeadModel, LlamaForCausalLM or BertForMaskedLM).
 
     ValueError (one line, naming the field, its value and what is allowed) for anything npllm cannot compute
     exactly: another architecture or activation, RoPE scaling, partial rotary, a sliding window, a head_dim other
-    than hidden_size / num_attention_heads, cross-attention... Dropout rates are ignored (npllm trains without).
+    than hidden_size / num_attention_heads, cross-attention... GPT-2's and LLaMA's dropout rates are ignored;
+    BERT's hidden_dropout_prob and attention_probs_dropout_prob become dropout and attn_dropout, its pad_token_id
+    pad_id (HF's padding_idx: the lookup never trains that row) and its mask_token_id (an npllm field) mask_id.
     A LLaMA with attention_bias but not mlp_bias (or the reverse) becomes bias=True; load_hf fills the biases HF
     lacks with zeros, which computes the same function.
     """
@@ -292,7 +402,19 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
-    """"gpt2" or "llama": the Hugging Face architecture that computes exactly what ``cfg`` computes; else ValueError."""
+    """"gpt2", "llama" or "bert": the Hugging Face architecture that computes exactly what ``cfg`` computes; else
+    ValueError."""
+    if cfg.arch == "encoder":
+        from .models.bert import check_config
+
+        check_config(cfg)  # what npllm's encoder computes is BertForMaskedLM's math, or it refuses the config
+        if cfg.n_kv_heads != cfg.n_heads:
+            raise ValueError(f"BERT has no grouped-query attention: n_kv_heads={cfg.n_kv_heads} must equal "
+                             f"n_heads={cfg.n_heads} to save as {ARCHITECTURES['bert']}")
+        return "bert"
+    if cfg.arch != "decoder":
+        raise ValueError(f"arch={cfg.arch!r} has no Hugging Face architecture in npllm.hf; allowed: 'decoder' "
+                         f"(GPT-2, LLaMA), 'encoder' (BERT)")
     if (cfg.norm, cfg.mlp, cfg.pos) == ("layernorm", "gelu", "learned"):
         if cfg.n_kv_heads != cfg.n_heads:
             raise ValueError(f"GPT-2 has no grouped-query attention: n_kv_heads={cfg.n_kv_heads} must equal "
@@ -306,11 +428,12 @@ def hf_model_type(cfg: ModelConfig) -> str:
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32", extra: dict | None = None) -> dict:
-    """The config.json contents (a dict) of ``cfg`` as a GPT2LMHeadModel or LlamaForCausalLM.
+    """The config.json contents (a dict) of ``cfg`` as a GPT2LMHeadModel, LlamaForCausalLM or BertForMaskedLM.
 
     dtype: the dtype the weights are stored in (written as "dtype" and, for transformers 4.x, "torch_dtype").
     extra: more fields to write, e.g. {"bos_token_id": 1, "eos_token_id": 2}; they may not replace a field written
-    here. Dropout rates are 0 (npllm trains without dropout). ValueError when no HF architecture fits ``cfg``.
+    here. GPT-2's and LLaMA's dropout rates are written as 0, BERT's as cfg.dropout and cfg.attn_dropout. ValueError
+    when no HF architecture fits ``cfg``.
     """
     _check_save_dtype(dtype)
     model_type = hf_model_type(cfg)
@@ -322,6 +445,17 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32", extra: dict | None = 
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
             "add_cross_attention": False, "tie_word_embeddings": cfg.tie_embeddings,
+        }
+    elif model_type == "bert":
+        hf = {
+            "architectures": [ARCHITECTURES["bert"]], "model_type": "bert",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.ffn_dim, "hidden_act": "gelu",
+            "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.attn_dropout,
+            "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": cfg.type_vocab_size,
+            "layer_norm_eps": cfg.norm_eps, "pad_token_id": cfg.pad_id, "mask_token_id": cfg.mask_id,
+            "is_decoder": False, "add_cross_attention": False, "classifier_dropout": None,
+            "tie_word_embeddings": cfg.tie_embeddings,
         }
     else:
         hf = {
@@ -508,30 +642,44 @@ def read_hf_config(directory) -> dict:
 
 
 def load_hf(directory, dtype=np.float32) -> tuple[dict, ModelConfig]:
-    """(params, cfg) of a Hugging Face GPT2LMHeadModel or LlamaForCausalLM directory (safetensors weights).
+    """(params, cfg) of a Hugging Face GPT2LMHeadModel, LlamaForCausalLM or BertForMaskedLM directory (safetensors
+    weights).
 
     params: NumPy arrays of ``dtype`` (float32 or float64) in ``param_shapes(cfg)`` order. Stored F64, F32, F16 and
     BF16 tensors are converted exactly to float32/float64 (BF16 and F16 are exact in float32). Buffers HF may store
-    (GPT-2's attn.bias masks, rotary inv_freq) are skipped. A missing or unexpected tensor or a wrong shape is a
-    one-line ValueError naming it; so is a config npllm cannot compute exactly (see ``config_from_hf``).
+    (GPT-2's attn.bias masks, rotary inv_freq, BERT's position_ids) and the parts of a BertForPreTraining file that
+    BertForMaskedLM lacks (pooler, next-sentence head) are skipped. A missing or unexpected tensor or a wrong shape
+    is a one-line ValueError naming it; so is a config npllm cannot compute exactly (see ``config_from_hf``).
     """
     directory = Path(directory)
     dt = _check_load_dtype(dtype)
     config_path = directory / CONFIG_FILE
-    model_type, cfg, attention_bias, mlp_bias = _read_config(read_hf_config(directory), str(config_path))
+    hf_config = read_hf_config(directory)
+    if isinstance(hf_config, dict) and hf_config.get("model_type") == "bert" and hf_config.get("mask_token_id") is None:
+        hf_config = {**hf_config, "mask_token_id": _vocab_mask_id(directory)}  # still None without a vocab.txt
+    model_type, cfg, attention_bias, mlp_bias = _read_config(hf_config, str(config_path))
     table = name_table(cfg, model_type, attention_bias, mlp_bias)
     shapes = param_shapes(cfg)
 
-    prefix = BASE_PREFIX[model_type]
+    prefix, head = BASE_PREFIX[model_type], HEAD_PREFIX[model_type]
     stored = {}
     for name, where in _stored_tensors(directory).items():
         if name.endswith(IGNORED_SUFFIXES):
             continue
         # files saved from the base model (GPT-2's own checkpoints) leave out the "transformer." prefix
-        full = name if name.startswith((prefix, "lm_head.")) else prefix + name
-        stored[full] = where
+        full = name if name.startswith((prefix, head)) else prefix + name
+        if model_type == "bert":  # TF-era BERT files: LayerNorm.gamma / .beta
+            full = full.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if not full.startswith(IGNORED_PREFIXES.get(model_type, ())):
+            stored[full] = where
     wanted = {e.hf for e in table}
-    tied_head = stored.pop("lm_head.weight", None) if cfg.tie_embeddings else None
+    copies = {}  # tied copies stored beside their original: checked to be equal to it once everything is read
+    for copy, original in tied_copies(cfg, model_type).items():
+        if copy in stored:
+            if original in stored:
+                copies[copy] = (original, stored.pop(copy))
+            else:
+                stored[original] = stored.pop(copy)  # only the copy's name was stored: it is the original
     for entry in table:
         if entry.hf not in stored:
             raise ValueError(f"{directory}: tensor {entry.hf!r} (npllm {', '.join(entry.npllm)}) is missing")
@@ -549,11 +697,10 @@ def load_hf(directory, dtype=np.float32) -> tuple[dict, ModelConfig]:
             raise ValueError(f"{path}: tensor {entry.hf!r} has shape {tuple(info['shape'])}; config.json says "
                              f"{expect}")
         params.update(_from_hf_layout(entry, _read_tensor(path, info, data_start, entry.hf), shapes, dt))
-    if tied_head is not None:
-        head = _read_tensor(tied_head[0], tied_head[1], tied_head[2], "lm_head.weight")
-        if head.shape != params["tok_emb"].shape or not np.array_equal(head.astype(dt), params["tok_emb"]):
-            raise ValueError(f"{directory}: tie_word_embeddings is true but the stored lm_head.weight differs from "
-                             f"the token embedding")
+    for copy, (original, (path, info, data_start)) in copies.items():
+        value = _read_tensor(path, info, data_start, copy)
+        if not np.array_equal(value, _read_tensor(*stored[original], original)):
+            raise ValueError(f"{directory}: the stored {copy} differs from {original}, which it is tied to")
     for name, shape in shapes.items():
         if name not in params:
             assert _is_bias(name), name  # the table names every weight; only biases HF lacks are left

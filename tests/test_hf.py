@@ -28,7 +28,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM, BertConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+)
 from transformers.models.llama import modeling_llama
 
 from npllm.config import PRESETS, get_preset
@@ -512,3 +514,122 @@ def test_is_hf_dir_and_pickle_only_directories(tmp_path):
     with pytest.raises(ValueError) as err:
         load_hf(pickled)
     assert "pickle" in one_line(err) and "safetensors" in one_line(err)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BertForMaskedLM (logits, loss and every gradient against HF: tests/test_bert.py)
+
+
+def npllm_bert(seed=0, **overrides):
+    cfg = get_preset("bert-nano", **{"vocab_size": 41, "dim": 16, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4,
+                                     "ffn_dim": 24, "max_seq_len": 12, "type_vocab_size": 3, "mask_id": 4,
+                                     "pad_id": 1, **overrides})
+    rng = np.random.default_rng(seed)
+    params = {n: v + 0.3 * rng.standard_normal(v.shape) for n, v in init_params(cfg, seed, np.float64).items()}
+    return params, cfg
+
+
+def bert_inputs(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.vocab_size, (3, 10))  # (B, T)
+    segments = rng.integers(0, cfg.type_vocab_size, (3, 10))  # (B, T)
+    key_mask = np.arange(10)[None, :] < np.array([[10], [6], [2]])  # (B, T)
+    return {"tokens": tokens, "segments": segments, "key_mask": key_mask}
+
+
+def hf_bert_logits(model, inputs):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(inputs["tokens"]), token_type_ids=torch.tensor(inputs["segments"]),
+                     attention_mask=torch.tensor(inputs["key_mask"].astype(np.int64))).logits.numpy()
+
+
+def test_save_hf_bert_loads_in_transformers_with_the_same_logits_and_back(tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from npllm.models.bert import mlm_logits
+
+    params, cfg = npllm_bert(dropout=0.1, attn_dropout=0.2)
+    out = save_hf(params, cfg, tmp_path / "out", dtype="float64")
+    model, info = AutoModelForMaskedLM.from_pretrained(out, dtype=torch.float64, attn_implementation="eager",
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert type(model).__name__ == "BertForMaskedLM"
+    assert (model.config.hidden_dropout_prob, model.config.attention_probs_dropout_prob) == (0.1, 0.2)
+    assert (model.config.pad_token_id, model.config.mask_token_id) == (1, 4)
+    inputs = bert_inputs(cfg)
+    real = inputs["key_mask"]
+    assert rel_err(mlm_logits(params, inputs, cfg)[real], hf_bert_logits(model.eval(), inputs)[real]) <= TOL
+    header = _header(out / "model.safetensors")  # one name per tied pair
+    assert "cls.predictions.decoder.weight" not in header and "cls.predictions.decoder.bias" not in header
+
+    back, cfg_back = load_hf(out, dtype=np.float64)
+    assert cfg_back == cfg and list(back) == list(params)
+    for n, v in back.items():
+        np.testing.assert_array_equal(v, params[n])
+
+
+def test_bert_files_as_others_write_them_load(tmp_path):
+    # BertForPreTraining-style files (pooler, next-sentence head), the position_ids buffer, TF-era gamma/beta names,
+    # the tied decoder stored under its own names, and a config without mask_token_id beside a vocab.txt
+    params, cfg = npllm_bert()
+    path = save_hf(params, cfg, tmp_path / "a", dtype="float32") / "model.safetensors"
+    expected, _ = load_hf(path.parent, dtype=np.float64)
+
+    def others(t):
+        t["bert.pooler.dense.weight"] = np.zeros((16, 16), np.float32)
+        t["cls.seq_relationship.bias"] = np.zeros(2, np.float32)
+        t["bert.embeddings.position_ids"] = np.arange(12)[None].astype(np.int64)
+        t["bert.embeddings.LayerNorm.gamma"] = t.pop("bert.embeddings.LayerNorm.weight")
+        t["bert.encoder.layer.1.output.LayerNorm.beta"] = t.pop("bert.encoder.layer.1.output.LayerNorm.bias")
+        t["cls.predictions.decoder.weight"] = t["bert.embeddings.word_embeddings.weight"].copy()
+        t["cls.predictions.decoder.bias"] = t.pop("cls.predictions.bias")  # only the copy's name
+
+    _rewrite(path, others)
+    config = json.loads((path.parent / "config.json").read_text())
+    del config["mask_token_id"]
+    (path.parent / "config.json").write_text(json.dumps(config))
+    (path.parent / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"]) + "\n")
+    loaded, cfg_loaded = load_hf(path.parent, dtype=np.float64)
+    assert cfg_loaded == cfg
+    assert all(np.array_equal(loaded[n], expected[n]) for n in expected)
+
+    _rewrite(path, lambda t: t.update({"cls.predictions.bias": t["cls.predictions.decoder.bias"] + 1}))
+    with pytest.raises(ValueError) as err:
+        load_hf(path.parent)
+    assert "cls.predictions.decoder.bias differs from cls.predictions.bias" in one_line(err)
+    (path.parent / "vocab.txt").unlink()
+    with pytest.raises(ValueError) as err:
+        load_hf(path.parent)
+    assert "mask_token_id is missing" in one_line(err)
+
+
+def test_bert_configs_round_trip_and_match_transformers_defaults():
+    for name in ("bert-nano", "bert-base"):
+        cfg = get_preset(name)
+        assert config_from_hf(config_to_hf(cfg)) == cfg, name
+    reference = {**BertConfig().to_dict(), "mask_token_id": 103}  # transformers' default BERT is bert-base
+    assert config_from_hf(reference) == get_preset("bert-base")
+
+
+BERT_UNSUPPORTED = {  # config.json change -> text the one-line error must contain
+    "tanh gelu": ({"hidden_act": "gelu_new"}, "hidden_act='gelu_new'"),
+    "relative positions": ({"position_embedding_type": "relative_key"}, "position_embedding_type='relative_key'"),
+    "decoder": ({"is_decoder": True}, "is_decoder=True"),
+    "untied": ({"tie_word_embeddings": False}, "tie_word_embeddings=False"),
+    "no mask id": ({"mask_token_id": None}, "mask_token_id is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(BERT_UNSUPPORTED))
+def test_unsupported_bert_configs_are_refused_in_one_line(case):
+    change, text = BERT_UNSUPPORTED[case]
+    with pytest.raises(ValueError) as err:
+        config_from_hf({**config_to_hf(get_preset("bert-nano")), **change})
+    assert text in one_line(err)
+
+
+def test_save_hf_refuses_a_bert_hf_cannot_express(tmp_path):
+    params, cfg = npllm_bert(n_kv_heads=2)
+    with pytest.raises(ValueError) as err:
+        save_hf(params, cfg, tmp_path / "a")
+    assert "n_kv_heads=2" in one_line(err) and "BertForMaskedLM" in one_line(err)
