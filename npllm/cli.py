@@ -80,3 +80,9 @@ def tokenizer_entry() -> None:
     from .tokenizer import main
 
     sys.exit(main())
+
+
+def convert_entry() -> None:
+    from .convert import main
+
+    sys.exit(main())

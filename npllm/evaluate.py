@@ -62,11 +62,14 @@ def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
 
 
 def evaluate_tokens(params, cfg: ModelConfig, tokens, seq_len: int | None = None, stride: int | None = None,
-                    batch_size: int = 8) -> dict:
+                    batch_size: int = 8, token_bytes=None) -> dict:
     """Mean loss, perplexity and count of the targets scored by ``sliding_windows`` over ``tokens`` (N,).
 
     tokens: host ints (a list, array or memmap). seq_len defaults to cfg.max_seq_len, stride to seq_len // 2.
-    Returns dict(loss, ppl, n_tokens); the sum of -log p is accumulated in float64 on the host.
+    token_bytes: the tokenizer's (V,) table of the UTF-8 bytes each id stands for (``Tokenizer.token_bytes``); with
+    it the result also holds bits per byte, sum of -log2 p over the scored targets / the bytes they stand for: a
+    number that does not depend on the tokenizer, so models with different vocabularies compare.
+    Returns dict(loss, ppl, n_tokens[, bpb, n_bytes]); the sum of -log p is accumulated in float64 on the host.
     """
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     if check_int("seq_len", seq_len) > cfg.max_seq_len:
@@ -78,7 +81,7 @@ def evaluate_tokens(params, cfg: ModelConfig, tokens, seq_len: int | None = None
         raise ValueError(f"tokens must be a 1-D array of integer ids, got shape {tokens.shape} dtype {tokens.dtype}")
     windows = sliding_windows(len(tokens), seq_len, stride)
     xp = get_array_module(params["tok_emb"])
-    total_nll, n_scored = 0.0, 0
+    total_nll, n_scored, n_bytes = 0.0, 0, 0
     for first in range(0, len(windows), batch_size):
         batch = windows[first:first + batch_size]  # every window here has the same length but maybe the only one
         x = np.stack([tokens[w.start:w.end] for w in batch]).astype(np.int64)  # (B, T)
@@ -92,9 +95,14 @@ def evaluate_tokens(params, cfg: ModelConfig, tokens, seq_len: int | None = None
             targets = y[b, -w.n_scored:]  # (n_scored,)
             total_nll -= float(logp[np.arange(w.n_scored), targets].sum())
             n_scored += w.n_scored
+            if token_bytes is not None:
+                n_bytes += int(token_bytes[targets].sum())
     loss = total_nll / n_scored
     ppl = math.exp(loss) if loss < 709.0 else math.inf  # exp overflows float64 past ~709.78
-    return dict(loss=loss, ppl=ppl, n_tokens=n_scored)
+    result = dict(loss=loss, ppl=ppl, n_tokens=n_scored)
+    if token_bytes is not None and n_bytes:
+        result.update(bpb=total_nll / (math.log(2) * n_bytes), n_bytes=n_bytes)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,11 +160,12 @@ def run(ec: EvaluateConfig, out=None) -> dict:
         tokens = tokens[:ec.max_tokens]
     seq_len = cfg.max_seq_len if ec.seq_len is None else ec.seq_len
     stride = max(1, seq_len // 2) if ec.stride is None else ec.stride
-    result = evaluate_tokens(params, cfg, tokens, seq_len, stride, ec.batch_size)
+    result = evaluate_tokens(params, cfg, tokens, seq_len, stride, ec.batch_size, tokenizer.token_bytes())
     if ec.json:
         out.write(json.dumps(dict(result, seq_len=seq_len, stride=stride, source=source)) + "\n")
     else:
-        out.write(f"loss {result['loss']:.4f} | perplexity {result['ppl']:.3f} | {result['n_tokens']:,} tokens "
+        out.write(f"loss {result['loss']:.4f} | perplexity {result['ppl']:.3f} | bits per byte "
+                  f"{result.get('bpb', float('nan')):.4f} | {result['n_tokens']:,} tokens "
                   f"scored | windows of {seq_len}, stride {stride} | {source}\n")
     return result
 

@@ -1,7 +1,8 @@
 """What a training run measures and writes beside its checkpoints: metrics.jsonl, the loss plot, the log line.
 
     RUN/metrics.jsonl   one JSON object per optimizer step: step, loss, lr, grad_norm, tokens_per_s, mfu, and
-                        val_loss / val_ppl at evaluation steps (step 0 holds the untrained model's val loss)
+                        val_loss / val_ppl / val_bpb (bits per byte) at evaluation steps (step 0 holds the untrained
+                        model's)
     RUN/loss.png        train and validation loss against step (when matplotlib is installed)
 
 MFU (model FLOPs utilisation) divides the FLOPs a step needs (``npllm.models.decoder.flops_per_token``) by the time
@@ -108,8 +109,10 @@ def validation_batches(data, rows: int, tc: TrainConfig) -> list[dict]:
     return [dict(tokens=x, targets=y) for x, y in pairs]
 
 
-def validation_loss(params: dict, cfg: ModelConfig, batches: list[dict], tc: TrainConfig, xp, comm=None) -> float:
-    """Mean loss over the counted targets of ``batches`` (``validation_batches``), forward only.
+def validation_loss(params: dict, cfg: ModelConfig, batches: list[dict], tc: TrainConfig, xp, comm=None,
+                    token_bytes=None):
+    """Mean loss over the counted targets of ``batches`` (``validation_batches``), forward only; with the tokenizer's
+    ``token_bytes`` table, (loss, bits per byte) instead: the summed -log2 p over the bytes the targets stand for.
 
     comm: a parallel run's ParallelComm; each batch is then a global batch of dp * batch_size rows, each dp rank
     scores its rows, and each batch's sum of losses is all-reduced over dp before the batches are added in order:
@@ -118,15 +121,29 @@ def validation_loss(params: dict, cfg: ModelConfig, batches: list[dict], tc: Tra
     tp, dp = (LocalComm(), LocalComm()) if comm is None else (comm.tp, comm.dp)
     mine = slice(dp.rank * tc.batch_size, (dp.rank + 1) * tc.batch_size)  # this dp rank's rows of each batch
     sums, counts = np.zeros(len(batches)), np.zeros(len(batches))  # (n_batches,) loss * n and n of this rank's rows
+    n_bytes = np.zeros(len(batches))  # (n_batches,) the bytes this rank's counted targets stand for
     for i, batch in enumerate(batches):
         rows = {key: value[mine] for key, value in batch.items()}  # (B, ...) each; a short last batch may leave none
         if len(rows["targets"]) == 0:
             continue
         loss = batch_loss(params, {key: xp.asarray(value) for key, value in rows.items()}, cfg, tp=tp)
-        n = int((rows["targets"] != IGNORE_INDEX).sum())  # weight each batch by its counted targets
-        sums[i], counts[i] = loss * n, n
+        counted = rows["targets"][rows["targets"] != IGNORE_INDEX]  # (n,) weight each batch by its counted targets
+        sums[i], counts[i] = loss * len(counted), len(counted)
+        if token_bytes is not None:
+            n_bytes[i] = token_bytes[counted].sum()
     sums, counts = dp.allreduce(sums), dp.allreduce(counts)  # (n_batches,) each: the whole global batches
-    return sum(float(batch_sum) for batch_sum in sums) / sum(int(batch_count) for batch_count in counts)
+    loss = sum(float(batch_sum) for batch_sum in sums) / sum(int(batch_count) for batch_count in counts)
+    if token_bytes is None:
+        return loss
+    total_bytes = float(dp.allreduce(n_bytes).sum())
+    return loss, loss * float(counts.sum()) / (math.log(2) * total_bytes) if total_bytes else float("nan")
+
+
+def validation_metrics(params: dict, cfg: ModelConfig, batches: list[dict], tc: TrainConfig, xp, comm,
+                       token_bytes) -> dict:
+    """{"val_loss", "val_ppl", "val_bpb"} of ``validation_loss`` (bits per byte from the tokenizer's table)."""
+    loss, bpb = validation_loss(params, cfg, batches, tc, xp, comm, token_bytes)
+    return dict(val_loss=loss, val_ppl=perplexity(loss), val_bpb=bpb)
 
 
 def start_lines(cfg, tc, data, comm, params_on_rank: int, peak: float, start: str | None = None) -> list[str]:
@@ -147,11 +164,15 @@ def start_lines(cfg, tc, data, comm, params_on_rank: int, peak: float, start: st
 
 
 def format_line(m: dict, total_steps: int) -> str:
-    """The log line of one step."""
-    line = (f"step {m['step']:>{len(str(total_steps))}}/{total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
-            f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}%")
+    """The log line of one step (of step 0: the untrained model's validation only)."""
+    line = f"step {m['step']:>{len(str(total_steps))}}/{total_steps}"
+    if "loss" in m:
+        line += (f" | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | "
+                 f"{m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}%")
     if "val_loss" in m:
         line += f" | val loss {m['val_loss']:.4f} | val ppl {m['val_ppl']:.2f}"
+    if "val_bpb" in m:
+        line += f" | val bpb {m['val_bpb']:.4f}"
     return line
 
 

@@ -312,13 +312,14 @@ class Trained(NamedTuple):
     params: dict  # {name: array} on the requested device, full tensors
     cfg: ModelConfig
     tokenizer: object  # npllm.tokenizer.Tokenizer
-    meta: RunMeta
-    path: Path  # the checkpoint directory it came from
+    meta: RunMeta | None  # None for a Hugging Face model directory
+    path: Path  # the checkpoint directory (or Hugging Face directory) it came from
 
 
 def load_trained(path, device: str = "cpu", tokenizer_dir=None) -> Trained:
     """The parameters, model config, tokenizer and metadata of a checkpoint written by ``npllm.train`` (a run
-    directory, whose latest checkpoint is used, or a ckpt_XXXXXXXX directory).
+    directory, whose latest checkpoint is used, or a ckpt_XXXXXXXX directory), or of a Hugging Face model directory
+    (GPT2LMHeadModel, LlamaForCausalLM: ``npllm.hf``; its tokenizer is read from the same directory).
 
     The tokenizer is the one the run recorded unless ``tokenizer_dir`` is given; either way its fingerprint must
     match the recorded one, and its vocabulary must fit the model (a model may have more rows than the tokenizer
@@ -326,8 +327,17 @@ def load_trained(path, device: str = "cpu", tokenizer_dir=None) -> Trained:
     """
     from .backend import to_device
     from .checkpoint import find_checkpoint, load_checkpoint
+    from .hf import is_hf_dir, load_hf
     from .models import split_axes
+    from .tokenizer import load_tokenizer
 
+    if is_hf_dir(path):  # a Hugging Face model directory: its weights, config and tokenizer, no run metadata
+        params, cfg = load_hf(path)
+        tokenizer = load_tokenizer(path if tokenizer_dir is None else tokenizer_dir)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"the tokenizer of {path} has {tokenizer.vocab_size} tokens but the model only "
+                             f"vocab_size={cfg.vocab_size} rows")
+        return Trained(to_device(params, device), cfg, tokenizer, None, Path(path))
     ckpt_dir = find_checkpoint(path)
     meta = read_run_meta(ckpt_dir)
     cfg = meta.model_config
@@ -373,15 +383,16 @@ class Resumed(NamedTuple):
 def load_resumed(path, cfg: ModelConfig, comm) -> Resumed:
     """This rank's shards and AdamW state of the checkpoint ``npllm.train --resume`` continues (re-sharded if it was
     written with another tp); ValueError unless its tensors are those of ``cfg`` and it holds the optimizer state."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import find_checkpoint, load_checkpoint
     from .models import split_axes
 
-    params, opt_state, _ = load_checkpoint(path, tp_rank=comm.tp.rank, tp_size=comm.tp.size,
+    ckpt_dir = find_checkpoint(path)
+    params, opt_state, _ = load_checkpoint(ckpt_dir, tp_rank=comm.tp.rank, tp_size=comm.tp.size,
                                            split_axes=split_axes(cfg))
     if opt_state is None:
-        raise ValueError(f"{path}: the checkpoint holds no optimizer state, so the run cannot be resumed exactly")
+        raise ValueError(f"{ckpt_dir}: the checkpoint holds no optimizer state, so the run cannot be resumed exactly")
     check_param_shapes(params, cfg, comm.tp.size)
-    return Resumed(params, opt_state, read_run_meta(path), Path(path))
+    return Resumed(params, opt_state, read_run_meta(ckpt_dir), ckpt_dir)
 
 
 def check_param_shapes(saved_params: dict, cfg: ModelConfig, tp_size: int = 1) -> None:

@@ -44,8 +44,8 @@ from .layers.dropout import Dropout
 from .layers.loss import IGNORE_INDEX
 from .memory import dry_run_report
 from .metrics import (
-    MetricsLog, format_line, measure_peak_flops, peak_rss_bytes, perplexity, plot_losses, read_metrics,
-    remove_stale_temp_files, start_lines, validation_batches, validation_loss, write_metrics,
+    MetricsLog, format_line, measure_peak_flops, peak_rss_bytes, plot_losses, read_metrics,
+    remove_stale_temp_files, start_lines, validation_batches, validation_metrics, write_metrics,
 )
 from .models import accumulate_loss_and_grads, flops_per_token, init_params, split_axes, tp_split_sizes
 from .optim import lr_at
@@ -59,6 +59,7 @@ from .run import (
     load_resumed, load_trained, read_run_meta, recorded_tokenizer,
 )
 from .sft import SFTBatchSampler, load_sft_data
+from .tokenizer import copy_tokenizer
 
 
 class TrainingError(Exception):
@@ -70,7 +71,7 @@ class TrainingError(Exception):
 
 
 def build_configs(model_opts: dict, train_opts: dict, resumed_meta: RunMeta | None = None,
-                  init_meta: RunMeta | None = None) -> tuple[ModelConfig, TrainConfig]:
+                  init_cfg: ModelConfig | None = None) -> tuple[ModelConfig, TrainConfig]:
     """The run's (ModelConfig, TrainConfig): a preset plus overrides; a resumed run's configs plus overrides (the
     model may not change); or, with --init_from, that checkpoint's model and a new run."""
     if resumed_meta is not None:
@@ -86,12 +87,12 @@ def build_configs(model_opts: dict, train_opts: dict, resumed_meta: RunMeta | No
         if tc.steps <= resumed_meta.step:
             raise ValueError(f"--resume: the run is already at step {resumed_meta.step}, so --steps={tc.steps} leaves "
                              f"nothing to do; pass --steps above {resumed_meta.step}")
-    elif init_meta is not None:
+    elif init_cfg is not None:
         source = f"--init_from={train_opts['init_from']}"
         if "preset" in train_opts:
             raise ValueError(f"--preset={train_opts['preset']} cannot be combined with {source}: the model is the "
                              f"checkpoint's")
-        cfg = init_meta.model_config
+        cfg = init_cfg
         changed = {k: v for k, v in model_opts.items() if getattr(cfg, k) != v}
         if changed:
             raise ValueError(f"cannot change the model of {source}: {changed} differs from the checkpoint's config "
@@ -105,16 +106,16 @@ def build_configs(model_opts: dict, train_opts: dict, resumed_meta: RunMeta | No
     return cfg, tc
 
 
-def load_data(tc: TrainConfig, cfg: ModelConfig, weights_from: RunMeta | None, ckpt_dir, world) -> TrainingData:
-    """Token shards of --data (or of the default corpus), or with --sft the JSONL records tokenized with the
-    tokenizer of the checkpoint the weights come from."""
+def load_data(tc: TrainConfig, cfg: ModelConfig, weights_tokenizer, world) -> TrainingData:
+    """Token shards of --data (or of the default corpus), or with --sft the JSONL records tokenized with
+    ``weights_tokenizer``, the tokenizer of the model the weights come from."""
     if tc.sft is None:
         data_dir = default_data_dir(cfg.vocab_size, world) if tc.data is None else Path(tc.data)
         if not Path(data_dir).is_dir():
             raise FileNotFoundError(f"--data={tc.data}: no such directory (make one with `python -m npllm.data "
                                     f"prepare`)")
         return load_token_data(data_dir, cfg.vocab_size, tc.seq_len)
-    tokenizer = recorded_tokenizer(weights_from, ckpt_dir)
+    tokenizer = weights_tokenizer
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens but its model has "
                          f"vocab_size={cfg.vocab_size}")
@@ -134,7 +135,7 @@ def starting_state(cfg: ModelConfig, tc: TrainConfig, comm, data: TrainingData, 
         if initial is None:  # this rank's shards (all of the model with tp=1)
             params = init_params(cfg, seed=tc.seed, dtype=dtype, xp=xp, tp_rank=comm.tp.rank, tp_size=comm.tp.size)
         else:
-            check_tokenizer(data.tokenizer, initial.meta.tokenizer.fingerprint, f"--init_from={tc.init_from}")
+            check_tokenizer(data.tokenizer, initial.tokenizer.fingerprint, f"--init_from={tc.init_from}")
             full = {name: np.asarray(value) for name, value in to_device(initial.params, "cpu").items()}
             check_param_shapes(full, cfg)
             mine = shard_params(full, split_axes(cfg), comm.tp.rank, comm.tp.size)
@@ -169,7 +170,7 @@ def save_run(step: int, params: dict, opt_state: dict, cfg: ModelConfig, tc: Tra
         raise TrainingError(f"step {step}: the parameters are not finite after the update; not saving them "
                             f"(last good checkpoint: {latest_checkpoint(tc.out_dir)})")
     meta = RunMeta(model_config=cfg, train_config=tc, step=step, sampler=sampler.state_dict(),
-                   tokenizer=TokenizerRef(str(data.tokenizer.model_path.parent), data.tokenizer.fingerprint),
+                   tokenizer=TokenizerRef("../tokenizer", data.tokenizer.fingerprint),  # RUN/tokenizer
                    data_dir=data.dir, sft=data.sft)
     return save_checkpoint(tc.out_dir, step, params, opt_state, meta.to_json(), comm=comm, zero=tc.zero,
                            keep=tc.keep_checkpoints)
@@ -204,12 +205,15 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
         write_config_file(out_dir / "config.toml", cfg, tc)  # --config=RUN/config.toml runs it again
 
     # 1. data: this dp rank's rows of the global batch
-    source = resumed or initial
-    data = load_data(tc, cfg, None if source is None else source.meta, None if source is None else source.path,
-                     comm.world)
+    weights_tokenizer = (initial.tokenizer if initial is not None else None if resumed is None
+                         else recorded_tokenizer(resumed.meta, resumed.path))  # --sft tokenizes with it
+    data = load_data(tc, cfg, weights_tokenizer, comm.world)
+    if main_rank:  # the run keeps its own copy of its tokenizer: a moved run directory still works
+        copy_tokenizer(data.tokenizer, out_dir / "tokenizer")
     sampler = (SFTBatchSampler if tc.sft is not None else BatchSampler)(
         data.train, tc.batch_size, tc.seq_len, seed=tc.seed, rank=comm.dp.rank, world_size=comm.dp.size)
     val_batches = validation_batches(data, tc.batch_size * comm.dp.size, tc)  # the same fixed global batches each time
+    token_bytes = data.tokenizer.token_bytes()  # (V_tok,) bytes per id: validation bits per byte
 
     # 2. weights and optimizer state: fresh, from --init_from, or exactly where --resume left them
     params, opt_state, start_step = starting_state(cfg, tc, comm, data, sampler, resumed, initial)
@@ -222,7 +226,8 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
     peak = tc.peak_tflops * 1e12 if tc.peak_tflops else measure_peak_flops(xp, dtype)  # one rank's
     peak = comm.world.allreduce_scalar(peak)  # all ranks' (measured at the same time, so they share the cores)
     start = (f"resumed from step {start_step} in {tc.out_dir}" if resumed is not None else None if initial is None
-             else f"initialised from {tc.init_from} (its step {initial.meta.step}); a fresh optimizer, step 0")
+             else f"initialised from {tc.init_from} (its step {0 if initial.meta is None else initial.meta.step}); "
+                  f"a fresh optimizer, step 0")
     for line in start_lines(cfg, tc, data, comm, sum(p.size for p in params.values()), peak, start):
         log(line)
 
@@ -236,11 +241,10 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
     history, metrics = [], MetricsLog(out_dir, enabled=main_rank)
     try:
         if start_step == 0:  # the untrained model's validation loss: the baseline every later eval compares to
-            val_loss = validation_loss(params, cfg, val_batches, tc, xp, comm)
-            m = dict(step=0, val_loss=val_loss, val_ppl=perplexity(val_loss))
+            m = dict(step=0, **validation_metrics(params, cfg, val_batches, tc, xp, comm, token_bytes))
             metrics.write(m)
             history.append(m)
-            log(f"step 0/{tc.steps} | val loss {val_loss:.4f} | val ppl {m['val_ppl']:.2f}")
+            log(format_line(m, tc.steps))
         for step in range(start_step, tc.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup, total_steps=tc.decay_steps, min_lr=tc.final_lr)
@@ -264,8 +268,7 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
             m = dict(step=done, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_step / dt,
                      mfu=step_flops / dt / peak)
             if done % tc.eval_interval == 0 or done == tc.steps:
-                m["val_loss"] = validation_loss(params, cfg, val_batches, tc, xp, comm)
-                m["val_ppl"] = perplexity(m["val_loss"])
+                m.update(validation_metrics(params, cfg, val_batches, tc, xp, comm, token_bytes))
             metrics.write(m)
             history.append(m)
             if progress is not None:
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             train_opts.setdefault("out_dir", str(resume.parent if resume.name.startswith("ckpt_") else resume))
         elif train_opts.get("init_from"):
             initial = load_trained(train_opts["init_from"])
-        cfg, tc = build_configs(model_opts, train_opts, resumed_meta, None if initial is None else initial.meta)
+        cfg, tc = build_configs(model_opts, train_opts, resumed_meta, None if initial is None else initial.cfg)
         out_dir = tc.out_dir
         if tc.dry_run:
             report = dry_run_report(cfg, tc, vote.size)

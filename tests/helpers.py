@@ -4,6 +4,7 @@ tokenizes the text once (``data_dir``) is in conftest.py."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,40 @@ def assert_same_checkpoints(a: Path, b: Path) -> None:
         assert np.array_equal(params_a[name], params_b[name]), f"parameter {name} differs"
         assert np.array_equal(opt_a["m"][name], opt_b["m"][name]), f"AdamW m of {name} differs"
         assert np.array_equal(opt_a["v"][name], opt_b["v"][name]), f"AdamW v of {name} differs"
+
+
+def llama_style_sentencepiece(text_file: Path, directory: Path) -> Path:
+    """A small sentencepiece BPE with LLaMA's options (dummy prefix, byte fallback, no normalization), saved as an HF
+    model directory holds it, with special ids other than ours so that reading them from the model is tested."""
+    import sentencepiece as spm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(input=str(text_file), model_prefix=str(directory / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, add_dummy_prefix=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   unk_id=5, bos_id=3, eos_id=4, pad_id=-1, num_threads=1, minloglevel=2)
+    (directory / "tokenizer.vocab").unlink()
+    (directory / "config.json").write_text("{}")  # an HF model directory holds other files too
+    return directory
+
+
+def gpt2_style(text: str, directory: Path, files: str) -> Path:
+    """A small byte-level BPE trained with the tokenizers library, <|endoftext|> as its last id as in GPT-2, saved
+    as tokenizer.json or as vocab.json + merges.txt."""
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=500, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["<|endoftext|>"])
+    directory.mkdir(parents=True, exist_ok=True)
+    if files == "tokenizer.json":
+        tok.save(str(directory / "tokenizer.json"))
+    else:
+        tok.model.save(str(directory))
+        vocab = json.loads((directory / "vocab.json").read_text())
+        vocab["<|endoftext|>"] = len(vocab)  # GPT-2's vocab.json lists it, as 50256
+        (directory / "vocab.json").write_text(json.dumps(vocab))
+    return directory

@@ -381,7 +381,7 @@ def test_init_from_without_sft_continues_pretraining_from_the_weights(pretrained
                  "--steps=3", "--eval_interval=3", "--eval_batches=2"]) == 0
     pre_val = [r["val_loss"] for r in read_metrics(pretrained) if "val_loss" in r][-1]
     records = read_metrics(run)
-    assert records[0] == dict(step=0, val_loss=pre_val, val_ppl=records[0]["val_ppl"])  # the same weights, bitwise
+    assert records[0]["val_loss"] == pre_val  # the same weights, bitwise
     _, opt, meta = load_checkpoint(run)
     assert opt["step"] == meta["step"] == 3 and meta["train_config"]["sft"] is None
 

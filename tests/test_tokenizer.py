@@ -18,6 +18,7 @@ from npllm.files import atomic_write
 from npllm.sources import split_text
 from npllm.tokenizer import (CHARS_FILE, Tokenizer, copy_tokenizer, fingerprint_of, load_tokenizer,
                              train_tokenizer)
+from tests.helpers import gpt2_style, llama_style_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512
@@ -166,8 +167,9 @@ def test_cli_train(text_file, tmp_path):
 def test_cli_missing_input_is_one_line_error(tmp_path):
     result = run_cli("train", "--input", tmp_path / "missing.txt", "--vocab_size", 400, "--out", tmp_path / "tok")
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"npllm.tokenizer: error: input not found: {tmp_path / 'missing.txt'} (pass text "
-                                                  f"or .jsonl files, folders or glob patterns)"]
+    assert result.stderr.strip().splitlines() == [f"npllm.tokenizer: error: input not found: "
+                                                  f"{tmp_path / 'missing.txt'} (pass text or .jsonl files, folders "
+                                                  f"or glob patterns)"]
     assert not (tmp_path / "tok").exists()
 
 
@@ -293,41 +295,7 @@ def test_cli_train_char(shakespeare, tmp_path):
 
 
 # ---- pretrained: sentencepiece (LLaMA-style) and Hugging Face tokenizers (GPT-2-style) -------------------------------
-
-def llama_style_sentencepiece(text_file: Path, directory: Path) -> Path:
-    """A small sentencepiece BPE with LLaMA's options (dummy prefix, byte fallback, no normalization), saved as an HF
-    model directory holds it, with special ids other than ours so that reading them from the model is tested."""
-    directory.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(input=str(text_file), model_prefix=str(directory / "tokenizer"), vocab_size=400,
-                                   model_type="bpe", byte_fallback=True, add_dummy_prefix=True,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   unk_id=5, bos_id=3, eos_id=4, pad_id=-1, num_threads=1, minloglevel=2)
-    (directory / "tokenizer.vocab").unlink()
-    (directory / "config.json").write_text("{}")  # an HF model directory holds other files too
-    return directory
-
-
-def gpt2_style(text: str, directory: Path, files: str) -> Path:
-    """A small byte-level BPE trained with the tokenizers library, <|endoftext|> as its last id as in GPT-2, saved
-    as tokenizer.json or as vocab.json + merges.txt."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
-
-    tok = HFTok(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=500, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens(["<|endoftext|>"])
-    directory.mkdir(parents=True, exist_ok=True)
-    if files == "tokenizer.json":
-        tok.save(str(directory / "tokenizer.json"))
-    else:
-        tok.model.save(str(directory))
-        vocab = json.loads((directory / "vocab.json").read_text())
-        vocab["<|endoftext|>"] = len(vocab)  # GPT-2's vocab.json lists it, as 50256
-        (directory / "vocab.json").write_text(json.dumps(vocab))
-    return directory
-
+# (the two builders are in tests/helpers.py: test_convert.py puts them into Hugging Face model directories too)
 
 @pytest.fixture(scope="module")
 def pretrained(shakespeare, tmp_path_factory):

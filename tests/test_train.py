@@ -314,7 +314,7 @@ def test_metrics_log_lines_and_plot(data_dir, tmp_path):
 
     records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(7))
-    assert set(records[0]) == {"step", "val_loss", "val_ppl"}  # the untrained model's validation loss
+    assert set(records[0]) == {"step", "val_loss", "val_ppl", "val_bpb"}  # the untrained model's validation
     for r in records[1:]:
         for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (r["step"], key)
@@ -322,11 +322,12 @@ def test_metrics_log_lines_and_plot(data_dir, tmp_path):
         assert ("val_loss" in r) == (r["step"] in (3, 6)), r
         if "val_loss" in r:
             assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+            assert 0 < r["val_bpb"] < r["val_loss"] / math.log(2)  # a BPE token stands for more than one byte
 
     lines = proc.stdout.splitlines()
     assert "(measured)" in lines[0] and "TFLOP/s" in lines[0]
     pattern = re.compile(r"^step +(\d+)/6 \| loss \d+\.\d+ \| lr \d\.\d\de[-+]\d+ \| grad norm \d+\.\d+ \| "
-                         r"[\d,]+ tok/s \| MFU \d+\.\d%( \| val loss \d+\.\d+ \| val ppl \d+\.\d+)?$")
+                         r"[\d,]+ tok/s \| MFU \d+\.\d%( \| val loss \d+\.\d+ \| val ppl \d+\.\d+ \| val bpb \d+\.\d+)?$")
     logged = {int(m.group(1)): m.group(2) is not None for m in map(pattern.match, lines) if m}
     assert logged == {1: False, 2: False, 3: True, 4: False, 6: True}, proc.stdout  # first, every 2nd, evals
     assert any(line.startswith("step 0/6 | val loss") for line in lines)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -426,6 +427,7 @@ def test_leftovers_of_killed_runs_are_cleaned_on_the_next_start(trained, tmp_pat
     (run / checkpoint_name(4)).mkdir(parents=True)
     for f in (trained / checkpoint_name(4)).iterdir():
         (run / checkpoint_name(4) / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(trained / "tokenizer", run / "tokenizer")  # the run's own copy of its tokenizer
     (run / "metrics.jsonl").write_text((trained / "metrics.jsonl").read_text() + '{"step": 5, "lo')  # a torn line
     leftovers = [run / ".metrics.jsonl.123.abcd1234.tmp", run / ".loss.png.123.abcd1234.tmp"]
     for path in leftovers:
