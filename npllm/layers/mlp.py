@@ -1,6 +1,9 @@
 """Feed-forward blocks: SwiGLU (LLaMA), and y = act(x @ w1 + b1) @ w2 + b2 with act one of GELU's tanh approximation
 (GPT-2, "gelu"), the exact GELU h * Phi(h) (BERT, "gelu_erf") and ReLU (the original Transformer, "relu").
 
+The act() MLPs can drop out their hidden activations, a = dropout(act(h)), as torch.nn.TransformerEncoderLayer does
+(keyword arguments dropout_rate, dropout_key, row_offset, col_offset; off by default).
+
 NumPy has no erf: ``erf`` and ``erfc`` below evaluate W. J. Cody's rational Chebyshev approximations (CuPy arrays use
 cupyx.scipy.special). Derivation: docs/derivations/mlp.md
 """
@@ -10,6 +13,7 @@ import math
 import numpy as np
 
 from ..backend import get_array_module
+from .dropout import dropout_backward, dropout_forward
 
 GELU_K = math.sqrt(2.0 / math.pi)  # constant inside gelu's tanh
 GELU_A = 0.044715  # cubic coefficient inside gelu's tanh
@@ -160,31 +164,46 @@ def swiglu_backward(dy, cache):
     return dx, {name: grads[name] for name in p}
 
 
-def _ffn_forward(p, x, activation):
-    """y = act(x @ w1 + b1) @ w2 + b2, where activation(xp, h) -> (a, saved) computes a = act(h) and what its
-    derivative needs. p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with bias."""
+def _ffn_forward(p, x, activation, dropout_rate=0.0, dropout_key=None, row_offset=0, col_offset=0):
+    """y = dropout(act(x @ w1 + b1)) @ w2 + b2, where activation(xp, h) -> (a, saved) computes a = act(h) and what
+    its derivative needs. p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with bias.
+    dropout_rate, dropout_key: dropout on the hidden activations (off by default; rate 0 is the identity);
+    row_offset / col_offset: this call's first global batch row and hidden unit (a tensor-parallel rank's F_tp)."""
     xp = get_array_module(x)
     h = x @ p["w1"]  # (..., F)
     if "b1" in p:
         h = h + p["b1"]
     a, saved = activation(xp, h)  # (..., F) act(h)
-    y = a @ p["w2"]  # (..., C)
+    if not dropout_rate:
+        y = a @ p["w2"]  # (..., C)
+        cache = (p, x, saved, a)
+    else:
+        if dropout_key is None:
+            raise ValueError(f"dropout_rate={dropout_rate!r} needs a dropout_key (npllm.layers.dropout.dropout_key)")
+        ad, drop = dropout_forward(a, dropout_rate, dropout_key, row_offset=row_offset,
+                                   col_offset=col_offset)  # (..., F)
+        y = ad @ p["w2"]  # (..., C)
+        cache = (p, x, saved, a, drop)  # keep act(h) and the mask; ad = a * mask * scale is recomputed in backward
     if "b2" in p:
         y = y + p["b2"]
-    return y, (p, x, saved, a)
+    return y, cache
 
 
 def _ffn_backward(dy, cache, activation_backward):
     """forward was y = a @ w2 + b2, a = act(h), h = x @ w1 + b1, so
     dw2 = a.T @ dy, db2 = sum dy, da = dy @ w2.T, dh = da * act'(h) (activation_backward), dw1 = x.T @ dh,
     db1 = sum dh, dx = dh @ w1.T."""
-    p, x, saved, a = cache
+    p, x, saved, a = cache[:4]
+    drop = cache[4] if len(cache) > 4 else None  # with hidden dropout: forward was y = ad @ w2 + b2, ad = dropout(a)
+    ad = a if drop is None else a * drop[0] * drop[1]  # (..., F) the forward's dropped activations
     C, F = p["w1"].shape
     dy2 = dy.reshape(-1, C)  # (N, C)
-    grads = {"w2": a.reshape(-1, F).T @ dy2}  # (F, C)
+    grads = {"w2": ad.reshape(-1, F).T @ dy2}  # (F, C)
     if "b2" in p:
         grads["b2"] = dy2.sum(axis=0)  # (C,)
     da = dy @ p["w2"].T  # (..., F)
+    if drop is not None:
+        da, _ = dropout_backward(da, drop)  # (..., F) forward was ad = a * mask * scale
     dh = activation_backward(da, saved, a)  # (..., F)
     dh2 = dh.reshape(-1, F)  # (N, F)
     grads["w1"] = x.reshape(-1, C).T @ dh2  # (C, F)
@@ -229,10 +248,10 @@ def _relu_backward(da, saved, a):
     return da * (a > 0)  # (..., F)
 
 
-def gelu_forward(p, x):
+def gelu_forward(p, x, **hidden_dropout):
     """y = gelu_tanh(x @ w1 + b1) @ w2 + b2.  p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with bias.
     Cache: h, tanh(.) and gelu(h)."""
-    return _ffn_forward(p, x, _gelu_tanh)
+    return _ffn_forward(p, x, _gelu_tanh, **hidden_dropout)
 
 
 def gelu_backward(dy, cache):
@@ -241,10 +260,10 @@ def gelu_backward(dy, cache):
     return _ffn_backward(dy, cache, _gelu_tanh_backward)
 
 
-def gelu_erf_forward(p, x):
+def gelu_erf_forward(p, x, **hidden_dropout):
     """y = gelu(x @ w1 + b1) @ w2 + b2 with the exact gelu(h) = h Phi(h) = 0.5 h (1 + erf(h / sqrt 2)) (BERT).
     p as gelu_forward. Cache: h, Phi(h) and gelu(h)."""
-    return _ffn_forward(p, x, _gelu_erf)
+    return _ffn_forward(p, x, _gelu_erf, **hidden_dropout)
 
 
 def gelu_erf_backward(dy, cache):
@@ -253,10 +272,10 @@ def gelu_erf_backward(dy, cache):
     return _ffn_backward(dy, cache, _gelu_erf_backward)
 
 
-def relu_forward(p, x):
+def relu_forward(p, x, **hidden_dropout):
     """y = relu(x @ w1 + b1) @ w2 + b2, the original Transformer's feed-forward block. p as gelu_forward.
     Cache: relu(h) only (its sign is the derivative)."""
-    return _ffn_forward(p, x, _relu)
+    return _ffn_forward(p, x, _relu, **hidden_dropout)
 
 
 def relu_backward(dy, cache):
@@ -279,9 +298,12 @@ def _pair(kind):
     return MLP_KINDS[kind]
 
 
-def mlp_forward(kind, p, x):
-    """Dispatch on the config's ``mlp`` field ("swiglu", "gelu", "gelu_erf" or "relu")."""
-    return _pair(kind)[0](p, x)
+def mlp_forward(kind, p, x, **hidden_dropout):
+    """Dispatch on the config's ``mlp`` field ("swiglu", "gelu", "gelu_erf" or "relu"). hidden_dropout: dropout_rate,
+    dropout_key, row_offset, col_offset of dropout on the hidden activations (gelu, gelu_erf, relu only)."""
+    if hidden_dropout and kind == "swiglu":
+        raise ValueError("dropout inside the MLP is for mlp='gelu', 'gelu_erf' or 'relu', not 'swiglu'")
+    return _pair(kind)[0](p, x, **hidden_dropout)
 
 
 def mlp_backward(kind, dy, cache):
