@@ -15,7 +15,7 @@ from .checks import check_choice, check_int, check_number
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu", "gelu_erf", "relu")
-POSITIONS = ("rope", "learned")
+POSITIONS = ("rope", "learned", "sinusoidal")  # sinusoidal: the fixed table of Vaswani et al. (encoder-decoder)
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ModelConfig:
     norm: str = "rmsnorm"  # "rmsnorm" (LLaMA) or "layernorm" (GPT-2)
     norm_eps: float = 1e-5  # eps inside the norm's square root
     mlp: str = "swiglu"  # "swiglu": (silu(x@w1) * (x@w3)) @ w2; "gelu": gelu_tanh(x@w1 + b1) @ w2 + b2
-    pos: str = "rope"  # "rope": rotary on q and k; "learned": pos_emb added to the token embedding
+    pos: str = "rope"  # "rope": rotary on q and k; "learned": pos_emb added; "sinusoidal": the fixed table added
     rope_theta: float = 10000.0  # RoPE base: frequency i is theta ** (-2i / hs)
     bias: bool = False  # biases on the attention and MLP linears (GPT-2 has them, LLaMA does not)
     tie_embeddings: bool = False  # logits = x @ tok_emb.T instead of a separate lm_head
@@ -43,6 +43,7 @@ class ModelConfig:
     scale_embeddings: bool = False  # token embeddings times sqrt(dim) before the positions are added (Transformer)
     pad_id: int | None = None  # the padding token: never attended to, never a target (encoder, encoder-decoder)
     mask_id: int | None = None  # encoder: the [MASK] token of the masked-language-model objective
+    share_embeddings: bool = False  # encoder-decoder: one tok_emb for source and target (else src_emb and tgt_emb)
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -67,6 +68,14 @@ class ModelConfig:
             raise ValueError("type_vocab_size and mask_id are for arch='encoder' (BERT)")
         if self.arch == "encoder" and self.mask_id is None:
             raise ValueError("arch='encoder' trains with the masked-language-model objective: give mask_id")
+        if self.pos == "sinusoidal" and self.arch == "decoder":
+            raise ValueError("pos='sinusoidal' is not allowed for arch='decoder'; use 'rope' or 'learned'")
+        if self.pos == "sinusoidal" and self.dim % 2:
+            raise ValueError(f"dim={self.dim} is not allowed with pos='sinusoidal'; use an even dim")
+        if self.arch == "encoder-decoder" and self.pos != "sinusoidal":
+            raise ValueError(f"pos={self.pos!r} is not allowed for arch='encoder-decoder'; use 'sinusoidal'")
+        if self.share_embeddings and self.arch != "encoder-decoder":
+            raise ValueError("share_embeddings=True is for arch='encoder-decoder' (one table for source and target)")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -101,6 +110,20 @@ PRESETS: dict[str, dict] = {
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, max_seq_len=4096,
         norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", pos="rope", rope_theta=10000.0, bias=False,
         tie_embeddings=False,
+    ),
+    # The encoder-decoder Transformer, small: torch.nn.Transformer's post-norm layers (ReLU, dropout 0.1 everywhere
+    # torch applies it), sinusoidal positions, embeddings times sqrt(dim), one table for source, target and head.
+    "seq2seq-nano": dict(
+        arch="encoder-decoder", vocab_size=2048, dim=128, n_layers=3, n_decoder_layers=3, n_heads=4, n_kv_heads=4,
+        ffn_dim=512, max_seq_len=64, norm="layernorm", mlp="relu", pos="sinusoidal", bias=True, norm_first=False,
+        dropout=0.1, attn_dropout=0.1, scale_embeddings=True, share_embeddings=True, tie_embeddings=True,
+    ),
+    # Vaswani et al. (2017) base: 6 + 6 layers, d_model 512, 8 heads, d_ff 2048, dropout 0.1, a shared 37000-token
+    # source/target vocabulary whose embedding is also the output layer: 63,084,544 parameters.
+    "transformer-base": dict(
+        arch="encoder-decoder", vocab_size=37000, dim=512, n_layers=6, n_decoder_layers=6, n_heads=8, n_kv_heads=8,
+        ffn_dim=2048, max_seq_len=512, norm="layernorm", mlp="relu", pos="sinusoidal", bias=True, norm_first=False,
+        dropout=0.1, attn_dropout=0.1, scale_embeddings=True, share_embeddings=True, tie_embeddings=True,
     ),
     # BERT, small (npllm/models/bert.py, BertForMaskedLM's math): post-norm encoder, exact GELU, learned positions,
     # segments A/B, the MLM decoder tied to tok_emb. [MASK] is id 0, our BPE tokenizer's unk, which encode never emits

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..parallel.tensor import shard_array, shard_shape
 
-INITS = ("normal", "ones", "zeros")
+INITS = ("normal", "uniform", "ones", "zeros")
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,9 @@ class ParamSpec:
     name: str  # e.g. "layers.0.attn.wq"
     shape: tuple[int, ...]  # the full tensor's shape, weights (in, out)
     split_axis: int | None  # the axis tensor-parallel ranks split it along; None: a full copy on every rank
-    init: str  # "normal": N(0, std^2); "ones"; "zeros"
-    std: float = 0.0  # the standard deviation of "normal"
+    init: str  # "normal": N(0, std^2); "uniform": U(-sqrt(3) std, sqrt(3) std); "ones"; "zeros"
+    std: float = 0.0  # the standard deviation of "normal" and "uniform" (torch's xavier_uniform_ is
+    #                   "uniform" with std = sqrt(2 / (fan_in + fan_out)): bound sqrt(6 / (fan_in + fan_out)))
 
 
 def shapes_of(specs: list[ParamSpec]) -> dict[str, tuple[int, ...]]:
@@ -54,7 +55,11 @@ def initial_value(spec: ParamSpec, seed: int, index: int) -> np.ndarray:
         return np.ones(spec.shape)
     if spec.init == "zeros":
         return np.zeros(spec.shape)
-    return np.random.default_rng([seed, index]).normal(0.0, spec.std, size=spec.shape)
+    rng = np.random.default_rng([seed, index])
+    if spec.init == "uniform":
+        bound = math.sqrt(3.0) * spec.std  # U(-a, a) has variance a^2 / 3
+        return rng.uniform(-bound, bound, size=spec.shape)
+    return rng.normal(0.0, spec.std, size=spec.shape)
 
 
 def init_from_specs(specs: list[ParamSpec], seed: int = 0, dtype=np.float32, xp=np, *, tp_rank: int = 0,
