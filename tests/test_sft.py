@@ -31,7 +31,7 @@ from npllm.layers.loss import IGNORE_INDEX, cross_entropy_backward, cross_entrop
 from npllm.models import accumulate_loss_and_grads, init_params
 from npllm.models.decoder import loss_and_grads, model_backward, model_forward
 from npllm.sft import (SFTBatchSampler, encode_sft_example, encode_sft_records, load_sft_data, load_sft_records,
-                       sft_eval_batches, split_records)
+                       sft_eval_batches, sft_segments, split_records)
 from npllm.tokenizer import Tokenizer, train_tokenizer
 from npllm.metrics import read_metrics, validation_batches, validation_loss
 from npllm.train import main
@@ -233,8 +233,8 @@ def test_records_are_read_with_their_line_numbers_and_blank_lines_skipped(tmp_pa
     path = tmp_path / "ok.jsonl"
     path.write_text('\ufeff{"prompt": "a", "response": "b"}\n\n   \n{"prompt": "", "response": "c", "id": 7}\r\n'
                     '{"response": "e", "prompt": "d"}', encoding="utf-8")  # BOM, CRLF, no final newline
-    assert load_sft_records(path) == [dict(prompt="a", response="b", line=1), dict(prompt="", response="c", line=4),
-                                      dict(prompt="d", response="e", line=5)]
+    assert load_sft_records(path) == [dict(segments=sft_segments(dict(prompt=p, response=r)), line=n)
+                                      for p, r, n in (("a", "b", 1), ("", "c", 4), ("d", "e", 5))]
 
 
 def test_every_malformed_record_is_reported_with_its_line_in_one_error(tmp_path):
@@ -289,7 +289,8 @@ def test_split_holds_out_a_fixed_tenth_and_at_least_one():
 
 
 def test_sampler_is_a_function_of_seed_step_and_rank(tok):
-    examples = encode_sft_records([dict(r, line=i + 1) for i, r in enumerate(copy_records(30))], tok, 16)
+    examples = encode_sft_records([dict(segments=sft_segments(r), line=i + 1) for i, r in enumerate(copy_records(30))],
+                                  tok, 16)
     sampler = SFTBatchSampler(examples, batch_size=4, seq_len=16, seed=5)
     batches = [sampler.next() for _ in range(3)]
     for step, (x, y) in enumerate(batches):
@@ -318,7 +319,8 @@ def test_sampler_is_a_function_of_seed_step_and_rank(tok):
 
 
 def test_eval_batches_cover_the_val_records_in_order(tok):
-    examples = encode_sft_records([dict(r, line=i + 1) for i, r in enumerate(copy_records(10))], tok, 16)
+    examples = encode_sft_records([dict(segments=sft_segments(r), line=i + 1) for i, r in enumerate(copy_records(10))],
+                                  tok, 16)
     batches = list(sft_eval_batches(examples, 4))
     assert [len(x) for x, _ in batches] == [4, 4, 2]
     assert np.array_equal(np.concatenate([x for x, _ in batches]), examples.tokens)
@@ -423,3 +425,34 @@ def test_bad_fine_tuning_input_is_one_line(pretrained, sft_file, tmp_path, case)
     assert_one_line_error(proc, *fragments)
     assert proc.returncode == 2
     assert not list((tmp_path / "out").glob("ckpt_*"))
+
+
+def test_alpaca_and_chat_records_learn_exactly_the_response_and_each_assistant_turn(tok, tmp_path):
+    from npllm.sft import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, chat_prompt, encode_segments
+
+    path = tmp_path / "mixed.jsonl"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "6"}]
+    lines = [{"instruction": "Add.", "input": "2 2", "output": "4"}, {"instruction": "Say hi.", "output": "hi"},
+             {"messages": chat}, {"prompt": "p", "response": "r"}]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    records = load_sft_records(path)
+    assert [r["line"] for r in records] == [1, 2, 3, 4]
+    alpaca = records[0]["segments"]
+    assert alpaca[0].text == ALPACA_PROMPT.format(instruction="Add.", input="2 2") and not alpaca[0].learned
+    assert records[1]["segments"][0].text == ALPACA_PROMPT_NO_INPUT.format(instruction="Say hi.")
+    # the chat row: the learned targets are exactly the two assistant answers, each followed by eos
+    x, y = encode_segments(tok, records[2]["segments"], 128)
+    learned = y[y != IGNORE_INDEX].tolist()
+    assert learned == tok.encode("4") + [tok.eos_id] + tok.encode("6") + [tok.eos_id]
+    rendered = tok.decode(x[:len(tok.encode(chat_prompt(chat[:2]))) + 1])
+    assert rendered.startswith("<|system|>\nBe brief.\n<|user|>\n2+2?\n<|assistant|>\n")
+    # malformed forms are named per line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot", "content": "x"}, '
+                   '{"role": "assistant", "content": "y"}]}\n{"instruction": "x"}\n')
+    with pytest.raises(ValueError, match=r"3 malformed record\(s\).*bad.jsonl:1: the last message must be the "
+                                         r"assistant's.*bad.jsonl:2: messages\[0\] has role 'bot'.*bad.jsonl:3: "
+                                         r"missing key 'output'"):
+        load_sft_records(bad)
