@@ -33,9 +33,9 @@ MFU: npllm's model FLOPs per second (``flops_per_token``: matmuls, forward + bac
 of npllm.metrics.measure_peak_flops (a 1024 x 1024 NumPy matmul, best of 8) measured in the same child after the
 steps; the PyTorch column is the same against a 1024 x 1024 torch.mm in its child.
 
---impl selects npllm's implementation (fast: the fast paths of npllm/fast, reference: the plain layers). It is passed
-to npllm through a ModelConfig field ``impl`` when that field exists; until then npllm has one implementation and
-the output says "reference ran" whatever was asked.
+--impl selects npllm's implementation (fast: the fast paths of npllm/fast, reference: the plain layers), passed to
+npllm as the ModelConfig field ``impl``. A checkout whose ModelConfig has no such field has only the reference
+layers; the output then says "reference ran" whatever was asked. Each row of the table names what ran.
 
 The memory check of the fast attention: at a fixed B*T = 2048, npllm's peak memory of llama 1x2048 over llama 8x256
 (target <= 1.3 once flash attention is wired in); printed when both shapes ran.
@@ -324,13 +324,14 @@ def summarize(case: Case, runs: dict) -> dict:
     return row
 
 
-TABLE_HEAD = ("| shape | npllm tok/s median (best) | PyTorch tok/s median (best) | npllm/PyTorch | npllm peak MB | "
-              "PyTorch peak MB | npllm MFU (sgemm GF/s) | PyTorch MFU (sgemm GF/s) | first-step loss rel. diff | load |")
+TABLE_HEAD = ("| shape | npllm impl | npllm tok/s median (best) | PyTorch tok/s median (best) | npllm/PyTorch | "
+              "npllm peak MB | PyTorch peak MB | npllm MFU (sgemm GF/s) | PyTorch MFU (sgemm GF/s) | "
+              "first-step loss rel. diff | load |")
 
 
 def table_row(name: str, r: dict, load_after: str) -> str:
     n, t = r["npllm"], r["torch"]
-    return (f"| {name} | {n['median']:,.0f} ({n['best']:,.0f}) | {t['median']:,.0f} ({t['best']:,.0f}) | "
+    return (f"| {name} | {n['impl']} | {n['median']:,.0f} ({n['best']:,.0f}) | {t['median']:,.0f} ({t['best']:,.0f}) | "
             f"{r['ratio']:.3f} | {n['peak'] / 2**20:,.0f} | {t['peak'] / 2**20:,.0f} | "
             f"{n['mfu']:.3f} ({n['sgemm'] / 1e9:.0f}) | {t['mfu']:.3f} ({t['sgemm'] / 1e9:.0f}) | "
             f"{r['loss_rel']:.1e} | {load_after} |")
@@ -364,7 +365,8 @@ def main(argv=None) -> int:
 
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')} | {cpu_model()}, "
           f"{os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable) | Python {platform.python_version()} | "
-          f"numpy {np.__version__} ({numpy_blas()}) | torch {version('torch')} | transformers {version('transformers')}")
+          f"numpy {np.__version__} ({numpy_blas()}) | torch {version('torch')} | "
+          f"transformers {version('transformers')}")
     blas_env = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_") and not k.endswith("NUM_THREADS")}
     print(f"environment: {' '.join(f'{k}={v}' for k, v in sorted(blas_env.items())) or 'no OPENBLAS_* settings'}; "
           f"OMP/OPENBLAS/MKL_NUM_THREADS={args.threads} in both children")
@@ -404,8 +406,10 @@ def main(argv=None) -> int:
     if short in rows and long_ in rows:
         n = rows[long_]["npllm"]["peak"] / rows[short]["npllm"]["peak"]
         t = rows[long_]["torch"]["peak"] / rows[short]["torch"]["peak"]
-        print(f"\nmemory check (B*T = 2048): npllm peak {long_} / {short} = {n:.2f} (target <= {MEMORY_TARGET} with "
-              f"flash attention: {'met' if n <= MEMORY_TARGET else 'not met'}); PyTorch {t:.2f}")
+        impls = sorted({rows[long_]["npllm"]["impl"], rows[short]["npllm"]["impl"]})
+        print(f"\nmemory check (B*T = 2048, npllm {' and '.join(impls)}): npllm peak {long_} / {short} = {n:.2f} "
+              f"(target <= {MEMORY_TARGET} with flash attention: {'met' if n <= MEMORY_TARGET else 'not met'}); "
+              f"PyTorch {t:.2f}")
     print(f"load average at end {load()}")
     if failed:
         print(f"FAILED: the first-step losses differ by more than {LOSS_RTOL:g} for {', '.join(failed)}")
