@@ -220,7 +220,7 @@ def test_transformer_base_parameter_count():
     assert num_params(cfg) == encoder + decoder + embedding == 63_084_544
     torch = pytest.importorskip("torch")
     reference = torch.nn.Transformer(d_model=d, nhead=h, num_encoder_layers=N, num_decoder_layers=N,
-                                     dim_feedforward=d_ff, dropout=0.1)
+                                     dim_feedforward=d_ff, dropout=0.1, batch_first=True)
     assert num_params(cfg) == sum(p.numel() for p in reference.parameters()) + embedding
 
 
