@@ -43,6 +43,7 @@ class ModelConfig:
     scale_embeddings: bool = False  # token embeddings times sqrt(dim) before the positions are added (Transformer)
     pad_id: int | None = None  # the padding token: never attended to, never a target (encoder, encoder-decoder)
     mask_id: int | None = None  # encoder: the [MASK] token of the masked-language-model objective
+    impl: str = "fast"  # "fast" (npllm/fast: flash attention, fused all-core elementwise work) or "reference"
     share_embeddings: bool = False  # encoder-decoder: one tok_emb for source and target (else src_emb and tgt_emb)
 
     def __post_init__(self):
@@ -54,6 +55,7 @@ class ModelConfig:
         check_number("norm_eps", self.norm_eps, 0, low_open=True)
         check_number("rope_theta", self.rope_theta, 0, low_open=True)
         check_choice("arch", self.arch, ARCHS)
+        check_choice("impl", self.impl, ("fast", "reference"))
         check_int("n_decoder_layers", self.n_decoder_layers, 1 if self.arch == "encoder-decoder" else 0)
         if self.arch != "encoder-decoder" and self.n_decoder_layers:
             raise ValueError(f"n_decoder_layers={self.n_decoder_layers} is for arch='encoder-decoder' only; use 0")

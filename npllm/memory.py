@@ -9,12 +9,14 @@ run's dtype; every count is this rank's shard: NH_tp = NH / tp, NKV_tp = NKV / t
     AdamW moments  m and v for every weight (zero=0), or for the tensors this dp rank owns
                    (zero=1: the largest share over the dp ranks, ``dp_partition``)              2 * P_own * s
     activations    exactly what the layers' caches keep for the backward pass (below), plus the
-                   logits, their softmax and dlogits, which all live through the backward pass
-    working        the largest short-lived temporaries of one block's backward: attention's
-                   (B, NH_tp, T, T) dP, ds and one product (3 of them), or SwiGLU's F-wide
-                   products (5; GELU 3)                                                          an estimate
-    loss temporary the cross-entropy's forward holds z - max and exp(z - max), (B, T, V_tp) each,
-                   next to the logits and probabilities: one more than the activations count        B T V_tp s
+                   logits (and, on the reference path, their softmax and dlogits beside them)
+    working        the largest short-lived temporaries of one block's backward: the reference
+                   attention's (B, NH_tp, T, T) dP, ds and one product (3 of them), or SwiGLU's
+                   F-wide products (5; GELU 3); the fast paths: the flash core's q, do, dq over
+                   the heads and k, v, dk, dv over the kv heads plus a tile's P and dS, or
+                   SwiGLU's dh1, dh3 (GELU's dh)                                                   an estimate
+    loss temporary the reference cross-entropy's forward holds z - max and exp(z - max), (B, T, V_tp)
+                   each, next to the logits and probabilities (the fast loss: none, it works in place) B T V_tp s
     comm buffers   data parallel: zero=0 packs the gradients into one flat buffer and MPI
                    returns another (2 * G); zero=1 packs them once (G) plus its segment, then
                    receives every parameter in the all-gather (W plus its own share)             0 when dp = 1
@@ -32,19 +34,23 @@ run's dtype; every count is this rank's shard: NH_tp = NH / tp, NKV_tp = NKV / t
 tests/test_memory.py measures the peak of real steps with tracemalloc and compares it with this sum.
 
 The activation caches, per layer, for a batch of B sequences of T tokens (B = batch_size / micro_batches), read off
-``npllm/layers`` (the attention cache's own comment: "keep x, q, k, v (after RoPE), P and o_merged"):
+``npllm/layers`` and ``npllm/fast`` (cfg.impl; the reference attention's own comment: "keep x, q, k, v (after
+RoPE), P and o_merged"; the flash attention keeps the row logsumexp L instead of P):
 
     attn_norm / mlp_norm   xhat (B, T, C) and rstd (B, T, 1)                          2 x (BTC + BT)
     attention              x (B, T, C): the norm's output; q (B, NH_tp, T, hs); k, v (B, NKV_tp, T, hs);
-                           P (B, NH_tp, T, T): the softmax, T x T per head; o (B, T, NH_tp hs)
-                           = BTC + 2 BT NH_tp hs + 2 BT NKV_tp hs + B NH_tp T^2
+                           o (B, T, NH_tp hs); and P (B, NH_tp, T, T), the softmax, T x T per head
+                           (reference), or L (B, NH_tp, T), one number per row (fast)
+                           = BTC + 2 BT NH_tp hs + 2 BT NKV_tp hs + B NH_tp T^2 (or + B NH_tp T)
     MLP (SwiGLU)           x (B, T, C); h1, h3, sig, silu(h1), g (B, T, F_tp)          BTC + 5 BT F_tp
     MLP (GELU)             x (B, T, C); h, tanh(.), gelu(h) (B, T, F_tp)               BTC + 3 BT F_tp
 and once per model: the final norm (xhat, rstd) and the head's input (B, T, C); the RoPE tables (T, hs) x 2; the
-logits, softmax probabilities and dlogits (B, T, V_tp) x 3; and the integer/boolean bookkeeping of the embedding
-and the loss: int64 (B, T) ids x 2, bool (B, T) x 3 (none of it depends on s). ``tests/test_memory.py`` walks the
-real caches of ``model_forward`` and checks this count to the byte. Not counted: the token batch, the Python
-objects, the BLAS library's own buffers, and for ``--device cuda`` the CuPy memory pool's rounding.
+logits, softmax probabilities and dlogits (B, T, V_tp) x 3 (reference), or the logits' one buffer and the row max
+and sum (B, T) x 2 (fast); and the integer/boolean bookkeeping of the embedding and the loss: int64 (B, T) ids x 2,
+bool (B, T) x 3 (none of it depends on s). ``tests/test_memory.py`` walks the real caches of ``model_forward`` and
+checks this count to the byte. Not counted: the token batch, the Python objects, the BLAS library's own buffers,
+a tensor-parallel rank's (B, T) rescale factors in the fast loss, and for ``--device cuda`` the CuPy memory pool's
+rounding.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig, TrainConfig
+from .fast.attention import K_TILE, default_q_tile
 from .models import flops_per_token, num_params, param_shapes, param_shard_shapes, split_axes
 from .optim import moment_dtype
 from .parallel.data import dp_partition
@@ -69,7 +76,9 @@ def layer_activation_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: 
     C, hs = cfg.dim, cfg.head_dim
     NH_tp, NKV_tp, F_tp = cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.ffn_dim // tp
     norms = 2 * (B * T * C + B * T)  # xhat and rstd, before attention and before the MLP
-    attention = B * T * C + 2 * B * T * NH_tp * hs + 2 * B * T * NKV_tp * hs + B * NH_tp * T * T  # x, q, o, k, v, P
+    attention = B * T * C + 2 * B * T * NH_tp * hs + 2 * B * T * NKV_tp * hs  # x, q, o, k, v
+    # the reference keeps the softmax P (B, NH_tp, T, T); the flash path only each row's logsumexp L (B, NH_tp, T)
+    attention += B * NH_tp * T * (T if cfg.impl == "reference" else 1)
     mlp = B * T * C + (5 if cfg.mlp == "swiglu" else 3) * B * T * F_tp
     return (norms + attention + mlp) * itemsize
 
@@ -78,7 +87,11 @@ def model_activation_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: 
     """Bytes kept through the backward pass outside the blocks: final norm, head input, RoPE tables, the logits
     with their softmax and gradient, and the embedding's and loss's integer and boolean arrays."""
     C, V_tp = cfg.dim, cfg.vocab_size // tp
-    floats = (B * T * C + B * T) + B * T * C + 3 * B * T * V_tp  # final norm xhat, rstd; head x; logits, probs, dlogits
+    floats = (B * T * C + B * T) + B * T * C  # final norm xhat, rstd; head x
+    if cfg.impl == "reference":
+        floats += 3 * B * T * V_tp  # logits, softmax, dlogits
+    else:
+        floats += B * T * V_tp + 2 * B * T  # the logits' buffer (exp, then dlogits, in place); row max and sum
     if cfg.pos == "rope":
         floats += 2 * T * cfg.head_dim  # cos, sin (T, hs), shared by every layer
     ints = 2 * 8 * B * T  # int64 (B, T): the embedding's local row ids, the loss's target columns
@@ -96,8 +109,16 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, tp: int = 1, itemsize: in
 
 def working_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: int) -> int:
     """The largest short-lived temporaries of one block's backward (an estimate, see the module docstring)."""
-    attention = 3 * B * (cfg.n_heads // tp) * T * T
-    mlp = (5 if cfg.mlp == "swiglu" else 3) * B * T * (cfg.ffn_dim // tp)
+    hs, NH_tp, NKV_tp, F_tp = cfg.head_dim, cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.ffn_dim // tp
+    if cfg.impl == "reference":
+        attention = 3 * B * NH_tp * T * T  # dP, ds and one product, (B, NH_tp, T, T) each
+        mlp = (5 if cfg.mlp == "swiglu" else 3) * B * T * F_tp  # SwiGLU's F-wide products (GELU's)
+    else:
+        # the flash core's backward: q, do (one column more), dq, and do itself, over all heads, k, v (one
+        # column more), dk, dv over the kv heads; and per tile of q_t queries and k_t keys its P and dS
+        q_t, k_t = min(T, default_q_tile(T)), min(T, K_TILE)
+        attention = 4 * B * T * (NH_tp + NKV_tp) * (hs + 1) + 2 * B * NH_tp * q_t * k_t
+        mlp = (2 if cfg.mlp == "swiglu" else 1) * B * T * F_tp  # dh1 and dh3 (dh): the rest is done in place
     return max(attention, mlp) * itemsize
 
 
@@ -178,7 +199,7 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, zero: int = 0, dt
         owned_per_rank=owned, weights=weights, gradients=grads * (2 if micro_batches > 1 else 1),
         moments=2 * owned * s_moment, activations=activation_bytes(cfg, B, seq_len, tp, s),
         working=working_bytes(cfg, B, seq_len, tp, s), comm_buffers=comm,
-        loss_temporary=B * seq_len * (cfg.vocab_size // tp) * s,
+        loss_temporary=B * seq_len * (cfg.vocab_size // tp) * s if cfg.impl == "reference" else 0,
         init_temporary=8 * max(math.prod(shape) for shape in param_shapes(cfg).values()),
         adamw_scratch=largest_owned * s_moment,
     )
@@ -201,7 +222,7 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) 
     cfg, B, T = plan.cfg, plan.batch_size // plan.micro_batches, plan.seq_len
     ranks = plan.tp * plan.dp
     s = np.dtype(plan.dtype).itemsize
-    P_bytes = cfg.n_layers * B * (cfg.n_heads // plan.tp) * T * T * s
+    P_bytes = cfg.n_layers * B * (cfg.n_heads // plan.tp) * T * T * s if cfg.impl == "reference" else 0
     fits = plan.peak <= device_memory_gib * GIB
     tokens_per_step = plan.batch_size * T * plan.dp
     return "\n".join([
@@ -216,10 +237,12 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) 
         _row("gradients", plan.gradients, "running sum + one micro-batch's" if plan.micro_batches > 1 else ""),
         _row("AdamW moments", plan.moments, f"m and v of {plan.owned_per_rank:,} parameters"
              + (" (this rank's ZeRO-1 share)" if plan.zero == 1 else "")),
-        _row("activations", plan.activations, f"caches kept for backward, B={B} T={T}; attention's P "
-             f"(B, NH_tp, T, T) is {P_bytes / GIB:.2f} GiB of it"),
+        _row("activations", plan.activations, f"caches kept for backward, B={B} T={T}; "
+             + (f"attention's P (B, NH_tp, T, T) is {P_bytes / GIB:.2f} GiB of it" if P_bytes else
+                "flash attention keeps no T x T array (--impl=reference would)")),
         _row("working", plan.working, "largest temporaries of one block's backward (estimate)"),
-        _row("loss temporary", plan.loss_temporary, "exp(logits) next to the logits, end of forward"),
+        _row("loss temporary", plan.loss_temporary, "exp(logits) next to the logits, end of forward"
+             if plan.loss_temporary else "none: the fast loss works in the logits' own memory"),
         _row("AdamW scratch", plan.adamw_scratch, "one temporary the size of the largest tensor it updates"),
         _row("comm buffers", plan.comm_buffers, "packed gradients for the data-parallel reduction"
              if plan.dp > 1 else "none with dp=1"),

@@ -47,7 +47,7 @@ from .metrics import (
     MetricsLog, format_line, measure_peak_flops, peak_rss_bytes, plot_losses, read_metrics,
     remove_stale_temp_files, start_lines, validation_batches, validation_metrics, write_metrics,
 )
-from .models import accumulate_loss_and_grads, flops_per_token, init_params, split_axes, tp_split_sizes
+from .models import accumulate_loss_and_grads, flops_per_token, init_params, ops, split_axes, tp_split_sizes
 from .optim import lr_at
 from .parallel.comm import (
     ErrorVote, Terminated, end_job_on_signals, one_process_comm, run_comm, run_main,
@@ -260,7 +260,7 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
                 raise TrainingError(f"step {step + 1}: loss {loss} / gradient norm {norm} is not finite; stopping "
                                     f"before the update (last good checkpoint: {latest_checkpoint(out_dir)})")
             apply_update(params, grads, opt_state, comm, zero=tc.zero, lr=lr, beta1=tc.beta1, beta2=tc.beta2,
-                         eps=tc.eps, weight_decay=tc.weight_decay)
+                         eps=tc.eps, weight_decay=tc.weight_decay, update=ops(cfg).adamw_update)
             del grads  # before the next step's backward makes new ones
             float(asnumpy(params["norm.w"][0]))  # wait for a GPU to finish the step before reading the clock
             dt = time.perf_counter() - t0

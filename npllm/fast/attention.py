@@ -487,14 +487,16 @@ def flash_attention_backward(dy, cache):
     o = o_merged.reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)  # (B, NKV, G, T, hs), a view
     # forward was o = softmax(qs @ k^T, causal) @ v
     dqs, dk, dv = flash_core_backward(do, qsg, k, v, o, L, 1.0, causal=True, T_past=0, **cache["tiles"])
+    del do  # each (B, T, H, hs) array is freed once used: npllm/memory.py counts what stays
     # forward was qs = rope(q_lin) * scale, k = rope(k_lin): the transposed rotation (times scale), back in the
     # projections' layout (B, T, H, hs)
     dq = xp.empty((B, T, NKV, G, hs), dtype=dqs.dtype)  # (B, T, NKV, G, hs)
     _rope_transposed_into(xp, dqs.transpose(0, 3, 1, 2, 4), _tables(rope, 5, scale) or (None, scale), dq)
+    del dqs
     dk_lin = xp.empty((B, T, NKV, hs), dtype=dk.dtype)  # (B, T, NKV, hs)
     _rope_transposed_into(xp, dk.transpose(0, 2, 1, 3), _tables(rope, 4, 1.0) or (None, 1.0), dk_lin)
     dk = dk_lin
-    dv = dv.transpose(0, 2, 1, 3)  # (B, T, NKV, hs), a view
+    dv = xp.ascontiguousarray(dv.transpose(0, 2, 1, 3))  # (B, T, NKV, hs), the core's layout freed
     rows = {name: d.reshape(B * T, -1) for name, d in (("q", dq), ("k", dk), ("v", dv))}  # (BT, H*hs)
     for name, d_rows in rows.items():  # forward was q_lin = x @ wq + bq (and likewise k, v)
         grads["w" + name] = x_rows.T @ d_rows  # (C, H*hs)

@@ -30,6 +30,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..layers.loss import IGNORE_INDEX
 from ..parallel.tensor import check_tp_divides
+from .ops import ops  # noqa: F401  (the trainer's AdamW follows cfg.impl)
 from .spec import count_of, init_from_specs, shapes_of, shard_shapes_of, split_axes_of
 
 MODULES = {"decoder": "decoder", "encoder": "bert", "encoder-decoder": "seq2seq"}  # cfg.arch -> module of npllm.models

@@ -21,19 +21,17 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..config import ModelConfig
-from ..layers.attention import attention_backward, attention_forward
 from ..layers.dropout import dropout_backward
 from ..layers.embedding import embedding_backward, embedding_forward
 from ..layers.linear import linear_backward, linear_forward
 
-from ..layers.mlp import mlp_backward, mlp_forward
-from ..layers.norm import norm_backward, norm_forward
 from ..layers.rope import rope_tables
+from .ops import REFERENCE, ops
 from .spec import ParamSpec, shapes_of, shard_shapes_of
 from ..parallel.comm import LocalComm
 from ..parallel.mappings import copy_to_tp, copy_to_tp_backward, reduce_from_tp, reduce_from_tp_backward
 from ..parallel.tensor import (
-    check_tp_divides, vocab_parallel_cross_entropy_backward, vocab_parallel_cross_entropy_forward,
+    check_tp_divides,
     vocab_parallel_embedding_backward, vocab_parallel_embedding_forward,
 )
 
@@ -158,7 +156,9 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None,
     NH_tp, NKV_tp = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size  # this rank's query and key/value heads
     positions = np.arange(T_past, T_past + T)  # (T,)
     dtype = params["tok_emb"].dtype
-    cache = {"tokens": tokens, "layers": [], "present_kv": [], "tp": tp}
+    o = ops(cfg)  # the fast paths, or the reference layers (npllm/models/ops.py)
+    attention = REFERENCE if dropout is not None and dropout.attn_rate else o  # attention dropout: reference only
+    cache = {"tokens": tokens, "layers": [], "present_kv": [], "tp": tp, "ops": o, "attention": attention}
 
     x, cache["tok_emb"] = vocab_parallel_embedding_forward(params["tok_emb"], tokens, tp)  # (B, T, C)
     rope = None
@@ -168,29 +168,29 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None,
     else:
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, xp=xp, dtype=dtype)  # 2 x (T, hs)
     x, cache["drop_embed"] = _drop(dropout, x, 0, "embed")  # (B, T, C)
-    attn_dropout = {} if dropout is None else dict(dropout_rate=dropout.attn_rate, row_offset=dropout.row_offset,
-                                                   head_offset=tp.rank * NH_tp)  # the global heads' masks
+    attn_dropout = {} if attention is o else dict(dropout_rate=dropout.attn_rate, row_offset=dropout.row_offset,
+                                                  head_offset=tp.rank * NH_tp)  # the global heads' masks
 
     for l in range(cfg.n_layers):
         pre = f"layers.{l}"
         attn, mlp = sub_params(params, pre + ".attn"), sub_params(params, pre + ".mlp")
         # attention block: x = x + g(attention(f(norm(x)))) + bo
-        h, c_attn_norm = norm_forward(cfg.norm, sub_params(params, pre + ".attn_norm"), x, cfg.norm_eps)  # (B, T, C)
+        h, c_attn_norm = o.norm_forward(cfg.norm, sub_params(params, pre + ".attn_norm"), x, cfg.norm_eps)  # (B, T, C)
         h = copy_to_tp(h, tp)  # (B, T, C) f: identity
-        if dropout is not None:
+        if dropout is not None and dropout.attn_rate:
             attn_dropout["dropout_key"] = dropout.key(l, "attn_probs")
-        a, c_attn = attention_forward(_without(attn, "bo"), h, NH_tp, NKV_tp, rope=rope,
-                                      past_kv=None if past_kv is None else past_kv[l],
-                                      **attn_dropout)  # (B, T, C) this rank's heads
+        a, c_attn = attention.attention_forward(_without(attn, "bo"), h, NH_tp, NKV_tp, rope=rope,
+                                                past_kv=None if past_kv is None else past_kv[l],
+                                                **attn_dropout)  # (B, T, C) this rank's heads
         a = reduce_from_tp(a, tp)  # (B, T, C) g: the sum over the ranks' heads
         if "bo" in attn:
             a = a + attn["bo"]  # (B, T, C) added once, after the sum
         a, c_drop_attn = _drop(dropout, a, l, "attn_out")  # (B, T, C)
         x = x + a  # (B, T, C) residual
         # MLP block: x = x + g(mlp(f(norm(x)))) + b2
-        h, c_mlp_norm = norm_forward(cfg.norm, sub_params(params, pre + ".mlp_norm"), x, cfg.norm_eps)  # (B, T, C)
+        h, c_mlp_norm = o.norm_forward(cfg.norm, sub_params(params, pre + ".mlp_norm"), x, cfg.norm_eps)  # (B, T, C)
         h = copy_to_tp(h, tp)  # (B, T, C) f
-        m, c_mlp = mlp_forward(cfg.mlp, _without(mlp, "b2"), h)  # (B, T, C) this rank's hidden units
+        m, c_mlp = o.mlp_forward(cfg.mlp, _without(mlp, "b2"), h)  # (B, T, C) this rank's hidden units
         m = reduce_from_tp(m, tp)  # (B, T, C) g
         if "b2" in mlp:
             m = m + mlp["b2"]  # (B, T, C)
@@ -199,7 +199,7 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None,
         cache["layers"].append((c_attn_norm, c_attn, c_drop_attn, c_mlp_norm, c_mlp, c_drop_mlp))
         cache["present_kv"].append((c_attn["k"], c_attn["v"]))  # each (B, NKV_tp, T_past + T, hs)
 
-    x, cache["norm"] = norm_forward(cfg.norm, sub_params(params, "norm"), x, cfg.norm_eps)  # (B, T, C)
+    x, cache["norm"] = o.norm_forward(cfg.norm, sub_params(params, "norm"), x, cfg.norm_eps)  # (B, T, C)
     w_head = params["tok_emb"].T if cfg.tie_embeddings else params["lm_head"]  # (C, V_tp)
     h = copy_to_tp(x, tp)  # (B, T, C) f: each rank computes its vocabulary slice's logits
     logits, cache["head"] = linear_forward({"w": w_head}, h)  # (B, T, V_tp), never gathered
@@ -215,7 +215,8 @@ def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
     grads: dict = {}
     dh, g_head = linear_backward(dlogits, cache["head"])  # dh (B, T, C) this rank's vocabulary slice's term
     dx = copy_to_tp_backward(dh, tp)  # (B, T, C) f's backward: the sum over slices
-    dx, g_norm = norm_backward(cfg.norm, dx, cache["norm"])
+    o, attention = cache["ops"], cache["attention"]  # the functions the forward ran
+    dx, g_norm = o.norm_backward(cfg.norm, dx, cache["norm"])
     _put_grads(grads, "norm", g_norm)
 
     for l in reversed(range(cfg.n_layers)):
@@ -225,18 +226,18 @@ def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
         dm, _ = dropout_backward(dx, c_drop_mlp)  # (B, T, C); dx itself without dropout
         if cfg.bias:
             grads[pre + ".mlp.b2"] = dm.reshape(-1, dm.shape[-1]).sum(axis=0)  # (C,)
-        dh, g = mlp_backward(cfg.mlp, reduce_from_tp_backward(dm, tp), c_mlp)  # (B, T, C); g's backward: identity
+        dh, g = o.mlp_backward(cfg.mlp, reduce_from_tp_backward(dm, tp), c_mlp)  # (B, T, C); g's backward: identity
         _put_grads(grads, pre + ".mlp", g)
-        dh, g = norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c_mlp_norm)  # f's backward: all-reduce
+        dh, g = o.norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c_mlp_norm)  # f's backward: all-reduce
         _put_grads(grads, pre + ".mlp_norm", g)
         dx = dx + dh  # (B, T, C)
         # forward was x_mid = x_in + drop(g(attention(f(norm(x_in)))) + bo)
         da, _ = dropout_backward(dx, c_drop_attn)  # (B, T, C)
         if cfg.bias:
             grads[pre + ".attn.bo"] = da.reshape(-1, da.shape[-1]).sum(axis=0)  # (C,)
-        dh, g = attention_backward(reduce_from_tp_backward(da, tp), c_attn)  # (B, T, C)
+        dh, g = attention.attention_backward(reduce_from_tp_backward(da, tp), c_attn)  # (B, T, C)
         _put_grads(grads, pre + ".attn", g)
-        dh, g = norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c_attn_norm)
+        dh, g = o.norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c_attn_norm)
         _put_grads(grads, pre + ".attn_norm", g)
         dx = dx + dh  # (B, T, C)
         del dh, da, dm  # freed before the next block's backward: only dx flows on
@@ -269,8 +270,9 @@ def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, tp=None, dro
     and the grads are this rank's shards. The loss is computed from each rank's vocabulary slice of the logits.
     """
     logits, cache = model_forward(params, tokens, cfg, tp=tp, dropout=dropout)  # (B, T, V_tp)
-    loss, loss_cache = vocab_parallel_cross_entropy_forward(logits, targets, cache["tp"])
-    dlogits, _ = vocab_parallel_cross_entropy_backward(1.0, loss_cache)  # (B, T, V_tp)
+    o = ops(cfg)
+    loss, loss_cache = o.training_loss_forward(logits, targets, cache["tp"])  # the fast one reuses the logits' memory
+    dlogits, _ = o.cross_entropy_backward(1.0, loss_cache)  # (B, T, V_tp)
     return loss, model_backward(dlogits, cache, cfg)
 
 
@@ -282,5 +284,5 @@ def batch_loss_and_grads(params: dict, batch: dict, cfg: ModelConfig, tp=None, d
 def batch_loss(params: dict, batch: dict, cfg: ModelConfig, tp=None) -> float:
     """The mean loss of a batch, forward only (validation)."""
     logits, cache = model_forward(params, batch["tokens"], cfg, tp=tp)  # (B, T, V_tp)
-    loss, _ = vocab_parallel_cross_entropy_forward(logits, batch["targets"], cache["tp"])
+    loss, _ = ops(cfg).cross_entropy_forward(logits, batch["targets"], cache["tp"])
     return loss

@@ -226,14 +226,16 @@ def reduce_and_clip(grads: dict, axes: dict, comm: ParallelComm, *, zero: int = 
 
 
 def apply_update(params: dict, grads: dict, state: dict, comm: ParallelComm, *, zero: int = 0, lr: float,
-                 beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1) -> None:
+                 beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
+                 update=adamw_update) -> None:
     """The second half of ``optimizer_step``: AdamW, IN PLACE on params, with the gradients ``reduce_and_clip``
-    returned. zero=1: only the owned tensors are updated, then one all-gather brings every rank up to date."""
+    returned. zero=1: only the owned tensors are updated, then one all-gather brings every rank up to date.
+    update: the AdamW step to run, npllm.optim's or the fast path's (npllm.models.ops: the same bits)."""
     if check_zero(zero) == 0:
-        adamw_update(params, grads, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        update(params, grads, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         return
     owned_params = {name: params[name] for name in grads}  # the same arrays: updated in place
-    adamw_update(owned_params, grads, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    update(owned_params, grads, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     dp_allgather_params(params, comm.dp)  # everyone's updated tensors, everywhere
 
 
