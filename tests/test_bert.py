@@ -6,11 +6,12 @@
   ~1e-14, float64 rounding), with padded rows, three segment types and a pad_token_id (HF's padding_idx: the
   lookup never trains that row), under both of HF's attention implementations, "eager" and "sdpa": both compute
   in float64 (a forward hook asserts that every module's output is float64, and 1e-9 is far below a float32
-  rounding). The key bias's gradient is 0 in exact arithmetic (adding q . bk to a whole row of scores leaves its
+  rounding); npllm on its fast paths (the default) and on the reference layers (cfg.impl). The key bias's gradient is 0 in exact arithmetic (adding q . bk to a whole row of scores leaves its
   softmax unchanged): both sides give rounding noise, checked to be below 1e-12 of the largest gradient.
 - Finite differences (the grad_check fixture: five-point stencil, h = 3e-4, bound 1e-6) of every parameter, along
-  random directions, of tiny models drawn by hypothesis: padding patterns, segments, a pad_id, dropout on (rates drawn) under the fixed masks
-  of one Dropout in f and in the backward.
+  random directions, of tiny models drawn by hypothesis: padding patterns, segments, a pad_id (in padded slots
+  only: at a real position its lookup gradient is dropped on purpose, as HF's padding_idx does, which the oracle
+  checks), dropout on (rates drawn) under the fixed masks of one Dropout in f and in the backward.
 - Padding invariance (bit for bit), dropout rate 0 == no dropout (bit for bit), a batch split into row chunks under
   dropout == the whole batch (each row's masks follow its global row), tensor parallelism over two threads == one
   process, fill_mask, parameter counts (bert-base == BertForMaskedLM's own count, built on torch's meta device),
@@ -19,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -54,13 +56,14 @@ def perturbed_params(cfg, seed):
 
 
 def make_batch(cfg, lengths, seed, T=None, pad_token=None):
-    """Rows with lengths[b] real positions (the rest padding, holding random ids or ``pad_token``), random segments,
-    and targets at about 40% of the real positions (at least one per row)."""
+    """Rows with lengths[b] real positions (the rest padding, holding random ids or ``pad_token``, which no real
+    position holds), random segments, and targets at about 40% of the real positions (at least one per row)."""
     rng = np.random.default_rng(seed + 11)
     B, T = len(lengths), T or max(lengths)
     key_mask = np.arange(T)[None, :] < np.array(lengths)[:, None]  # (B, T)
     tokens = rng.integers(0, cfg.vocab_size, (B, T))  # (B, T)
     if pad_token is not None:
+        tokens[tokens == pad_token] = (pad_token + 1) % cfg.vocab_size
         tokens[~key_mask] = pad_token
     chosen = key_mask & (rng.random((B, T)) < 0.4)  # (B, T)
     chosen[np.arange(B), rng.integers(0, np.array(lengths))] = True
@@ -96,8 +99,9 @@ def assert_grads_close(got: dict, want: dict, tol: float) -> None:
 # the Hugging Face BertForMaskedLM oracle
 
 
+@pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_logits_loss_and_every_gradient_match_hf_bert_for_masked_lm(attn, tmp_path):
+def test_logits_loss_and_every_gradient_match_hf_bert_for_masked_lm(attn, impl, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from npllm.hf import load_hf, to_hf_state
@@ -115,6 +119,7 @@ def test_logits_loss_and_every_gradient_match_hf_bert_for_masked_lm(attn, tmp_pa
     model.save_pretrained(tmp_path / "hf")
     params, cfg = load_hf(tmp_path / "hf", dtype=np.float64)
     assert (cfg.pad_id, cfg.mask_id, cfg.type_vocab_size, cfg.norm_eps) == (1, 4, 3, 1e-12)
+    cfg = dataclasses.replace(cfg, impl=impl)  # npllm's fast paths (the default) or its reference layers
     batch = make_batch(cfg, [10, 7, 3, 10], seed=1, T=10, pad_token=1)
     batch["tokens"][0, 2] = 1  # the pad id at a real position too: its lookup gradient is dropped all the same
 

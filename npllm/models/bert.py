@@ -22,6 +22,10 @@ backward. Start reading at ``batch_loss_and_grads``; ``param_specs`` lists the p
 Tensor parallelism as in the decoder (docs/parallelism.md): heads, hidden units and the vocabulary are split
 (tok_emb by rows, head.bias by vocabulary), the embeddings, norms and the head's
 transform are replicated, and Megatron's f and g (copy_to_tp, reduce_from_tp) stand where they act.
+
+The norms, the FFN and the loss run ``ops(cfg)`` (npllm/models/ops.py: the fast paths by default, or the reference
+layers with cfg.impl = "reference"); attention is always the reference's, whose bidirectional form takes the key
+padding mask and dropout (the fast attention is causal).
 """
 
 from __future__ import annotations
@@ -32,20 +36,18 @@ import numpy as np
 
 from ..backend import asnumpy, get_array_module
 from ..config import ModelConfig
-from ..layers.attention import attention_backward, attention_forward
 from ..layers.dropout import dropout_backward
 from ..layers.embedding import embedding_backward, embedding_forward
 from ..layers.linear import linear_backward, linear_forward
 from ..layers.loss import IGNORE_INDEX
-from ..layers.mlp import _gelu_erf, _gelu_erf_backward, mlp_backward, mlp_forward
-from ..layers.norm import norm_backward, norm_forward
+from ..layers.mlp import _gelu_erf, _gelu_erf_backward
 from ..parallel.comm import LocalComm
 from ..parallel.mappings import copy_to_tp, copy_to_tp_backward, reduce_from_tp, reduce_from_tp_backward
 from ..parallel.tensor import (
-    check_tp_divides, vocab_parallel_cross_entropy_backward, vocab_parallel_cross_entropy_forward,
-    vocab_parallel_embedding_backward, vocab_parallel_embedding_forward, vocab_start,
+    check_tp_divides, vocab_parallel_embedding_backward, vocab_parallel_embedding_forward, vocab_start,
 )
 from .decoder import _put_grads, _without, sub_params
+from .ops import REFERENCE, ops
 from .spec import ParamSpec, shapes_of, shard_shapes_of
 
 MLM_PROBABILITY = 0.15  # the share of positions the MLM objective predicts (npllm/mlm.py); flops_per_token uses it
@@ -187,7 +189,8 @@ def model_forward(params: dict, batch: dict, cfg: ModelConfig, tp=None, dropout=
     B, T = tokens.shape
     NH_tp, NKV_tp = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size  # this rank's query and key/value heads
     attn_mask = None if bool(key_mask.all()) else key_mask  # (B, T); None: no padding, the same numbers, less work
-    cache = {"tp": tp, "B": B, "T": T, "head_rows": head_rows}
+    o = ops(cfg)  # the fast paths, or the reference layers (npllm/models/ops.py)
+    cache = {"tp": tp, "B": B, "T": T, "head_rows": head_rows, "ops": o}
 
     # embeddings: e = tok_emb[tokens] + seg_emb[segments] + pos_emb[0..T-1] (HF's order of the sums), then norm
     e, cache["tok_emb"] = vocab_parallel_embedding_forward(params["tok_emb"], tokens, tp)  # (B, T, C)
@@ -195,7 +198,7 @@ def model_forward(params: dict, batch: dict, cfg: ModelConfig, tp=None, dropout=
     e = e + s  # (B, T, C)
     pe, cache["pos_emb"] = embedding_forward({"w": params["pos_emb"]}, xp.arange(T))  # (T, C)
     e = e + pe  # (B, T, C), pe broadcast over the batch
-    x, cache["emb_norm"] = norm_forward(cfg.norm, sub_params(params, "emb_norm"), e, cfg.norm_eps)  # (B, T, C)
+    x, cache["emb_norm"] = o.norm_forward(cfg.norm, sub_params(params, "emb_norm"), e, cfg.norm_eps)  # (B, T, C)
     x, cache["drop_embed"] = _drop(dropout, x, 0, "embed")  # (B, T, C)
     attn_dropout = {} if dropout is None else dict(dropout_rate=dropout.attn_rate, row_offset=dropout.row_offset,
                                                    head_offset=tp.rank * NH_tp)  # the global heads' masks
@@ -208,19 +211,19 @@ def model_forward(params: dict, batch: dict, cfg: ModelConfig, tp=None, dropout=
         if dropout is not None:
             attn_dropout["dropout_key"] = dropout.key(l, "attn_probs")
         h = copy_to_tp(x, tp)  # (B, T, C) f: identity
-        a, c_attn = attention_forward(_without(attn, "bo"), h, NH_tp, NKV_tp, causal=False, key_mask=attn_mask,
-                                      **attn_dropout)  # (B, T, C) this rank's heads
+        a, c_attn = REFERENCE.attention_forward(_without(attn, "bo"), h, NH_tp, NKV_tp, causal=False,
+                                                key_mask=attn_mask, **attn_dropout)  # (B, T, C) this rank's heads
         a = reduce_from_tp(a, tp) + attn["bo"]  # (B, T, C) g: the sum over the ranks' heads; bo added once
         a, c_drop_attn = _drop(dropout, a, l, "attn_out")  # (B, T, C)
-        x, c_attn_norm = norm_forward(cfg.norm, sub_params(params, pre + ".attn_norm"), x + a,
-                                      cfg.norm_eps)  # (B, T, C) post-norm
+        x, c_attn_norm = o.norm_forward(cfg.norm, sub_params(params, pre + ".attn_norm"), x + a,
+                                        cfg.norm_eps)  # (B, T, C) post-norm
         # feed-forward sublayer: x = norm(x + drop(g(mlp(f(x))) + b2))
         h = copy_to_tp(x, tp)  # (B, T, C) f
-        m, c_mlp = mlp_forward(cfg.mlp, _without(mlp, "b2"), h)  # (B, T, C) this rank's hidden units
+        m, c_mlp = o.mlp_forward(cfg.mlp, _without(mlp, "b2"), h)  # (B, T, C) this rank's hidden units
         m = reduce_from_tp(m, tp) + mlp["b2"]  # (B, T, C) g
         m, c_drop_mlp = _drop(dropout, m, l, "mlp_out")  # (B, T, C)
-        x, c_mlp_norm = norm_forward(cfg.norm, sub_params(params, pre + ".mlp_norm"), x + m,
-                                     cfg.norm_eps)  # (B, T, C)
+        x, c_mlp_norm = o.norm_forward(cfg.norm, sub_params(params, pre + ".mlp_norm"), x + m,
+                                       cfg.norm_eps)  # (B, T, C)
         cache["layers"].append((c_attn, c_drop_attn, c_attn_norm, c_mlp, c_drop_mlp, c_mlp_norm))
 
     # the MLM head at the chosen positions: logits = norm(gelu(x @ Wd + bd)) @ tok_emb.T + head.bias
@@ -229,7 +232,7 @@ def model_forward(params: dict, batch: dict, cfg: ModelConfig, tp=None, dropout=
     h, cache["head_dense"] = linear_forward(sub_params(params, "head.dense"), x)  # (..., C)
     h, cache["head_gelu"] = _gelu_erf(xp, h)  # (..., C) the exact GELU, as the FFN's
     cache["head_act"] = h
-    h, cache["head_norm"] = norm_forward(cfg.norm, sub_params(params, "head.norm"), h, cfg.norm_eps)  # (..., C)
+    h, cache["head_norm"] = o.norm_forward(cfg.norm, sub_params(params, "head.norm"), h, cfg.norm_eps)  # (..., C)
     h = copy_to_tp(h, tp)  # (..., C) f: each rank computes its vocabulary slice's logits
     logits, cache["head_decoder"] = linear_forward({"w": params["tok_emb"].T, "b": params["head.bias"]},
                                                    h)  # (..., V_tp), the decoder tied to tok_emb (C, V_tp)
@@ -239,13 +242,13 @@ def model_forward(params: dict, batch: dict, cfg: ModelConfig, tp=None, dropout=
 def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
     """dlogits (B, T, V_tp), or (N, V_tp) at the forward's head_rows -> grads, a dict with exactly the keys of the
     parameters (this rank's shards), in spec order."""
-    tp = cache["tp"]
+    tp, o = cache["tp"], cache["ops"]  # o: the functions the forward ran
     grads: dict = {}
     # forward was logits = h @ w_dec + head.bias, with h = f(norm(gelu(x @ Wd + bd)))
     dh, g_dec = linear_backward(dlogits, cache["head_decoder"])  # (..., C) this rank's vocabulary slice's term
     grads["head.bias"] = g_dec["b"]  # (V_tp,)
     dh = copy_to_tp_backward(dh, tp)  # (..., C) f's backward: the sum over slices
-    dh, g = norm_backward(cfg.norm, dh, cache["head_norm"])
+    dh, g = o.norm_backward(cfg.norm, dh, cache["head_norm"])
     _put_grads(grads, "head.norm", g)
     dh = _gelu_erf_backward(dh, cache["head_gelu"], cache["head_act"])  # (..., C)
     dx, g = linear_backward(dh, cache["head_dense"])  # (..., C)
@@ -261,26 +264,26 @@ def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
         pre = f"layers.{l}"
         c_attn, c_drop_attn, c_attn_norm, c_mlp, c_drop_mlp, c_mlp_norm = cache["layers"][l]
         # forward was x_out = norm(z), z = x_mid + drop(g(mlp(f(x_mid))) + b2): the norm first, then both paths
-        dz, g = norm_backward(cfg.norm, dx, c_mlp_norm)  # (B, T, C)
+        dz, g = o.norm_backward(cfg.norm, dx, c_mlp_norm)  # (B, T, C)
         _put_grads(grads, pre + ".mlp_norm", g)
         dm, _ = dropout_backward(dz, c_drop_mlp)  # (B, T, C); dz itself without dropout
         grads[pre + ".mlp.b2"] = dm.reshape(-1, dm.shape[-1]).sum(axis=0)  # (C,)
-        dh, g = mlp_backward(cfg.mlp, reduce_from_tp_backward(dm, tp), c_mlp)  # (B, T, C); g's backward: identity
+        dh, g = o.mlp_backward(cfg.mlp, reduce_from_tp_backward(dm, tp), c_mlp)  # (B, T, C); g's backward: identity
         _put_grads(grads, pre + ".mlp", g)
         dx = dz + copy_to_tp_backward(dh, tp)  # (B, T, C) the residual path + the branch (f's backward: all-reduce)
         # forward was x_mid = norm(z), z = x_in + drop(g(attention(f(x_in))) + bo)
-        dz, g = norm_backward(cfg.norm, dx, c_attn_norm)  # (B, T, C)
+        dz, g = o.norm_backward(cfg.norm, dx, c_attn_norm)  # (B, T, C)
         _put_grads(grads, pre + ".attn_norm", g)
         da, _ = dropout_backward(dz, c_drop_attn)  # (B, T, C)
         grads[pre + ".attn.bo"] = da.reshape(-1, da.shape[-1]).sum(axis=0)  # (C,)
-        dh, g = attention_backward(reduce_from_tp_backward(da, tp), c_attn)  # (B, T, C)
+        dh, g = REFERENCE.attention_backward(reduce_from_tp_backward(da, tp), c_attn)  # (B, T, C)
         _put_grads(grads, pre + ".attn", g)
         dx = dz + copy_to_tp_backward(dh, tp)  # (B, T, C)
         del dh, dm, da  # freed before the next layer's backward: only dx flows on
 
     # forward was x = drop(norm(e)), e = tok_emb[tokens] + seg_emb[segments] + pos_emb[0..T-1]
     dx, _ = dropout_backward(dx, cache["drop_embed"])  # (B, T, C)
-    de, g = norm_backward(cfg.norm, dx, cache["emb_norm"])  # (B, T, C)
+    de, g = o.norm_backward(cfg.norm, dx, cache["emb_norm"])  # (B, T, C)
     _put_grads(grads, "emb_norm", g)
     _, g = embedding_backward(de.sum(axis=0), cache["pos_emb"])  # pos_emb was broadcast over the batch
     grads["pos_emb"] = g["w"]
@@ -325,8 +328,9 @@ def batch_loss_and_grads(params: dict, batch: dict, cfg: ModelConfig, tp=None, d
     targets = _targets(batch, xp)
     rows = masked_positions(targets)  # (N,) each
     logits, cache = model_forward(params, batch, cfg, tp=tp, dropout=dropout, head_rows=rows)  # (N, V_tp)
-    loss, loss_cache = vocab_parallel_cross_entropy_forward(logits, targets[rows], cache["tp"])
-    dlogits, _ = vocab_parallel_cross_entropy_backward(1.0, loss_cache)  # (N, V_tp)
+    o = cache["ops"]
+    loss, loss_cache = o.training_loss_forward(logits, targets[rows], cache["tp"])  # fast: in the logits' memory
+    dlogits, _ = o.cross_entropy_backward(1.0, loss_cache)  # (N, V_tp)
     return loss, model_backward(dlogits, cache, cfg)
 
 
@@ -336,7 +340,7 @@ def batch_loss(params: dict, batch: dict, cfg: ModelConfig, tp=None) -> float:
     targets = _targets(batch, xp)
     rows = masked_positions(targets)  # (N,) each
     logits, cache = model_forward(params, batch, cfg, tp=tp, head_rows=rows)  # (N, V_tp)
-    loss, _ = vocab_parallel_cross_entropy_forward(logits, targets[rows], cache["tp"])
+    loss, _ = cache["ops"].cross_entropy_forward(logits, targets[rows], cache["tp"])
     return loss
 
 
@@ -364,13 +368,12 @@ def fill_mask(params: dict, cfg: ModelConfig, tokens, segments=None, key_mask=No
             batch[name] = xp.asarray(value)[None] if one_row else xp.asarray(value)
     rows = xp.nonzero(batch["tokens"] == cfg.mask_id)  # (N,) each: the [MASK] positions
     logits, _ = model_forward(params, batch, cfg, head_rows=rows)  # (N, V)
-    z = logits.astype(np.float64)  # (N, V)
+    z = asnumpy(logits).astype(np.float64)  # (N, V) on the host
     z = z - z.max(axis=-1, keepdims=True)
-    probs = xp.exp(z)
-    probs = probs / probs.sum(axis=-1, keepdims=True)  # (N, V)
-    best = xp.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # (N, top_k)
+    probs = np.exp(z)
+    probs = probs / probs.sum(axis=-1, keepdims=True)  # (N, V) softmax
+    best = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # (N, top_k), ties by token id
     out = [[] for _ in range(batch["tokens"].shape[0])]
-    best, probs = asnumpy(best), asnumpy(probs)  # (N, top_k), (N, V) on the host
     for n, (b, t) in enumerate(zip(asnumpy(rows[0]).tolist(), asnumpy(rows[1]).tolist())):
         out[b].append((t, [(int(v), float(probs[n, v])) for v in best[n]]))
     return out[0] if one_row else out
