@@ -6,6 +6,7 @@ exactly 1, the biases 0 and the weights tiny, which leaves most nonlinearities i
 wrong second-order term of a backward could hide.
 """
 
+import dataclasses
 import math
 import tracemalloc
 
@@ -109,6 +110,31 @@ def test_full_model_gradient(backend, grad_check, variant, data):
     # draws, all of it the loss's own rounding (it grew 10x for each 10x smaller h); these settings gave <= 2e-8.
     errors = grad_check.function(f"model: {variant}", f, params, grads, seed=seed)
     assert set(errors) == set(params)  # every parameter is checked
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@settings(max_examples=6, deadline=None)
+@given(data=st.data(), T=st.sampled_from([1, 7, 33, 70]))
+def test_fast_paths_are_the_reference_model_in_float64(variant, data, T):
+    """ModelConfig.impl: the whole model on npllm/fast (flash attention, fused MLP/norm, in-place loss) against the
+    reference layers, loss and every gradient, in float64. T crosses the flash tiles' edges (32-query tiles from
+    T = 33 on; 70 leaves a ragged last tile). Bound 1e-10 relative to each tensor's largest entry: the two
+    compute the same sums in different orders (tiles, online softmax), which in float64 differ by ~1e-15 per
+    operation; measured <= 1e-12. A gradient that is zero in exact math (the key bias, which shifts a query's scores
+    all alike; the queries' and keys' at T = 1, a softmax over one key) is rounding, ~1e-17, on both sides, hence
+    the absolute floor of 1e-14 of the model's largest gradient."""
+    preset, fixed = VARIANTS[variant]
+    cfg, B, _, seed = data.draw(small_model(preset, fixed), label="model")
+    cfg = dataclasses.replace(cfg, max_seq_len=T, impl="fast")
+    params = perturbed_params(cfg, seed)
+    tokens, targets = batch(cfg, B, T, seed)
+    loss_fast, grads_fast = loss_and_grads(params, tokens, targets, cfg)
+    loss_ref, grads_ref = loss_and_grads(params, tokens, targets, dataclasses.replace(cfg, impl="reference"))
+    assert abs(loss_fast - loss_ref) <= 1e-10 * abs(loss_ref)
+    largest = max(np.abs(g).max() for g in grads_ref.values())
+    for name in params:
+        bound = 1e-10 * np.abs(grads_ref[name]).max() + 1e-14 * largest
+        assert np.abs(grads_fast[name] - grads_ref[name]).max() <= bound, name
 
 
 # ----------------------------------------------------------------------------------------------------------------
