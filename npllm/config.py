@@ -480,11 +480,11 @@ class GenerateConfig:
     """Every option of ``python -m npllm.generate``."""
 
     ckpt: str | None = None  # a run directory, a ckpt_XXXXXXXX directory (or a Hugging Face model directory)
-    prompt: tuple[str, ...] = ()  # prompt text; repeat --prompt for several prompts
+    prompt: tuple[str, ...] = ()  # prompt text (an encoder-decoder: a source); repeat --prompt for several prompts
     prompt_file: str | None = None  # a UTF-8 file with one prompt per line (\n for a newline); "-": standard input
-    max_new_tokens: int = 100  # tokens to generate per prompt at most
-    temperature: float | None = None  # 0 is greedy; None: 1.0
-    top_k: int | None = None  # keep the k most likely tokens; None or 0: all
+    max_new_tokens: int | None = None  # tokens to generate per prompt at most; None: 100 (at most max_seq_len)
+    temperature: float | None = None  # 0 is greedy; None: 1.0 (an encoder-decoder: greedy without sampling options)
+    top_k: int | None = None  # keep the k most likely tokens; None or 0: all. --fill_mask: guesses per [MASK] (5)
     top_p: float | None = None  # keep the smallest set of likeliest tokens holding this probability; None: 1 (all)
     seed: int = 0  # seeds each prompt's own sampling stream
     beams: int = 1  # beam search with this many beams (1: sampling or greedy)
@@ -494,15 +494,25 @@ class GenerateConfig:
     no_kv_cache: bool = False  # run the full forward at every step (the slow reference) instead of the KV cache
     device: str = "cpu"  # "cpu" (NumPy) or "cuda" (CuPy)
     tokenizer: str | None = None  # a tokenizer directory; None: the one the checkpoint recorded
+    fill_mask: tuple[str, ...] = ()  # an encoder (BERT): text with [MASK] where a token is to be guessed; repeatable
 
     def __post_init__(self):
         if self.ckpt is None:
             raise ValueError("--ckpt is required: a run directory or a checkpoint directory")
-        check_int("max_new_tokens", self.max_new_tokens)
+        check_int("max_new_tokens", self.max_new_tokens, optional=True)
         check_int("seed", self.seed, 0)
         check_int("beams", self.beams)
         check_number("length_penalty", self.length_penalty, 0)
         check_choice("device", self.device, ("cpu", "cuda"))
+        if self.fill_mask:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            unused = [n for n in FILL_MASK_UNUSED if getattr(self, n) != defaults[n]]
+            if unused:
+                raise ValueError(f"--{unused[0]}={getattr(self, unused[0])!r} does not apply to --fill_mask, which "
+                                 f"guesses each [MASK] in one forward; with it use --top_k, --json, --device, "
+                                 f"--tokenizer")
+            check_int("top_k", self.top_k, optional=True)
+            return
         given = [n for n in ("temperature", "top_k", "top_p") if getattr(self, n) is not None]
         if self.beams > 1 and given:
             raise ValueError(f"--{given[0]} applies to sampling; beam search (--beams={self.beams}) is deterministic "
@@ -520,8 +530,19 @@ class GenerateConfig:
                               top_p=1.0 if self.top_p is None else self.top_p)
 
     @property
+    def samples(self) -> bool:
+        """True when a sampling option asks for sampling (a temperature other than 0, or top_k / top_p alone)."""
+        given = any(getattr(self, n) is not None for n in ("temperature", "top_k", "top_p"))
+        return given and self.temperature != 0
+
+    @property
     def kv_cache(self) -> bool:
         return not self.no_kv_cache
+
+
+# the options of decoding that --fill_mask (one forward per text, no decoding) refuses
+FILL_MASK_UNUSED = ("prompt", "prompt_file", "max_new_tokens", "temperature", "top_p", "seed", "beams",
+                    "length_penalty", "stop", "no_kv_cache")
 
 
 @dataclass(frozen=True)
@@ -529,25 +550,47 @@ class EvaluateConfig:
     """Every option of ``python -m npllm.evaluate``."""
 
     ckpt: str | None = None  # a run directory or ckpt_XXXXXXXX directory (or a Hugging Face model directory)
-    data: str | None = None  # a data directory (its val.bin), a token shard, or a UTF-8 text file
-    split: str = "val"  # for a data directory: "val" or "train"
-    seq_len: int | None = None  # window length; None: the model's max_seq_len
-    stride: int | None = None  # new targets per window; None: seq_len // 2
-    batch_size: int = 8  # windows per forward
+    data: str | None = None  # decoder, encoder: a data directory (its val.bin), a token shard, or a UTF-8 text file
+    pairs: str | None = None  # encoder-decoder: a .jsonl file of {"source": ..., "target": ...} records
+    split: str | None = None  # a data directory: "val" (None) or "train"; --pairs: the training split's, None: all
+    seq_len: int | None = None  # decoder: window length, None: max_seq_len; encoder: row length, None: the run's
+    stride: int | None = None  # decoder: new targets per window; None: seq_len // 2
+    batch_size: int = 8  # windows, rows or pairs per forward
     max_tokens: int | None = None  # score only the first N tokens; None: all
+    seed: int | None = None  # encoder: seeds the validation masks; None: the run's --seed (0 without a run)
+    max_new_tokens: int | None = None  # encoder-decoder: tokens decoded per source; None: the longest target's
+    beams: int = 1  # encoder-decoder: exact match of beam search with this many beams (1: greedy)
+    length_penalty: float = 1.0  # encoder-decoder, --beams: score = sum of log-probs / length ** length_penalty
     device: str = "cpu"  # "cpu" (NumPy) or "cuda" (CuPy)
     tokenizer: str | None = None  # a tokenizer directory; None: the one the checkpoint recorded
     json: bool = False  # print one JSON object instead of a sentence
 
     def __post_init__(self):
-        if self.ckpt is None or self.data is None:
-            raise ValueError(f"--{'ckpt' if self.ckpt is None else 'data'} is required")
-        check_choice("split", self.split, ("val", "train"))
+        if self.ckpt is None:
+            raise ValueError("--ckpt is required")
+        if (self.data is None) == (self.pairs is None):
+            raise ValueError("give --data=FILE_OR_DIR (a decoder or an encoder) or --pairs=FILE.jsonl (an "
+                             "encoder-decoder)" + ("" if self.data is None else ", not both"))
+        check_choice("split", self.split, (None, "val", "train"))
         check_int("seq_len", self.seq_len, optional=True)
         check_int("stride", self.stride, optional=True)
         check_int("batch_size", self.batch_size)
         check_int("max_tokens", self.max_tokens, 2, optional=True)
+        check_int("seed", self.seed, 0, optional=True)
+        check_int("max_new_tokens", self.max_new_tokens, optional=True)
+        check_int("beams", self.beams)
+        check_number("length_penalty", self.length_penalty, 0)
         check_choice("device", self.device, ("cpu", "cuda"))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        unused = PAIRS_UNUSED if self.pairs is not None else ("max_new_tokens", "beams", "length_penalty")
+        for name in unused:
+            if getattr(self, name) != defaults[name]:
+                raise ValueError(f"--{name}={getattr(self, name)!r} does not apply to "
+                                 f"{'--pairs' if self.pairs is not None else '--data'}; it is for "
+                                 f"{'--data' if self.pairs is not None else '--pairs (an encoder-decoder)'}")
+
+
+PAIRS_UNUSED = ("seq_len", "stride", "max_tokens", "seed")  # options about token streams, which --pairs refuses
 
 
 @dataclass(frozen=True)

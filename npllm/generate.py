@@ -19,6 +19,10 @@ Choices (docs/generation.md explains them):
   * The context is never slid: prompt + max_new_tokens must fit in cfg.max_seq_len, checked before any work,
     so the cached and uncached paths see the same context and give the same tokens.
   * A sequence stops after emitting eos_id (the EOS is part of its output) or after max_new_tokens.
+
+The command line reads the checkpoint's cfg.arch: a decoder continues each prompt (here); an encoder-decoder
+translates each prompt as a source sentence, and an encoder (BERT) fills in the [MASK]s of each --fill_mask text
+(npllm/generate_encoders.py).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .run import load_trained
 from .sampling import SamplingConfig, log_softmax, sample_token
 
 DEFAULT_LENGTH_PENALTY = 1.0  # beam score = sum of log-probs / (generated length ** alpha)
+DEFAULT_MAX_NEW_TOKENS = 100  # --max_new_tokens when not given
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,34 +378,65 @@ def read_prompts(gc: GenerateConfig) -> list[str]:
     return prompts
 
 
+def check_mode(gc: GenerateConfig, cfg: ModelConfig, where) -> None:
+    """ValueError unless the options fit the checkpoint's architecture: --fill_mask for an encoder (BERT) and for
+    nothing else, --prompt / --prompt_file for a decoder or an encoder-decoder."""
+    if gc.fill_mask and cfg.arch != "encoder":
+        raise ValueError(f"--fill_mask is for an encoder (BERT) checkpoint; {where} holds arch={cfg.arch!r}, which "
+                         f"generates text: pass --prompt=TEXT instead")
+    if cfg.arch == "encoder" and not gc.fill_mask:
+        raise ValueError(f"{where} holds an encoder (BERT, arch='encoder'), which guesses masked tokens and does not "
+                         f"generate text; pass --fill_mask=\"text with [MASK]\" (--prompt is for arch='decoder' or "
+                         f"'encoder-decoder')")
+
+
 def run(gc: GenerateConfig, out=None, err=None) -> None:
     out, err = sys.stdout if out is None else out, sys.stderr if err is None else err
-    texts = read_prompts(gc)
+    texts = None if gc.fill_mask else read_prompts(gc)
     params, cfg, tokenizer, _, ckpt_dir = load_trained(gc.ckpt, gc.device, gc.tokenizer)
+    check_mode(gc, cfg, ckpt_dir)
+    if cfg.arch == "encoder":
+        from .generate_encoders import run_fill_mask
+
+        run_fill_mask(gc, params, cfg, tokenizer, out)
+        return
+    if cfg.arch == "encoder-decoder":
+        from .generate_encoders import run_translation
+
+        printer = run_translation(gc, params, cfg, tokenizer, texts, out)
+    else:
+        printer = run_decoder(gc, params, cfg, tokenizer, texts, ckpt_dir, out)
+    seconds, total = time.perf_counter() - printer.started, sum(printer.tokens)
+    if not gc.json:
+        print(f"npllm.generate: {total} new tokens in {seconds:.2f} s ({total / max(seconds, 1e-9):,.1f} tok/s)",
+              file=err)
+
+
+def run_decoder(gc: GenerateConfig, params, cfg: ModelConfig, tokenizer, texts: list[str], ckpt_dir,
+                out) -> PromptPrinter:
+    """Continue every prompt of ``texts`` and print it (streaming) or its JSON object; returns the printer."""
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"the model in {ckpt_dir} has vocab_size={cfg.vocab_size} but its tokenizer "
                          f"{tokenizer.vocab_size} tokens: generation cannot sample a padded vocabulary yet")
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if gc.max_new_tokens is None else gc.max_new_tokens
     prompts = [prompt_ids(tokenizer, text) for text in texts]
     for ids in prompts:
-        check_prompt(ids, cfg, gc.max_new_tokens)  # refuse an overlong request before generating anything
+        check_prompt(ids, cfg, max_new_tokens)  # refuse an overlong request before generating anything
     printer = PromptPrinter(tokenizer, prompts, texts, gc.stop, gc.json, out)
     if gc.beams > 1:
         for i, ids in enumerate(prompts):
-            best = beam_search(params, cfg, ids, gc.max_new_tokens, gc.beams, eos_id=tokenizer.eos_id,
+            best = beam_search(params, cfg, ids, max_new_tokens, gc.beams, eos_id=tokenizer.eos_id,
                                length_penalty=gc.length_penalty, use_kv_cache=gc.kv_cache)[0]
             stopped = any(printer.stopped(i, token) for token in best.tokens)
             printer.finish(i, eos=best.finished and not stopped)
     else:
-        for step in decode_steps(params, cfg, prompts, gc.max_new_tokens, gc.sampling, seed=gc.seed,
+        for step in decode_steps(params, cfg, prompts, max_new_tokens, gc.sampling, seed=gc.seed,
                                  eos_id=tokenizer.eos_id, use_kv_cache=gc.kv_cache, should_stop=printer.stopped):
             if step.finished:
                 printer.finish(step.prompt_index, eos=step.token == tokenizer.eos_id)
             elif step.prompt_index == printer.current:
                 printer.flush()
-    seconds, total = time.perf_counter() - printer.started, sum(printer.tokens)
-    if not gc.json:
-        print(f"npllm.generate: {total} new tokens in {seconds:.2f} s ({total / max(seconds, 1e-9):,.1f} tok/s)",
-              file=err)
+    return printer
 
 
 def main(argv=None) -> int:
