@@ -175,3 +175,194 @@ def test_cli_missing_checkpoint(tmp_path, capsys):
     assert main([f"--ckpt={tmp_path / 'nope'}", f"--data={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoint" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# an encoder (BERT): the MLM loss and accuracy on fixed masked rows
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    from tests.arch_runs import bert_run
+
+    return bert_run(tmp_path_factory)
+
+
+def mlm_directly(run, text_file, seq_len, seed, batch_size=8):
+    """Independently of npllm.evaluate: the MLM loss and accuracy from bert.mlm_logits at every position of the
+    rows mlm_eval_batches masks, the text tokenized as one document ([eos] + text + [eos])."""
+    from npllm.layers.loss import IGNORE_INDEX
+    from npllm.mlm import mlm_eval_batches, mlm_spec
+    from npllm.models.bert import mlm_logits
+    from npllm.run import load_trained
+
+    params, cfg, tok = load_trained(run)[:3]
+    tokens = np.array([tok.eos_id] + tok.encode(text_file.read_text(encoding="utf-8")) + [tok.eos_id])
+    nll, correct, n = 0.0, 0, 0
+    for batch in mlm_eval_batches(tokens, batch_size, seq_len, mlm_spec(cfg, tok), seed=seed):
+        logp = log_softmax(np.asarray(mlm_logits(params, batch, cfg), dtype=np.float64))  # (B, T, V)
+        masked = batch["targets"] != IGNORE_INDEX  # (B, T)
+        y = batch["targets"][masked]  # (N,)
+        nll -= logp[masked][np.arange(len(y)), y].sum()
+        correct += int((logp[masked].argmax(axis=-1) == y).sum())
+        n += len(y)
+    return nll / n, correct, n
+
+
+def test_mlm_evaluation_equals_a_direct_count(bert_dir, tmp_path, capsys):
+    """The run's own seq_len (12) and seed (5) by default; loss, perplexity and accuracy as counted directly."""
+    corpus = tmp_path / "eval.txt"
+    corpus.write_text((bert_dir.parent / "corpus.txt").read_text(encoding="utf-8")[-4000:], encoding="utf-8")
+    assert main([f"--ckpt={bert_dir}", f"--data={corpus}", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["seq_len"] == 12 and got["seed"] == 5
+    loss, correct, n = mlm_directly(bert_dir, corpus, 12, 5)
+    assert got["n_masked"] == n and got["accuracy"] == correct / n and 0 < correct < n
+    assert math.isclose(got["loss"], loss, rel_tol=1e-6) and math.isclose(got["ppl"], math.exp(got["loss"]))
+    assert main([f"--ckpt={bert_dir}", f"--data={corpus}", "--seq_len=20", "--seed=0", "--batch_size=3",
+                 "--json"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    loss, correct, n = mlm_directly(bert_dir, corpus, 20, 0)
+    assert other["n_masked"] == n != got["n_masked"] and other["accuracy"] == correct / n
+    assert math.isclose(other["loss"], loss, rel_tol=1e-6)
+    assert main([f"--ckpt={bert_dir}", f"--data={corpus}"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"MLM loss {got['loss']:.4f} | perplexity {got['ppl']:.3f} | accuracy "
+                           f"{got['accuracy']:.2%} | {got['n_masked']:,} masked tokens in ") and "(mask seed 5)" in line
+
+
+def test_mlm_evaluation_of_a_hugging_face_directory(bert_dir, tmp_path, capsys):
+    """Without a run's meta: rows of max_seq_len, mask seed 0; the same numbers as the run with those options."""
+    from npllm.convert import to_hf
+
+    hf_dir = to_hf(bert_dir, tmp_path / "hf")
+    corpus = bert_dir.parent / "corpus.txt"
+    assert main([f"--ckpt={hf_dir}", f"--data={corpus}", "--max_tokens=2000", "--json"]) == 0
+    from_hf = json.loads(capsys.readouterr().out)
+    assert main([f"--ckpt={bert_dir}", f"--data={corpus}", "--max_tokens=2000", "--seq_len=32", "--seed=0",
+                 "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert from_hf["seq_len"] == 32 and from_hf["seed"] == 0 and from_hf["n_masked"] == from_run["n_masked"]
+    assert math.isclose(from_hf["loss"], from_run["loss"], rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# an encoder-decoder: teacher-forced loss and exact match on --pairs
+
+
+@pytest.fixture(scope="module")
+def seq2seq_dir(tmp_path_factory):
+    from tests.arch_runs import seq2seq_run
+
+    return seq2seq_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def test_pairs(seq2seq_dir):
+    """30 held-out-style pairs: 20 reversals (the task; most come out right) and 10 wrong targets (never right)."""
+    from tests.arch_runs import reverse_words, write_pairs
+
+    words = reverse_words(30, seed=7)
+    targets = [w[::-1] for w in words[:20]] + [w + "a" for w in words[20:]]
+    return write_pairs(seq2seq_dir.parent / "test_pairs.jsonl", words, targets), words, targets
+
+
+def pairs_directly(run, words, targets, beams=1, max_new_tokens=5):
+    """Independently of npllm.evaluate: the loss of one padded batch of every pair (seq2seq.forward, float64 log-
+    softmax on the host), and the exact match of seq2seq.greedy / translate on the full parameters."""
+    from npllm.models.seq2seq import forward, greedy, translate
+    from npllm.pairs import bos_of, encode_pair
+    from npllm.run import load_trained
+
+    params, cfg, tok = load_trained(run)[:3]
+    encoded = [encode_pair(tok, w, t) for w, t in zip(words, targets)]
+    S, T = max(len(s) for s, _, _ in encoded), max(len(x) for _, x, _ in encoded)
+    batch = dict(src=np.zeros((len(words), S), np.int64), src_mask=np.zeros((len(words), S), bool),
+                 tokens=np.zeros((len(words), T), np.int64), tgt_mask=np.zeros((len(words), T), bool))
+    for i, (s, x, _) in enumerate(encoded):
+        batch["src"][i, :len(s)], batch["src_mask"][i, :len(s)] = s, True
+        batch["tokens"][i, :len(x)], batch["tgt_mask"][i, :len(x)] = x, True
+    batch["targets"] = np.where(batch["tgt_mask"], 0, -100)
+    logp = log_softmax(np.asarray(forward(params, batch, cfg), dtype=np.float64))  # (B, T, V)
+    nll = -sum(logp[i, np.arange(len(y)), y].sum() for i, (_, _, y) in enumerate(encoded))
+    n_tokens = sum(len(y) for _, _, y in encoded)
+    sources = [s for s, _, _ in encoded]
+    if beams == 1:
+        outs = greedy(params, cfg, sources, max_new_tokens, bos_id=bos_of(tok), eos_id=tok.eos_id)
+    else:
+        outs = [h[0].tokens for h in translate(params, cfg, sources, max_new_tokens, beams, bos_id=bos_of(tok),
+                                               eos_id=tok.eos_id)]
+    exact = sum(o[-1] == tok.eos_id and tok.decode(o[:-1]) == t for o, t in zip(outs, targets))
+    return nll / n_tokens, n_tokens, exact
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_pairs_evaluation_equals_a_direct_count(seq2seq_dir, test_pairs, capsys, beams):
+    path, words, targets = test_pairs
+    assert main([f"--ckpt={seq2seq_dir}", f"--pairs={path}", f"--beams={beams}", "--batch_size=7", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    longest = max(len(t) for t in targets) + 1  # the default max_new_tokens: the longest target and its eos
+    loss, n_tokens, exact = pairs_directly(seq2seq_dir, words, targets, beams, longest)
+    assert got["max_new_tokens"] == longest and got["n_pairs"] == 30 and got["n_tokens"] == n_tokens
+    assert got["n_exact"] == exact and got["exact_match"] == exact / 30 and 10 <= exact <= 20
+    assert math.isclose(got["loss"], loss, rel_tol=1e-5) and math.isclose(got["ppl"], math.exp(got["loss"]))
+    assert got["decoding"] == ("greedy" if beams == 1 else "3 beams")
+
+
+def test_pairs_text_line_split_and_max_new_tokens(seq2seq_dir, test_pairs, capsys):
+    from npllm.sft import split_records
+
+    path, words, targets = test_pairs
+    assert main([f"--ckpt={seq2seq_dir}", f"--pairs={path}", "--split=val", "--max_new_tokens=2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    val = split_records(30)[1]
+    loss, n_tokens, exact = pairs_directly(seq2seq_dir, [words[i] for i in val], [targets[i] for i in val],
+                                           max_new_tokens=2)
+    assert got["n_pairs"] == len(val) == 3 and got["n_tokens"] == n_tokens and got["n_exact"] == exact
+    assert "(--split=val: 3 of 30)" in got["source"]
+    assert main([f"--ckpt={seq2seq_dir}", f"--pairs={path}", "--max_new_tokens=2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_exact"] == 0  # 2-4 letters and an eos do not fit in 2 tokens
+    assert main([f"--ckpt={seq2seq_dir}", f"--pairs={path}"]) == 0
+    line = capsys.readouterr().out
+    longest = max(len(t) for t in targets) + 1
+    loss, n_tokens, exact = pairs_directly(seq2seq_dir, words, targets, max_new_tokens=longest)
+    assert line == (f"loss {loss:.4f} | perplexity {math.exp(loss):.3f} | exact match {exact / 30:.1%} ({exact}/30, "
+                    f"greedy, at most {longest} new tokens) | {n_tokens} target tokens | pairs {path}\n")
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--data=DIR/pairs.jsonl"], ["--data=", "holds an encoder-decoder", "--pairs=FILE.jsonl"]),
+    (["--pairs=DIR/pairs.jsonl", "--seq_len=4"], ["--seq_len=4 does not apply to --pairs"]),
+    (["--pairs=DIR/pairs.jsonl", "--data=x"], ["not both"]),
+    (["--pairs=DIR/long.jsonl"], ["1 pair(s) longer than the model's max_seq_len=8", "long.jsonl:2"]),
+    (["--pairs=DIR/bad.jsonl"], ["malformed", "bad.jsonl:1"]),
+    (["--pairs=DIR/nope.jsonl"], ["not found"]),
+    (["--pairs=DIR/pairs.jsonl", "--max_new_tokens=9"], ["max_new_tokens=9 is not allowed", "max_seq_len=8"]),
+    (["--pairs=DIR/pairs.jsonl", "--split=test"], ["split='test' is not allowed"]),
+])
+def test_pairs_bad_input_is_one_clear_line(seq2seq_dir, capsys, extra, words):
+    from tests.arch_runs import write_pairs
+
+    d = seq2seq_dir.parent
+    write_pairs(d / "long.jsonl", ["ab", "abcdefabcdef"], ["ba", "x"])
+    (d / "bad.jsonl").write_text('{"source": "ab"}\n')
+    assert main([f"--ckpt={seq2seq_dir}", *[a.replace("DIR", str(d)) for a in extra]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("npllm.evaluate: error: ") and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("which, extra, words", [
+    ("bert", ["--data=CORPUS", "--stride=4"], ["--stride=4 is for a decoder's sliding windows"]),
+    ("bert", ["--data=CORPUS", "--seq_len=2"], ["--seq_len=2 is not allowed for an encoder"]),
+    ("bert", ["--pairs=CORPUS"], ["--pairs=", "is for an encoder-decoder checkpoint", "arch='encoder'"]),
+    ("bert", ["--data=CORPUS", "--beams=2"], ["--beams=2 does not apply to --data"]),
+    ("decoder", ["--data=CORPUS", "--seed=1"], ["--seed=1 seeds an encoder's masks"]),
+    ("decoder", ["--pairs=CORPUS"], ["arch='decoder'", "--data=FILE_OR_DIR"]),
+])
+def test_options_of_another_architecture_are_one_clear_line(bert_dir, run_dir, capsys, which, extra, words):
+    corpus = bert_dir.parent / "corpus.txt"
+    run = bert_dir if which == "bert" else run_dir
+    assert main([f"--ckpt={run}", *[a.replace("CORPUS", str(corpus)) for a in extra]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("npllm.evaluate: error: ") and all(w in err for w in words), err

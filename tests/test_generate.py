@@ -400,3 +400,208 @@ def test_cli_stop_strings_json_and_prompt_files(run_dir, capsys, tmp_path, monke
     code, out, _ = cli([f"--ckpt={run_dir}", "--prompt_file=-", "--max_new_tokens=6", "--temperature=0"], capsys)
     assert code == 0
     assert out.splitlines() == [f"[0] {tok.decode(ids[0])}{full[0]}", f"[1] {tok.decode(ids[1])}{full[1]}"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# an encoder (BERT): --fill_mask
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    from tests.arch_runs import bert_run
+
+    return bert_run(tmp_path_factory)
+
+
+def mlm_guesses(run, text, top_k):
+    """Independently of npllm.generate: the softmax of bert.mlm_logits at every [MASK] of ``text``, ranked."""
+    from npllm.mlm import encode_masked_text, mlm_spec
+    from npllm.models.bert import mlm_logits
+    from npllm.run import load_trained
+
+    params, cfg, tok = load_trained(run)[:3]
+    ids = encode_masked_text(tok, text, mlm_spec(cfg, tok))  # (T,)
+    logits = np.asarray(mlm_logits(params, {"tokens": ids[None]}, cfg)[0], dtype=np.float64)  # (T, V) every position
+    probs = np.exp(log_softmax(logits))  # (T, V)
+    positions = np.flatnonzero(ids == cfg.mask_id)
+    return tok, ids, [(int(t), np.argsort(-probs[t], kind="stable")[:top_k], probs[t]) for t in positions]
+
+
+def test_fill_mask_json_is_the_softmax_of_the_mlm_logits(bert_dir, capsys):
+    texts = ["The [MASK] statement is used for [MASK] execution.", "A [MASK] definition"]
+    code, out, err = cli([f"--ckpt={bert_dir}", *[f"--fill_mask={t}" for t in texts], "--top_k=4", "--json"], capsys)
+    assert code == 0 and err == "", err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and [r["text"] for r in rows] == texts
+    for row, text in zip(rows, texts):
+        tok, ids, expected = mlm_guesses(bert_dir, text, 4)
+        assert [m["position"] for m in row["masks"]] == [t for t, _, _ in expected]
+        filled = ids.copy()
+        for mask, (t, best, probs) in zip(row["masks"], expected):
+            assert [g["id"] for g in mask["guesses"]] == best.tolist()  # top-1 is the argmax of the logits
+            got = np.array([g["probability"] for g in mask["guesses"]])
+            np.testing.assert_allclose(got, probs[best], rtol=1e-5)
+            assert all(np.diff(got) <= 0) and [g["token"] for g in mask["guesses"]] == [tok.decode([v]) for v in best]
+            filled[t] = best[0]
+        assert row["filled"] == tok.decode(filled[1:-1].tolist())
+
+
+def test_fill_mask_text_output(bert_dir, capsys):
+    code, out, _ = cli([f"--ckpt={bert_dir}", "--fill_mask=The [MASK] statement"], capsys)
+    assert code == 0
+    tok, ids, [(t, best, probs)] = mlm_guesses(bert_dir, "The [MASK] statement", 5)  # --top_k defaults to 5
+    shown = ", ".join(f"{tok.decode([v])!r} {probs[v]:.4f}" for v in best)
+    filled = ids.copy()
+    filled[t] = best[0]
+    assert out.splitlines() == ["The [MASK] statement", f"  [MASK] 1 (token {t}): {shown}",
+                                f"  filled: {tok.decode(filled[1:-1].tolist())}"]
+
+
+def test_fill_mask_on_a_hugging_face_directory(bert_dir, tmp_path, capsys):
+    """The run exported as a BertForMaskedLM directory (its tokenizer beside it) fills in the same guesses."""
+    from npllm.convert import to_hf
+
+    hf_dir = to_hf(bert_dir, tmp_path / "hf")
+    args = ["--fill_mask=The [MASK] statement is [MASK].", "--json"]
+    from_run = json.loads(cli([f"--ckpt={bert_dir}", *args], capsys)[1])
+    code, out, err = cli([f"--ckpt={hf_dir}", *args], capsys)
+    assert code == 0, err
+    from_hf = json.loads(out)
+    assert [[g["id"] for g in m["guesses"]] for m in from_hf["masks"]] == \
+        [[g["id"] for g in m["guesses"]] for m in from_run["masks"]]
+    assert from_hf["filled"] == from_run["filled"]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--prompt=The"], ["holds an encoder (BERT", "--fill_mask="]),
+    (["--fill_mask=no mask here"], ["has no [MASK]"]),
+    (["--fill_mask=a [MASK]", "--beams=2"], ["--beams=2 does not apply to --fill_mask"]),
+    (["--fill_mask=a [MASK]", "--temperature=0.5"], ["--temperature=0.5 does not apply to --fill_mask"]),
+    (["--fill_mask=a [MASK]", "--prompt=x"], ["--prompt=('x',) does not apply to --fill_mask"]),
+    (["--fill_mask=a [MASK]", "--top_k=0"], ["top_k=0 is not allowed"]),
+    (["--fill_mask=a [MASK]", "--top_k=401"], ["top_k=401 is not allowed", "vocab_size=400"]),
+    (["--fill_mask=" + "word " * 40 + "[MASK]"], ["--fill_mask number 1", "max_seq_len=32"]),
+])
+def test_fill_mask_bad_input_is_one_clear_line(bert_dir, capsys, extra, words):
+    code, out, err = cli([f"--ckpt={bert_dir}", *extra], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("npllm.generate: error: "), err
+    assert all(w in err for w in words), err
+
+
+def test_fill_mask_on_other_architectures_is_one_clear_line(run_dir, seq2seq_dir, capsys):
+    for run, arch in ((run_dir, "decoder"), (seq2seq_dir, "encoder-decoder")):
+        code, out, err = cli([f"--ckpt={run}", "--fill_mask=a [MASK]"], capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1
+        assert "--fill_mask is for an encoder (BERT) checkpoint" in err and f"arch='{arch}'" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# an encoder-decoder: each prompt is a source
+
+
+@pytest.fixture(scope="module")
+def seq2seq_dir(tmp_path_factory):
+    from tests.arch_runs import seq2seq_run
+
+    return seq2seq_run(tmp_path_factory)
+
+
+SOURCES = ["abc", "fed", "ab", "cafe", "b"]
+
+
+def translate_directly(run, sources, beams=1, max_new_tokens=8, length_penalty=1.0):
+    """Independently of npllm.generate: seq2seq.greedy / translate on the checkpoint's full parameters."""
+    from npllm.models.seq2seq import greedy, translate
+    from npllm.pairs import bos_of
+    from npllm.run import load_trained
+
+    params, cfg, tok = load_trained(run)[:3]
+    src = [tok.encode(s) + [tok.eos_id] for s in sources]
+    if beams == 1:
+        outs = greedy(params, cfg, src, max_new_tokens, bos_id=bos_of(tok), eos_id=tok.eos_id)
+    else:
+        outs = [h[0].tokens for h in translate(params, cfg, src, max_new_tokens, beams, length_penalty,
+                                               bos_id=bos_of(tok), eos_id=tok.eos_id)]
+    assert all(0 <= t < tok.vocab_size for out in outs for t in out)  # the padding rows are never chosen
+    return tok, outs
+
+
+@pytest.mark.parametrize("extra, beams", [([], 1), (["--beams=3", "--length_penalty=0.5"], 3)])
+def test_seq2seq_cli_equals_greedy_and_translate(seq2seq_dir, capsys, extra, beams):
+    code, out, err = cli([f"--ckpt={seq2seq_dir}", *[f"--prompt={s}" for s in SOURCES], "--json", *extra], capsys)
+    assert code == 0 and err == "", err
+    rows = [json.loads(line) for line in out.splitlines()]
+    tok, outs = translate_directly(seq2seq_dir, SOURCES, beams, length_penalty=0.5)
+    assert [r["prompt"] for r in rows] == SOURCES
+    for row, tokens in zip(rows, outs):
+        assert row["completion"] == tok.decode(tokens) and row["new_tokens"] == len(tokens)
+        assert row["finish_reason"] == ("eos" if tokens[-1] == tok.eos_id else "length")
+    assert sum(r["completion"] == s[::-1] for r, s in zip(rows, SOURCES)) >= 3  # it learned to reverse
+
+
+def test_seq2seq_cli_text_output_and_stop(seq2seq_dir, capsys):
+    tok, outs = translate_directly(seq2seq_dir, SOURCES)
+    code, out, err = cli([f"--ckpt={seq2seq_dir}", *[f"--prompt={s}" for s in SOURCES]], capsys)
+    assert code == 0 and re.fullmatch(r"npllm.generate: \d+ new tokens in [\d.]+ s \([\d,.]+ tok/s\)\n", err)
+    assert out.splitlines() == [f"[{i}] {tok.decode(t)}" for i, t in enumerate(outs)]
+    code, out, _ = cli([f"--ckpt={seq2seq_dir}", "--prompt=abc", "--stop=b"], capsys)
+    assert code == 0 and out == tok.decode(outs[0]).split("b")[0] + "\n"
+
+
+def test_seq2seq_max_new_tokens_cuts_outputs(seq2seq_dir, capsys):
+    tok, outs = translate_directly(seq2seq_dir, SOURCES, max_new_tokens=3)
+    code, out, _ = cli([f"--ckpt={seq2seq_dir}", *[f"--prompt={s}" for s in SOURCES], "--max_new_tokens=3", "--json"],
+                       capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["completion"] for r in rows] == [tok.decode(t) for t in outs]
+    assert [r["finish_reason"] for r in rows] == ["eos" if t[-1] == tok.eos_id else "length" for t in outs]
+    assert {"eos", "length"} == {r["finish_reason"] for r in rows}
+
+
+def test_seq2seq_sampling(seq2seq_dir, capsys, monkeypatch):
+    """--top_k=1 samples the argmax (greedy's tokens); a source's sample depends on (seed, its index) only, not on
+    the batch it is decoded in; another seed draws other tokens."""
+    tok, greedy_outs = translate_directly(seq2seq_dir, SOURCES)
+
+    def completions(*extra):
+        code, out, err = cli([f"--ckpt={seq2seq_dir}", "--json", *extra], capsys)
+        assert code == 0, err
+        return [json.loads(line)["completion"] for line in out.splitlines()]
+
+    prompts = [f"--prompt={s}" for s in SOURCES]
+    assert completions(*prompts, "--top_k=1") == [tok.decode(t) for t in greedy_outs]
+    hot = completions(*prompts * 8, "--temperature=3", "--seed=2")  # 40 sources: more than one SOURCES_PER_CALL
+    assert hot == completions(*prompts * 8, "--temperature=3", "--seed=2")
+    assert hot[:1] == completions(prompts[0], "--temperature=3", "--seed=2")
+    monkeypatch.setattr("npllm.generate_encoders.SOURCES_PER_CALL", 7)
+    assert hot == completions(*prompts * 8, "--temperature=3", "--seed=2")  # other batches, the same tokens
+    monkeypatch.undo()
+    assert hot != completions(*prompts * 8, "--temperature=3", "--seed=3")
+    assert len(set(hot)) > len(SOURCES)  # hot sampling does not repeat greedy's one output per source
+
+
+def test_tokenizer_vocabulary_keeps_the_logits_of_the_kept_ids(seq2seq_dir):
+    from npllm.generate_encoders import tokenizer_vocabulary
+    from npllm.models.seq2seq import forward
+    from npllm.pairs import encode_pairs
+    from npllm.run import load_trained
+
+    params, cfg, tok = load_trained(seq2seq_dir)[:3]
+    kept, small = tokenizer_vocabulary(params, cfg, tok.vocab_size)
+    assert small.vocab_size == tok.vocab_size == 8 < cfg.vocab_size
+    batch = encode_pairs([dict(source="abc", target="cba", line=1), dict(source="f", target="f", line=2)], tok,
+                         8).batch(np.arange(2))
+    full, part = forward(params, batch, cfg), forward(kept, batch, small)  # (B, T, 16), (B, T, 8)
+    np.testing.assert_array_equal(part, full[..., :tok.vocab_size])
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--prompt=abc", "--no_kv_cache"], ["--no_kv_cache is for decoder checkpoints"]),
+    (["--prompt=abc", "--max_new_tokens=9"], ["--max_new_tokens=9 is not allowed", "max_seq_len=8"]),
+    (["--prompt=abcdefabc"], ["source number 1", "10 tokens with its eos", "max_seq_len=8"]),
+    (["--prompt=abc", "--beams=2", "--temperature=1"], ["beam search"]),
+])
+def test_seq2seq_bad_input_is_one_clear_line(seq2seq_dir, capsys, extra, words):
+    code, out, err = cli([f"--ckpt={seq2seq_dir}", *extra], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("npllm.generate: error: "), err
+    assert all(w in err for w in words), err
