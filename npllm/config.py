@@ -383,13 +383,15 @@ class TrainConfig:
     overwrite: bool = False  # start anew in an out_dir that holds a run: the old run is renamed aside, not deleted
     init_from: str | None = None  # a run directory (or checkpoint) whose weights start a new run (fresh AdamW, step 0)
     sft: str | None = None  # a .jsonl file of {"prompt", "response"} records to fine-tune on (needs init_from)
+    pairs: str | None = None  # an encoder-decoder's .jsonl file of {"source", "target"} records
+    tokenizer: str | None = None  # --pairs: a tokenizer directory; None: one id per character of the pairs' text
     device: str = "cpu"  # "cpu" (NumPy) or "cuda" (CuPy)
     dtype: str = "float32"  # parameter and activation dtype: "float32", or "float64" for exactness checks
     seed: int = 0  # seeds the initial weights and the data order
     steps: int = 300  # optimizer steps of the whole run (a resumed run continues up to this)
     batch_size: int = 16  # sequences per optimizer step (on each data-parallel rank)
     micro_batches: int = 1  # split each batch into this many forward/backward passes, gradients summed
-    seq_len: int = 128  # T: tokens per training sequence (at most the model's max_seq_len)
+    seq_len: int = 128  # T: tokens per training sequence (at most, and by default capped at, the max_seq_len)
     lr: float = 1e-3  # peak learning rate
     min_lr: float | None = None  # learning rate at the end of the cosine decay; None: a tenth of lr
     warmup_steps: int | None = None  # linear warmup steps; None: 10% of lr_decay_steps

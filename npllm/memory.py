@@ -171,6 +171,9 @@ class MemoryPlan:
 def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, zero: int = 0, dtype: str = "float32",
                 batch_size: int, seq_len: int, micro_batches: int = 1) -> MemoryPlan:
     """The MemoryPlan of training ``cfg`` with tp x dp ranks, from shapes alone (nothing is allocated)."""
+    if cfg.arch != "decoder":  # the activation counts above are the decoder's layers
+        raise ValueError(f"--dry_run plans the decoder's memory only (npllm/memory.py); arch={cfg.arch!r} has no "
+                         f"activation model yet")
     shard_shapes = param_shard_shapes(cfg, tp)  # ValueError when tp does not divide the split sizes
     s = np.dtype(dtype).itemsize
     s_moment = moment_dtype(np.dtype(dtype)).itemsize

@@ -20,12 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig, TrainConfig
-from .data import eval_batches
 from .files import atomic_write
 from .layers.loss import IGNORE_INDEX
 from .models import batch_loss, num_params
 from .parallel.comm import LocalComm
-from .sft import sft_eval_batches
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -99,20 +97,11 @@ def plot_losses(out_dir) -> Path | None:
     return path
 
 
-def validation_batches(data, rows: int, tc: TrainConfig) -> list[dict]:
-    """The fixed validation batches of ``rows`` rows each (a global batch: dp * batch_size rows), at most
-    ``eval_batches`` of them: non-overlapping windows of the val token stream, or held-out SFT records in order."""
-    if data.unit == "records":
-        pairs = sft_eval_batches(data.val, rows, tc.eval_batches)
-    else:
-        pairs = eval_batches(data.val, rows, tc.seq_len, tc.eval_batches)
-    return [dict(tokens=x, targets=y) for x, y in pairs]
-
-
 def validation_loss(params: dict, cfg: ModelConfig, batches: list[dict], tc: TrainConfig, xp, comm=None,
                     token_bytes=None):
-    """Mean loss over the counted targets of ``batches`` (``validation_batches``), forward only; with the tokenizer's
-    ``token_bytes`` table, (loss, bits per byte) instead: the summed -log2 p over the bytes the targets stand for.
+    """Mean loss over the counted targets of ``batches`` (``npllm.batches.validation_batches``), forward only; with
+    the tokenizer's ``token_bytes`` table, (loss, bits per byte) instead: the summed -log2 p over the bytes the
+    targets stand for.
 
     comm: a parallel run's ParallelComm; each batch is then a global batch of dp * batch_size rows, each dp rank
     scores its rows, and each batch's sum of losses is all-reduced over dp before the batches are added in order:
@@ -141,7 +130,11 @@ def validation_loss(params: dict, cfg: ModelConfig, batches: list[dict], tc: Tra
 
 def validation_metrics(params: dict, cfg: ModelConfig, batches: list[dict], tc: TrainConfig, xp, comm,
                        token_bytes) -> dict:
-    """{"val_loss", "val_ppl", "val_bpb"} of ``validation_loss`` (bits per byte from the tokenizer's table)."""
+    """{"val_loss", "val_ppl", "val_bpb"} of ``validation_loss`` (bits per byte from the tokenizer's table; none
+    without one)."""
+    if token_bytes is None:
+        loss = validation_loss(params, cfg, batches, tc, xp, comm)
+        return dict(val_loss=loss, val_ppl=perplexity(loss))
     loss, bpb = validation_loss(params, cfg, batches, tc, xp, comm, token_bytes)
     return dict(val_loss=loss, val_ppl=perplexity(loss), val_bpb=bpb)
 

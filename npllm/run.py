@@ -447,6 +447,7 @@ class RunLock:
         self.file.seek(0)
         self.stale = self.file.read().strip()  # what a killed trainer left, if anything
         self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        self.recorded = False
 
     def record_holder(self) -> None:
         """Write this process into the lock file, once the directory is this run's (a refused trainer leaves the
@@ -455,9 +456,15 @@ class RunLock:
         self.file.truncate(0)
         self.file.write(self.holder + "\n")
         self.file.flush()
+        self.recorded = True
 
     def release(self) -> None:
+        """Drop the lock; a trainer that ends normally also clears its name, so that only a killed trainer's
+        name is ever found (and reported) by the next one."""
         if not self.file.closed:
+            if self.recorded:
+                self.file.seek(0)
+                self.file.truncate(0)
             self.file.close()  # closing the descriptor drops the flock
 
 

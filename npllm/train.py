@@ -4,6 +4,8 @@
     python -m npllm.train --preset nano --data=DIR --steps=1000 --lr=3e-4 --out_dir=runs/x
     python -m npllm.train --resume=runs/x --steps=2000           # continue runs/x up to step 2000
     python -m npllm.train --init_from=runs/x --sft=qa.jsonl --out_dir=runs/x-sft  # fine-tune on prompt/response pairs
+    python -m npllm.train --preset=bert-nano                     # BERT: masked-language modelling (npllm/mlm.py)
+    python -m npllm.train --preset=seq2seq-nano --pairs=pairs.jsonl  # encoder-decoder on source/target records
     mpirun -n 4 python -m npllm.train --preset nano --tp=2 --zero=1  # 2 tensor-parallel x 2 data-parallel ranks
     python -m npllm.train --preset 7b --tp=8 --dry_run           # bytes per rank, FLOPs, the fit; allocates nothing
 
@@ -38,14 +40,14 @@ from .backend import asnumpy, to_device, xp_for_device
 from .checkpoint import last_good_checkpoint, latest_checkpoint, save_checkpoint
 from .cli import one_line, report_error
 from .config import PRESETS, ModelConfig, TrainConfig, get_preset, options_help, parse_options, write_config_file
-from .corpus import default_data_dir
-from .data import BatchSampler, TrainingData, load_token_data
+from .batches import load_data, training_sampler, validation_batches
+from .data import TrainingData
 from .layers.dropout import Dropout
 from .layers.loss import IGNORE_INDEX
 from .memory import dry_run_report
 from .metrics import (
     MetricsLog, format_line, measure_peak_flops, peak_rss_bytes, plot_losses, read_metrics,
-    remove_stale_temp_files, start_lines, validation_batches, validation_metrics, write_metrics,
+    remove_stale_temp_files, start_lines, validation_metrics, write_metrics,
 )
 from .models import accumulate_loss_and_grads, flops_per_token, init_params, ops, split_axes, tp_split_sizes
 from .optim import lr_at
@@ -58,7 +60,6 @@ from .run import (
     Resumed, RunMeta, TokenizerRef, Trained, check_param_shapes, check_same_dp, check_tokenizer, claim_run_dir,
     load_resumed, load_trained, read_run_meta, recorded_tokenizer,
 )
-from .sft import SFTBatchSampler, load_sft_data
 from .tokenizer import copy_tokenizer
 
 
@@ -79,9 +80,10 @@ def build_configs(model_opts: dict, train_opts: dict, resumed_meta: RunMeta | No
         changed = {k: v for k, v in model_opts.items() if getattr(cfg, k) != v}
         if changed:
             raise ValueError(f"cannot change the model when resuming: {changed} differs from the checkpoint's config")
-        moved = {k: v for k, v in train_opts.items() if k in ("init_from", "sft") and v != getattr(saved, k)}
+        moved = {k: v for k, v in train_opts.items() if k in ("init_from", "sft", "pairs", "tokenizer")
+                 and v != getattr(saved, k)}
         if moved:
-            raise ValueError(f"cannot change the starting point or the SFT data when resuming: {moved} differs from "
+            raise ValueError(f"cannot change the starting point or the records when resuming: {moved} differs from "
                              f"the run's {({k: getattr(saved, k) for k in moved})}")
         tc = dataclasses.replace(saved, **train_opts)
         if tc.steps <= resumed_meta.step:
@@ -101,25 +103,11 @@ def build_configs(model_opts: dict, train_opts: dict, resumed_meta: RunMeta | No
     else:
         tc = TrainConfig(**train_opts)
         cfg = get_preset(tc.preset, **model_opts)
+    if "seq_len" not in train_opts and resumed_meta is None:
+        tc = dataclasses.replace(tc, seq_len=min(tc.seq_len, cfg.max_seq_len))  # the default, capped by the model
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={tc.seq_len} is above the model's max_seq_len={cfg.max_seq_len}")
     return cfg, tc
-
-
-def load_data(tc: TrainConfig, cfg: ModelConfig, weights_tokenizer, world) -> TrainingData:
-    """Token shards of --data (or of the default corpus), or with --sft the JSONL records tokenized with
-    ``weights_tokenizer``, the tokenizer of the model the weights come from."""
-    if tc.sft is None:
-        data_dir = default_data_dir(cfg.vocab_size, world) if tc.data is None else Path(tc.data)
-        if not Path(data_dir).is_dir():
-            raise FileNotFoundError(f"--data={tc.data}: no such directory (make one with `python -m npllm.data "
-                                    f"prepare`)")
-        return load_token_data(data_dir, cfg.vocab_size, tc.seq_len)
-    tokenizer = weights_tokenizer
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise ValueError(f"the checkpoint's tokenizer has {tokenizer.vocab_size} tokens but its model has "
-                         f"vocab_size={cfg.vocab_size}")
-    return load_sft_data(tc.sft, tokenizer, tc.seq_len)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,8 +133,8 @@ def starting_state(cfg: ModelConfig, tc: TrainConfig, comm, data: TrainingData, 
         return params, init_optimizer(params, comm, tc.zero), 0  # zero=1: moments of this dp rank's tensors only
     meta = resumed.meta
     check_tokenizer(data.tokenizer, meta.tokenizer.fingerprint, "this checkpoint")
-    if tc.sft is not None and (meta.sft or {}).get("sha256") != data.sft["sha256"]:
-        raise ValueError(f"--sft={tc.sft} is not the file this run was trained on (its sha256 differs from the "
+    if data.sft is not None and (meta.sft or {}).get("sha256") != data.sft["sha256"]:
+        raise ValueError(f"{data.dir} is not the file this run was trained on (its sha256 differs from the "
                          f"checkpoint's); an exact resume needs the same records")
     check_same_dp(meta, comm)
     params = {name: xp.asarray(value, dtype=dtype) for name, value in resumed.params.items()}
@@ -207,13 +195,13 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
     # 1. data: this dp rank's rows of the global batch
     weights_tokenizer = (initial.tokenizer if initial is not None else None if resumed is None
                          else recorded_tokenizer(resumed.meta, resumed.path))  # --sft tokenizes with it
-    data = load_data(tc, cfg, weights_tokenizer, comm.world)
+    data = load_data(tc, cfg, weights_tokenizer, comm.world)  # npllm/batches.py: what each architecture reads
     if main_rank:  # the run keeps its own copy of its tokenizer: a moved run directory still works
         copy_tokenizer(data.tokenizer, out_dir / "tokenizer")
-    sampler = (SFTBatchSampler if tc.sft is not None else BatchSampler)(
-        data.train, tc.batch_size, tc.seq_len, seed=tc.seed, rank=comm.dp.rank, world_size=comm.dp.size)
-    val_batches = validation_batches(data, tc.batch_size * comm.dp.size, tc)  # the same fixed global batches each time
-    token_bytes = data.tokenizer.token_bytes()  # (V_tok,) bytes per id: validation bits per byte
+    sampler = training_sampler(data, cfg, tc, comm.dp.rank, comm.dp.size)
+    val_batches = validation_batches(data, cfg, tc.batch_size * comm.dp.size, tc)  # the same global batches each time
+    # (V_tok,) bytes per id: validation bits per byte (not for BERT: its targets are scattered masked tokens)
+    token_bytes = data.tokenizer.token_bytes() if cfg.arch != "encoder" else None
 
     # 2. weights and optimizer state: fresh, from --init_from, or exactly where --resume left them
     params, opt_state, start_step = starting_state(cfg, tc, comm, data, sampler, resumed, initial)
@@ -262,7 +250,7 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
             apply_update(params, grads, opt_state, comm, zero=tc.zero, lr=lr, beta1=tc.beta1, beta2=tc.beta2,
                          eps=tc.eps, weight_decay=tc.weight_decay, update=ops(cfg).adamw_update)
             del grads  # before the next step's backward makes new ones
-            float(asnumpy(params["norm.w"][0]))  # wait for a GPU to finish the step before reading the clock
+            float(asnumpy(next(iter(params.values())).ravel()[0]))  # a GPU finishes the step before the clock is read
             dt = time.perf_counter() - t0
             done = step + 1  # steps completed, the number a checkpoint and a log line carry
             m = dict(step=done, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_step / dt,

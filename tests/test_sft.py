@@ -33,7 +33,8 @@ from npllm.models.decoder import loss_and_grads, model_backward, model_forward
 from npllm.sft import (SFTBatchSampler, encode_sft_example, encode_sft_records, load_sft_data, load_sft_records,
                        sft_eval_batches, sft_segments, split_records)
 from npllm.tokenizer import Tokenizer, train_tokenizer
-from npllm.metrics import read_metrics, validation_batches, validation_loss
+from npllm.batches import validation_batches
+from npllm.metrics import read_metrics, validation_loss
 from npllm.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,7 +368,7 @@ def test_sft_val_loss_is_the_mean_over_every_counted_target_of_the_held_out_reco
     counts = (val.targets != IGNORE_INDEX).sum(axis=1)
     assert len(val) == 4 and len(set(counts.tolist())) > 1, "records with different response lengths"
     tc = TrainConfig(init_from=str(pretrained), sft=str(sft_file), seq_len=SFT_SEQ_LEN, batch_size=1)
-    got = validation_loss(params, cfg, validation_batches(data, 1, tc), tc, np)  # four batches of one record each
+    got = validation_loss(params, cfg, validation_batches(data, cfg, 1, tc), tc, np)  # four batches of one record each
 
     logits, _ = model_forward(params, val.tokens.astype(np.int64), cfg)  # (4, T, V) in one forward
     nll = []

@@ -204,6 +204,9 @@ def test_a_lock_left_by_a_killed_trainer_is_taken_over(data_dir, tmp_path):
     proc = run_cli(*tiny(data_dir, run, "--steps=1", "--eval_batches=1"))
     assert proc.returncode == 0, proc.stderr
     assert "was left by a trainer that is gone (pid 999999 on somewhere); taken over" in proc.stdout
+    assert (run / ".lock").read_text() == ""  # a trainer that ends normally leaves no name behind
+    proc = run_cli(f"--resume={run}", "--steps=2", "--peak_tflops=1")
+    assert proc.returncode == 0 and "taken over" not in proc.stdout, proc.stdout + proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------
