@@ -81,3 +81,10 @@ def scatter_add(xp, out, indices, values) -> None:
         import cupyx
 
         cupyx.scatter_add(out, indices, values)
+
+
+def cupy_special():
+    """cupyx.scipy.special (erf, erfc on CuPy arrays); only called with a CuPy array in hand, so CuPy is there."""
+    import cupyx.scipy.special
+
+    return cupyx.scipy.special

@@ -76,15 +76,3 @@ def sha256_file(path) -> str:
         for block in iter(lambda: f.read(HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def check_input_files(inputs) -> list[Path]:
-    """The input files as Paths: ValueError when there are none, FileNotFoundError naming the first that is not a
-    file."""
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise ValueError("no input files given; pass at least one text file")
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"input file not found: {p}")
-    return paths

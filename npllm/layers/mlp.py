@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import cupy_special, get_array_module
 from .dropout import dropout_backward, dropout_forward
 
 GELU_K = math.sqrt(2.0 / math.pi)  # constant inside gelu's tanh
@@ -100,9 +100,7 @@ def erf(z):
     """
     xp = get_array_module(z)
     if xp is not np:
-        import cupyx.scipy.special  # the array is a CuPy array, so CuPy is there
-
-        return cupyx.scipy.special.erf(z)
+        return cupy_special().erf(z)
     return _calerf(np.asarray(z), complement=False)
 
 
@@ -110,9 +108,7 @@ def erfc(z):
     """1 - erf(z), elementwise, without the cancellation of computing it as 1 - erf(z) (z >> 0: erfc is tiny)."""
     xp = get_array_module(z)
     if xp is not np:
-        import cupyx.scipy.special
-
-        return cupyx.scipy.special.erfc(z)
+        return cupy_special().erfc(z)
     return _calerf(np.asarray(z), complement=True)
 
 
