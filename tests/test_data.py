@@ -405,8 +405,9 @@ def test_cli_missing_input_is_one_line_error(tok, tmp_path):
     result = run_cli("prepare", "--input", tmp_path / "missing.txt", "--tokenizer", tok.model_path.parent,
                      "--out", tmp_path / "out")
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"npllm.data: error: input not found: {tmp_path / 'missing.txt'} (pass text "
-                                                  f"or .jsonl files, folders or glob patterns)"]
+    missing = tmp_path / "missing.txt"
+    assert result.stderr.strip().splitlines() == [f"npllm.data: error: input not found: {missing} (pass text or .jsonl "
+                                                  f"files, folders or glob patterns)"]
     assert not (tmp_path / "out").exists()
 
 

@@ -327,7 +327,8 @@ def test_metrics_log_lines_and_plot(data_dir, tmp_path):
     lines = proc.stdout.splitlines()
     assert "(measured)" in lines[0] and "TFLOP/s" in lines[0]
     pattern = re.compile(r"^step +(\d+)/6 \| loss \d+\.\d+ \| lr \d\.\d\de[-+]\d+ \| grad norm \d+\.\d+ \| "
-                         r"[\d,]+ tok/s \| MFU \d+\.\d%( \| val loss \d+\.\d+ \| val ppl \d+\.\d+ \| val bpb \d+\.\d+)?$")
+                         r"[\d,]+ tok/s \| MFU \d+\.\d%"
+                         r"( \| val loss \d+\.\d+ \| val ppl \d+\.\d+ \| val bpb \d+\.\d+)?$")
     logged = {int(m.group(1)): m.group(2) is not None for m in map(pattern.match, lines) if m}
     assert logged == {1: False, 2: False, 3: True, 4: False, 6: True}, proc.stdout  # first, every 2nd, evals
     assert any(line.startswith("step 0/6 | val loss") for line in lines)
