@@ -25,7 +25,6 @@ training pairs per step by npllm.data.StepSampler's (seed, step, rank) rule.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 from .checks import check_choice, check_int
 from .data import StepSampler, TrainingData
 from .layers.loss import IGNORE_INDEX
-from .sft import _many_problems, read_jsonl, split_records
+from .sft import _many_problems, read_jsonl, records_file_data
 from .tokenizer import Tokenizer
 
 PADS = ("batch", "fixed")  # pad each batch to its longest pair, or to seq_len
@@ -209,11 +208,5 @@ def load_pairs_data(path, tokenizer: Tokenizer, seq_len: int) -> TrainingData:
     train / val are PairExamples (split_records' fixed 10%); ``dir`` is the file's absolute path; ``sft`` holds what
     a checkpoint records about the file (path, sha256 of its bytes, pair counts) so that a resume can check it."""
     records = load_pair_records(path)
-    path = Path(path).resolve()
-    examples = encode_pairs(records, tokenizer, seq_len, source=path)
-    train_index, val_index = split_records(len(examples))
-    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    return TrainingData(dir=str(path), train=examples.subset(train_index), val=examples.subset(val_index),
-                        tokenizer=tokenizer, unit="pairs",
-                        sft=dict(path=str(path), sha256=sha256, records=len(examples),
-                                 train_records=len(train_index), val_records=len(val_index)))
+    examples = encode_pairs(records, tokenizer, seq_len, source=Path(path).resolve())
+    return records_file_data(path, examples, tokenizer, "pairs")

@@ -344,11 +344,17 @@ def load_sft_data(path, tokenizer: Tokenizer, seq_len: int) -> TrainingData:
     records about the file (path, sha256 of its bytes, record counts) so that a resume can check it is unchanged.
     """
     records = load_sft_records(path)
+    examples = encode_sft_records(records, tokenizer, seq_len, source=Path(path).resolve())
+    return records_file_data(path, examples, tokenizer, "records")
+
+
+def records_file_data(path, examples, tokenizer: Tokenizer, unit: str) -> TrainingData:
+    """TrainingData of a file's encoded ``examples`` (anything with ``len`` and ``subset(index)``): split_records'
+    fixed train / val split, and what a checkpoint records about the file so that a resume can check it."""
     path = Path(path).resolve()
-    examples = encode_sft_records(records, tokenizer, seq_len, source=path)
     train_index, val_index = split_records(len(examples))
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     return TrainingData(dir=str(path), train=examples.subset(train_index), val=examples.subset(val_index),
-                        tokenizer=tokenizer, unit="records",
+                        tokenizer=tokenizer, unit=unit,
                         sft=dict(path=str(path), sha256=sha256, records=len(examples),
                                  train_records=len(train_index), val_records=len(val_index)))
