@@ -181,6 +181,11 @@ def fill_masks(params: dict, cfg: ModelConfig, tokenizer, texts, top_k: int) -> 
     return results
 
 
+def escape_newlines(text: str) -> str:
+    """``text`` with each newline written \\n (as --prompt_file writes one), so that a text stays on its line."""
+    return text.replace("\n", "\\n")
+
+
 def run_fill_mask(gc: GenerateConfig, params: dict, cfg: ModelConfig, tokenizer, out) -> list[dict]:
     """Print ``fill_masks`` of the --fill_mask texts: per text its line, one line per [MASK] with the guesses and
     their probabilities, and the filled text; or one JSON object per text."""
@@ -190,10 +195,10 @@ def run_fill_mask(gc: GenerateConfig, params: dict, cfg: ModelConfig, tokenizer,
         if gc.json:
             out.write(json.dumps(r, ensure_ascii=False) + "\n")
             continue
-        out.write(("" if len(results) == 1 else f"[{r['index']}] ") + r["text"] + "\n")
+        out.write(("" if len(results) == 1 else f"[{r['index']}] ") + escape_newlines(r["text"]) + "\n")
         for n, mask in enumerate(r["masks"], start=1):
             shown = ", ".join(f"{g['token']!r} {g['probability']:.4f}" for g in mask["guesses"])
             out.write(f"  [MASK] {n} (token {mask['position']}): {shown}\n")
-        out.write(f"  filled: {r['filled']}\n")
+        out.write(f"  filled: {escape_newlines(r['filled'])}\n")
     out.flush()
     return results
