@@ -1,6 +1,8 @@
 """Tests for npllm/fast/attention.py: flash-style attention against the reference npllm/layers/attention.py.
 
-Derivation: docs/derivations/attention.md, section "Flash-style attention". Small tile sizes (1 to 5 positions) are
+Derivation: docs/derivations/attention.md, section "Flash-style attention". The layers: causal and bidirectional
+self-attention with key padding masks (a sequence with no real key at all included), GQA, RoPE, cached decoding, and
+cross-attention (two input streams, memory_mask, precomputed memory_kv). Small tile sizes (1 to 5 positions) are
 drawn so that every shape runs through several query and key tiles, tiles cut by the causal diagonal, tiles skipped
 above it, and a last tile shorter than the others. The module sets MIN_WORK_FOR_THREADS to 0 so that threads=2 really
 splits the (batch, kv-head) slices over two threads even at these sizes.
@@ -26,8 +28,17 @@ from npllm.fast.attention import (
     flash_attention_forward,
     flash_core_backward,
     flash_core_forward,
+    flash_cross_attention_backward,
+    flash_cross_attention_forward,
+    flash_cross_attention_kv,
 )
-from npllm.layers.attention import attention_backward, attention_forward
+from npllm.layers.attention import (
+    attention_backward,
+    attention_forward,
+    cross_attention_backward,
+    cross_attention_forward,
+    cross_attention_kv,
+)
 from npllm.layers.rope import rope_tables
 
 AGREE = 1e-10
@@ -126,6 +137,110 @@ def test_decoding_with_past_keys_matches_the_reference(backend, B, T_past, T, NK
                  {"y": y, "k": cache["k"], "v": cache["v"]}, "decoding")
     with pytest.raises(ValueError, match="past_kv"):
         flash_attention_backward(y_fast, cache_fast)
+
+
+def draw_key_mask(data, rng, B, Tk):
+    """None, or a boolean (B, Tk) padding mask (True: a real key) that may leave one sequence with no real key."""
+    if not data.draw(st.booleans(), label="padding"):
+        return None
+    key_mask = rng.random((B, Tk)) < data.draw(st.sampled_from([0.3, 0.7]), label="real share")  # (B, Tk)
+    if data.draw(st.booleans(), label="one sequence all padding"):
+        key_mask[0] = False
+    return key_mask
+
+
+@settings(max_examples=40, deadline=None)
+@given(**layer_cases, causal=st.booleans(), data=st.data())
+def test_bidirectional_and_padded_layer_matches_the_reference(backend, B, T, C, NKV, G, hs, bias, use_rope, q_tile,
+                                                              k_tile, threads, seed, causal, data):
+    """causal=False (an encoder) and causal=True, each with or without a key padding mask: the flash layer is the
+    reference layer. Rows that see no key (a sequence all padding) give 0 and pass no gradient on both."""
+    NH = NKV * G
+    rng = np.random.default_rng(seed)
+    p = to(backend, make_params(rng, C, NH, NKV, hs, bias))
+    x = backend.asarray(rng.standard_normal((B, T, C)))  # (B, T, C)
+    rope = tables(np.arange(T), hs, 10000.0, backend) if use_rope else None
+    key_mask = draw_key_mask(data, rng, B, T)
+    mask = None if key_mask is None else backend.asarray(key_mask)
+    y, cache = attention_forward(p, x, NH, NKV, rope=rope, causal=causal, key_mask=mask)
+    y_fast, cache_fast = flash_attention_forward(p, x, NH, NKV, rope=rope, causal=causal, key_mask=mask,
+                                                 q_tile=q_tile, k_tile=k_tile, threads=threads)
+    dy = backend.asarray(rng.standard_normal(y.shape))  # (B, T, C)
+    dx, grads = attention_backward(dy, cache)
+    dx_fast, grads_fast = flash_attention_backward(dy, cache_fast)
+    assert_agree({"y": y_fast, "k": cache_fast["k"], "v": cache_fast["v"]},
+                 {"y": y, "k": cache["k"], "v": cache["v"]}, f"forward causal={causal}")
+    assert list(grads_fast) == list(p)
+    assert_agree({"x": dx_fast, **grads_fast}, {"x": dx, **grads}, f"backward causal={causal}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 9), Tk=st.integers(1, 11), C=st.integers(1, 6),
+       NKV=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 4]), hs=st.sampled_from([1, 2, 4]), bias=st.booleans(),
+       q_tile=st.integers(1, 5), k_tile=st.integers(1, 5), threads=st.sampled_from([1, 2]), data=st.data(),
+       seed=st.integers(0, 2**32 - 1))
+def test_cross_attention_matches_the_reference(backend, B, T, Tk, C, NKV, G, hs, bias, q_tile, k_tile, threads, data,
+                                               seed):
+    """Queries from x (B, T, C), keys and values from memory (B, Tk, C), T != Tk, memory_mask with padding (and a
+    sequence whose memory is all padding): y, the memory's k and v, dx, dmemory and every weight's gradient."""
+    NH = NKV * G
+    rng = np.random.default_rng(seed)
+    p = to(backend, make_params(rng, C, NH, NKV, hs, bias))
+    x = backend.asarray(rng.standard_normal((B, T, C)))  # (B, T, C)
+    memory = backend.asarray(rng.standard_normal((B, Tk, C)))  # (B, Tk, C)
+    memory_mask = draw_key_mask(data, rng, B, Tk)
+    mask = None if memory_mask is None else backend.asarray(memory_mask)
+    tiles = dict(q_tile=q_tile, k_tile=k_tile, threads=threads)
+    y, cache = cross_attention_forward(p, x, memory, NH, NKV, memory_mask=mask)
+    y_fast, cache_fast = flash_cross_attention_forward(p, x, memory, NH, NKV, memory_mask=mask, **tiles)
+    dy = backend.asarray(rng.standard_normal(y.shape))  # (B, T, C)
+    dx, dmemory, grads = cross_attention_backward(dy, cache)
+    dx_fast, dmemory_fast, grads_fast = flash_cross_attention_backward(dy, cache_fast)
+    assert_agree({"y": y_fast, "k": cache_fast["k"], "v": cache_fast["v"]},
+                 {"y": y, "k": cache["k"], "v": cache["v"]}, "cross forward")
+    assert list(grads_fast) == list(p)
+    assert_agree({"x": dx_fast, "memory": dmemory_fast, **grads_fast}, {"x": dx, "memory": dmemory, **grads},
+                 "cross backward")
+    # decoding: the memory's keys and values computed once (either implementation's) and passed as memory_kv
+    memory_kv = flash_cross_attention_kv(p, memory, NKV)  # (B, NKV, Tk, hs) each, contiguous
+    for got, want in zip(memory_kv, cross_attention_kv(p, memory, NKV)):
+        assert got.flags.c_contiguous and np.array_equal(asnumpy(got), asnumpy(want))  # the same values
+    for kv in (memory_kv, cross_attention_kv(p, memory, NKV)):
+        y_kv, cache_kv = flash_cross_attention_forward(p, x, None, NH, NKV, memory_mask=mask, memory_kv=kv, **tiles)
+        assert_agree({"y": y_kv}, {"y": y}, "cross forward from memory_kv")
+        with pytest.raises(ValueError, match="memory_kv"):
+            flash_cross_attention_backward(dy, cache_kv)
+
+
+@settings(max_examples=8, deadline=None)
+@given(B=st.integers(1, 2), T=st.integers(1, 6), Tk=st.integers(1, 7), NKV=st.sampled_from([1, 2]),
+       G=st.sampled_from([1, 2]), bias=st.booleans(), padding=st.booleans(), q_tile=st.integers(1, 4),
+       k_tile=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
+def test_cross_attention_gradient(backend, grad_check, B, T, Tk, NKV, G, bias, padding, q_tile, k_tile, seed):
+    """Both input streams and every weight by finite differences: f = sum(y * R)."""
+    NH, hs, C = NKV * G, 2, 4
+    rng = np.random.default_rng(seed)
+    arrays = to(backend, make_params(rng, C, NH, NKV, hs, bias))
+    arrays["x"] = backend.asarray(rng.standard_normal((B, T, C)))  # (B, T, C)
+    arrays["memory"] = backend.asarray(rng.standard_normal((B, Tk, C)))  # (B, Tk, C)
+    mask = None
+    if padding:
+        mask = rng.random((B, Tk)) < 0.6  # (B, Tk)
+        mask[:, 0] = True  # every query sees a key: f then depends on every query weight
+        mask = backend.asarray(mask)
+    R = backend.asarray(rng.standard_normal((B, T, C)))  # (B, T, C)
+    tiles = dict(q_tile=q_tile, k_tile=k_tile, threads=2)
+
+    def forward():
+        p = {n: a for n, a in arrays.items() if n not in ("x", "memory")}
+        return flash_cross_attention_forward(p, arrays["x"], arrays["memory"], NH, NKV, memory_mask=mask, **tiles)
+
+    y, cache = forward()
+    dx, dmemory, grads = flash_cross_attention_backward(R, cache)
+    errors = grad_check.function(f"flash cross-attention (G={G}, bias={bias}, padding={padding})",
+                                 lambda: float((forward()[0] * R).sum()), arrays,
+                                 {"x": dx, "memory": dmemory, **grads}, seed=seed)
+    assert set(errors) == set(arrays)
 
 
 # ---- the core on its own: bidirectional attention and key padding, against a plain masked softmax ----
@@ -339,6 +454,20 @@ def test_bad_arguments_are_one_line_errors():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="q_tile"):
             flash_attention_forward(p, x, 2, 1, q_tile=bad)
+    with pytest.raises(ValueError, match="dropout_rate=0.1 is not allowed here"):
+        flash_attention_forward(p, x, 2, 1, dropout_rate=0.1, dropout_key=(1, 2))
+    with pytest.raises(ValueError, match="dropout_rate=0.1 is not allowed here"):
+        flash_cross_attention_forward(p, x, x, 2, 1, dropout_rate=0.1, dropout_key=(1, 2))
+    flash_attention_forward(p, x, 2, 1, dropout_rate=0.0, dropout_key=(1, 2), row_offset=3, head_offset=1)  # taken
+    past = (np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)))
+    with pytest.raises(ValueError, match="past_kv is for causal decoding"):
+        flash_attention_forward(p, x, 2, 1, past_kv=past, causal=False)
+    with pytest.raises(ValueError, match="key_mask"):
+        flash_attention_forward(p, x, 2, 1, causal=False, key_mask=np.ones((1, 3)))  # not boolean
+    with pytest.raises(ValueError, match=r"memory must be \(B, Tk, C\) = \(1, Tk, 4\); got \(1, 3, 5\)"):
+        flash_cross_attention_forward(p, x, np.ones((1, 3, 5)), 2, 1)
+    with pytest.raises(ValueError, match="n_heads=3"):
+        flash_cross_attention_forward(p, x, x, 3, 2)
     qg, k = rng.standard_normal((1, 1, 2, 3, 2)), rng.standard_normal((1, 1, 4, 2))
     with pytest.raises(ValueError, match="Tk = T_past"):
         flash_core_forward(qg, k, k, 1.0, causal=True, T_past=0)

@@ -1,4 +1,13 @@
-"""Flash-style self-attention: the contract of npllm.layers.attention, computed tile by tile.
+"""Flash-style attention: the contract of npllm.layers.attention, computed tile by tile.
+
+    flash_attention_forward / _backward              self-attention, causal (a decoder) or bidirectional (an
+                                                     encoder), key padding mask, GQA, RoPE, past_kv for decoding
+    flash_cross_attention_forward / _backward        cross-attention: queries from x, keys/values from a memory
+                                                     (memory_mask; memory_kv precomputed by flash_cross_attention_kv)
+    flash_core_forward / _backward                   the part from (q, k, v) to o that both share
+
+Same signatures and cache contract as the reference's, so a model calls either (npllm/models/ops.py). Attention
+dropout is the reference's alone: the flash path never forms P, the matrix it drops (dropout_rate must be 0 here).
 
 The projections, RoPE and the output projection are those of the reference. The core differs: instead of the full
 (T, Tk) probability matrix P per head, it walks over tiles of query rows x keys with an online softmax and keeps for
@@ -420,49 +429,145 @@ def _rope_transposed_into(xp, dy, tables, out):
     return out
 
 
-def flash_attention_forward(p, x, n_heads, n_kv_heads, rope=None, past_kv=None, *, q_tile=None, k_tile=None,
-                            threads=None):
-    """Causal self-attention; the contract of npllm.layers.attention.attention_forward, computed by flash tiles.
+def _check_heads(n_heads, n_kv_heads):
+    if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}")
+
+
+def _check_no_dropout(dropout_rate):
+    if dropout_rate:
+        raise ValueError(f"dropout_rate={dropout_rate!r} is not allowed here: the flash path never forms the "
+                         f"probabilities P, so attention dropout is the reference's alone (npllm.layers.attention)")
+
+
+def _queries(xp, q_lin, n_heads, n_kv_heads, rope, scale):
+    """qs = rope(q_lin) * scale, q_lin (B, T, NH*hs), written straight into the core's layout: returns the
+    (B, NKV, G, T, hs) view of a (B, NKV, T, G, hs) array (rows t * G + g of each (b, kv)). The score scale rides
+    here, so that the core (called with scale 1) need not make a scaled copy."""
+    B, T, _ = q_lin.shape
+    NKV, G = n_kv_heads, n_heads // n_kv_heads
+    hs = q_lin.shape[-1] // n_heads
+    qs = xp.empty((B, NKV, T, G, hs), dtype=q_lin.dtype)  # (B, NKV, T, G, hs)
+    _rope_into(xp, q_lin.reshape(B, T, NKV, G, hs), _tables(rope, 5, scale) or (None, scale),
+               qs.transpose(0, 2, 1, 3, 4))
+    return qs.transpose(0, 1, 3, 2, 4)  # (B, NKV, G, T, hs), a view
+
+
+def _keys(xp, k_lin, n_kv_heads, rope):
+    """k = rope(k_lin), k_lin (B, T, NKV*hs) -> (B, NKV, T, hs), contiguous."""
+    B, T, _ = k_lin.shape
+    hs = k_lin.shape[-1] // n_kv_heads
+    k = xp.empty((B, n_kv_heads, T, hs), dtype=k_lin.dtype)  # (B, NKV, T, hs)
+    _rope_into(xp, k_lin.reshape(B, T, n_kv_heads, hs), _tables(rope, 4, 1.0) or (None, 1.0), k.transpose(0, 2, 1, 3))
+    return k
+
+
+def _heads(xp, lin, n_kv_heads):
+    """lin (B, T, NKV*hs) (v, or cross-attention's k) split into heads: (B, NKV, T, hs), contiguous."""
+    B, T, _ = lin.shape
+    return xp.ascontiguousarray(lin.reshape(B, T, n_kv_heads, -1).transpose(0, 2, 1, 3))  # (B, NKV, T, hs)
+
+
+def _merge_heads(o):
+    """o (B, NKV, G, T, hs) -> (B, T, NH*hs), query head h = kv * G + g."""
+    B, NKV, G, T, hs = o.shape
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, NKV * G * hs)  # (B, T, NH*hs)
+
+
+def _output_backward(dy, p, o_merged, n_kv_heads, hs, grads):
+    """forward was y = o_merged @ wo + bo: puts the grads of wo (and bo) into ``grads`` and returns do and o, the
+    (B, NKV, G, T, hs) views the core's backward reads."""
+    B, T, C = dy.shape
+    dy_rows = dy.reshape(B * T, C)  # (BT, C)
+    grads["wo"] = o_merged.reshape(B * T, -1).T @ dy_rows  # (NH*hs, C)
+    if "bo" in p:
+        grads["bo"] = dy_rows.sum(axis=0)  # (C,)
+    do = (dy @ p["wo"].T).reshape(B, T, n_kv_heads, -1, hs).transpose(0, 2, 3, 1, 4)  # (B, NKV, G, T, hs), a view
+    o = o_merged.reshape(B, T, n_kv_heads, -1, hs).transpose(0, 2, 3, 1, 4)  # (B, NKV, G, T, hs), a view
+    return do, o
+
+
+def _queries_backward(xp, dqs, rope, scale):
+    """forward was qs = rope(q_lin) * scale: the transposed rotation (times scale) of dqs (B, NKV, G, T, hs), back in
+    the projection's layout, as rows (BT, NH*hs)."""
+    B, NKV, G, T, hs = dqs.shape
+    dq = xp.empty((B, T, NKV, G, hs), dtype=dqs.dtype)  # (B, T, NKV, G, hs)
+    _rope_transposed_into(xp, dqs.transpose(0, 3, 1, 2, 4), _tables(rope, 5, scale) or (None, scale), dq)
+    return dq.reshape(B * T, NKV * G * hs)  # (BT, NH*hs)
+
+
+def _keys_backward(xp, dk, rope):
+    """forward was k = rope(k_lin): dk (B, NKV, T, hs) -> d k_lin as rows (BT, NKV*hs)."""
+    B, NKV, T, hs = dk.shape
+    dk_lin = xp.empty((B, T, NKV, hs), dtype=dk.dtype)  # (B, T, NKV, hs)
+    _rope_transposed_into(xp, dk.transpose(0, 2, 1, 3), _tables(rope, 4, 1.0) or (None, 1.0), dk_lin)
+    return dk_lin.reshape(B * T, NKV * hs)  # (BT, NKV*hs)
+
+
+def _values_backward(xp, dv):
+    """forward was v = heads(v_lin): dv (B, NKV, T, hs) -> rows (BT, NKV*hs) (the core's layout freed)."""
+    B, NKV, T, hs = dv.shape
+    return xp.ascontiguousarray(dv.transpose(0, 2, 1, 3)).reshape(B * T, NKV * hs)  # (BT, NKV*hs)
+
+
+def _input_backward(inp, p, rows, grads):
+    """forward was {name}_lin = inp @ w{name} + b{name} for each name of ``rows`` (q, k or v; their gradients as
+    (BT, H*hs) rows): puts the weight (and bias) gradients into ``grads`` and returns d inp, the sum over the names
+    of rows @ w{name}.T, (B, T, C)."""
+    B, T, C = inp.shape
+    inp_rows = inp.reshape(B * T, C)  # (BT, C)
+    d_inp = None
+    for name, d_rows in rows.items():
+        grads["w" + name] = inp_rows.T @ d_rows  # (C, H*hs)
+        if "b" + name in p:
+            grads["b" + name] = d_rows.sum(axis=0)  # (H*hs,)
+        term = d_rows @ p["w" + name].T  # (BT, C)
+        d_inp = term if d_inp is None else d_inp + term
+    return d_inp.reshape(B, T, C)  # (B, T, C)
+
+
+def flash_attention_forward(p, x, n_heads, n_kv_heads, rope=None, past_kv=None, *, causal=True, key_mask=None,
+                            dropout_rate=0.0, dropout_key=None, row_offset=0, head_offset=0, q_tile=None,
+                            k_tile=None, threads=None):
+    """Self-attention, causal (a decoder) by default or bidirectional (causal=False, an encoder); the contract of
+    npllm.layers.attention.attention_forward, computed by flash tiles.
 
     p: {"wq": (C, NH*hs), "wk": (C, NKV*hs), "wv": (C, NKV*hs), "wo": (NH*hs, C)}, and "bq", "bk", "bv", "bo".
     x: (B, T, C).  rope: (cos, sin) tables (T, hs) for the positions of x, or None.
-    past_kv: (k, v) of earlier positions, each (B, NKV, T_past, hs), for cached decoding; forward only.
-    q_tile, k_tile, threads: see flash_core_forward.
+    past_kv: (k, v) of earlier positions, each (B, NKV, T_past, hs), for cached causal decoding; forward only.
+    key_mask: None or a boolean (B, Tk), True for a real key (Tk = T_past + T); a query that sees no real key gets 0.
+    dropout_rate: 0 only (attention dropout is the reference's: a forward with it runs npllm.layers.attention);
+    dropout_key, row_offset, head_offset are taken, and unused, so that a caller passes either function the same
+    arguments.  q_tile, k_tile, threads: see flash_core_forward.
     Returns y (B, T, C) and the cache; cache["k"], cache["v"] hold all keys/values (past included).
     """
-    if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
-        raise ValueError(f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}")
+    _check_heads(n_heads, n_kv_heads)
+    _check_no_dropout(dropout_rate)
+    if past_kv is not None and not causal:
+        raise ValueError("past_kv is for causal decoding; bidirectional attention (causal=False) takes none")
     xp = get_array_module(x)
-    B, T, _ = x.shape
-    NKV, G = n_kv_heads, n_heads // n_kv_heads
     q_lin = _project(x, p, "wq", "bq")  # (B, T, NH*hs)
     hs = q_lin.shape[-1] // n_heads
-    k_lin = _project(x, p, "wk", "bk")  # (B, T, NKV*hs)
-    v_lin = _project(x, p, "wv", "bv")  # (B, T, NKV*hs)
     scale = 1.0 / math.sqrt(hs)
-    # q, k = rope(q_lin), rope(k_lin) as in the reference, written straight into the core's layout; q also takes the
-    # score scale here (qs = q * scale), so that the core (called with scale 1) need not make a scaled copy
-    qs = xp.empty((B, NKV, T, G, hs), dtype=q_lin.dtype)  # (B, NKV, T, G, hs): rows t * G + g of each (b, kv)
-    _rope_into(xp, q_lin.reshape(B, T, NKV, G, hs), _tables(rope, 5, scale) or (None, scale),
-               qs.transpose(0, 2, 1, 3, 4))
-    k = xp.empty((B, NKV, T, hs), dtype=k_lin.dtype)  # (B, NKV, T, hs)
-    _rope_into(xp, k_lin.reshape(B, T, NKV, hs), _tables(rope, 4, 1.0) or (None, 1.0), k.transpose(0, 2, 1, 3))
-    v = xp.ascontiguousarray(v_lin.reshape(B, T, NKV, hs).transpose(0, 2, 1, 3))  # (B, NKV, T, hs)
+    # q, k = rope(q_lin), rope(k_lin) as in the reference, written straight into the core's layout (q times scale)
+    qsg = _queries(xp, q_lin, n_heads, n_kv_heads, rope, scale)  # (B, NKV, G, T, hs)
+    k = _keys(xp, _project(x, p, "wk", "bk"), n_kv_heads, rope)  # (B, NKV, T, hs)
+    v = _heads(xp, _project(x, p, "wv", "bv"), n_kv_heads)  # (B, NKV, T, hs)
     T_past = 0
     if past_kv is not None:
         T_past = past_kv[0].shape[2]
         k = xp.concatenate([past_kv[0], k], axis=2)  # (B, NKV, T_past+T, hs)
         v = xp.concatenate([past_kv[1], v], axis=2)  # (B, NKV, T_past+T, hs)
-    qsg = qs.transpose(0, 1, 3, 2, 4)  # (B, NKV, G, T, hs), a view
     tiles = dict(q_tile=q_tile, k_tile=k_tile, threads=threads)
     # s = qs @ k^T: the scale is in qs already
-    o, L = flash_core_forward(qsg, k, v, 1.0, causal=True, T_past=T_past, **tiles)  # (B, NKV, G, T, hs), (.., T)
-    o_merged = o.transpose(0, 3, 1, 2, 4).reshape(B, T, n_heads * hs)  # (B, T, NH*hs)
+    o, L = flash_core_forward(qsg, k, v, 1.0, causal=causal, T_past=T_past, key_mask=key_mask,
+                              **tiles)  # (B, NKV, G, T, hs), (B, NKV, G, T)
+    o_merged = _merge_heads(o)  # (B, T, NH*hs)
     y = _project(o_merged, p, "wo", "bo")  # (B, T, C)
     # keep x, qs = rope(q) * scale, k, v (after RoPE), o_merged and the row logsumexp L (B, NKV, G, T); P is
     # recomputed per tile
     cache = dict(p=p, x=x, qs=qsg, k=k, v=v, o=o_merged, L=L, rope=rope, scale=scale, n_heads=n_heads,
-                 n_kv_heads=n_kv_heads, T_past=T_past, tiles=tiles)
+                 n_kv_heads=n_kv_heads, T_past=T_past, causal=causal, key_mask=key_mask, tiles=tiles)
     return y, cache
 
 
@@ -473,34 +578,93 @@ def flash_attention_backward(dy, cache):
     p, x, qsg, k, v, o_merged, L, rope, scale = (cache[n] for n in ("p", "x", "qs", "k", "v", "o", "L", "rope",
                                                                       "scale"))
     xp = get_array_module(dy)
-    n_heads, NKV = cache["n_heads"], cache["n_kv_heads"]
-    B, T, C = x.shape
-    G, hs = n_heads // NKV, k.shape[-1]
     grads = {}
-    # forward was y = o_merged @ wo + bo
-    x_rows = x.reshape(B * T, C)  # (BT, C)
-    dy_rows = dy.reshape(B * T, C)  # (BT, C)
-    grads["wo"] = o_merged.reshape(B * T, -1).T @ dy_rows  # (NH*hs, C)
-    if "bo" in p:
-        grads["bo"] = dy_rows.sum(axis=0)  # (C,)
-    do = (dy @ p["wo"].T).reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)  # (B, NKV, G, T, hs), a view
-    o = o_merged.reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)  # (B, NKV, G, T, hs), a view
-    # forward was o = softmax(qs @ k^T, causal) @ v
-    dqs, dk, dv = flash_core_backward(do, qsg, k, v, o, L, 1.0, causal=True, T_past=0, **cache["tiles"])
+    do, o = _output_backward(dy, p, o_merged, cache["n_kv_heads"], k.shape[-1], grads)  # (B, NKV, G, T, hs) views
+    # forward was o = softmax(qs @ k^T, causal / masked) @ v
+    dqs, dk, dv = flash_core_backward(do, qsg, k, v, o, L, 1.0, causal=cache["causal"], T_past=0,
+                                      key_mask=cache["key_mask"], **cache["tiles"])
     del do  # each (B, T, H, hs) array is freed once used: npllm/memory.py counts what stays
-    # forward was qs = rope(q_lin) * scale, k = rope(k_lin): the transposed rotation (times scale), back in the
-    # projections' layout (B, T, H, hs)
-    dq = xp.empty((B, T, NKV, G, hs), dtype=dqs.dtype)  # (B, T, NKV, G, hs)
-    _rope_transposed_into(xp, dqs.transpose(0, 3, 1, 2, 4), _tables(rope, 5, scale) or (None, scale), dq)
+    # forward was qs = rope(q_lin) * scale, k = rope(k_lin): back in the projections' layout, as rows (BT, H*hs)
+    rows = {"q": _queries_backward(xp, dqs, rope, scale)}
     del dqs
-    dk_lin = xp.empty((B, T, NKV, hs), dtype=dk.dtype)  # (B, T, NKV, hs)
-    _rope_transposed_into(xp, dk.transpose(0, 2, 1, 3), _tables(rope, 4, 1.0) or (None, 1.0), dk_lin)
-    dk = dk_lin
-    dv = xp.ascontiguousarray(dv.transpose(0, 2, 1, 3))  # (B, T, NKV, hs), the core's layout freed
-    rows = {name: d.reshape(B * T, -1) for name, d in (("q", dq), ("k", dk), ("v", dv))}  # (BT, H*hs)
-    for name, d_rows in rows.items():  # forward was q_lin = x @ wq + bq (and likewise k, v)
-        grads["w" + name] = x_rows.T @ d_rows  # (C, H*hs)
-        if "b" + name in p:
-            grads["b" + name] = d_rows.sum(axis=0)  # (H*hs,)
-    dx = (rows["q"] @ p["wq"].T + rows["k"] @ p["wk"].T + rows["v"] @ p["wv"].T).reshape(B, T, C)  # (B, T, C)
+    rows["k"] = _keys_backward(xp, dk, rope)
+    del dk
+    rows["v"] = _values_backward(xp, dv)
+    del dv
+    # forward was q_lin = x @ wq + bq (and likewise k, v): x receives the sum of the three paths
+    dx = _input_backward(x, p, rows, grads)  # (B, T, C)
     return dx, {name: grads[name] for name in p}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cross-attention: queries from x, keys and values from the memory
+
+
+def flash_cross_attention_kv(p, memory, n_kv_heads):
+    """The memory's keys and values, k = memory @ wk + bk and v = memory @ wv + bv split into heads, each
+    (B, NKV, Tk, hs) and contiguous (the core's layout): npllm.layers.attention.cross_attention_kv's values, what a
+    decoder computes once per source sequence and passes to every step as memory_kv."""
+    xp = get_array_module(memory)
+    k = _heads(xp, _project(memory, p, "wk", "bk"), n_kv_heads)  # (B, NKV, Tk, hs): no RoPE on cross keys
+    v = _heads(xp, _project(memory, p, "wv", "bv"), n_kv_heads)  # (B, NKV, Tk, hs)
+    return k, v
+
+
+def flash_cross_attention_forward(p, x, memory, n_heads, n_kv_heads, memory_mask=None, memory_kv=None, *,
+                                  dropout_rate=0.0, dropout_key=None, row_offset=0, head_offset=0, q_tile=None,
+                                  k_tile=None, threads=None):
+    """Cross-attention: queries from x (B, T, C), keys and values from memory (B, Tk, C); the contract of
+    npllm.layers.attention.cross_attention_forward, computed by flash tiles (bidirectional, memory_mask (B, Tk) as
+    the key mask: True for a real memory position; a query that sees none gets 0).
+
+    memory_kv: the memory's (k, v), each (B, NKV, Tk, hs), from flash_cross_attention_kv (or the reference's
+    cross_attention_kv) or an earlier call's cache: then memory is not read (pass None) and the call is forward-only.
+    dropout_rate: 0 only, as flash_attention_forward.  q_tile, k_tile, threads: see flash_core_forward.
+    Returns y (B, T, C) and the cache; cache["k"], cache["v"] hold the memory's keys and values.
+    """
+    _check_heads(n_heads, n_kv_heads)
+    _check_no_dropout(dropout_rate)
+    xp = get_array_module(x)
+    B, T, C = x.shape
+    if memory_kv is None:
+        if memory is None or memory.ndim != 3 or memory.shape[0] != B or memory.shape[2] != C:
+            raise ValueError(f"memory must be (B, Tk, C) = ({B}, Tk, {C}); got "
+                             f"{None if memory is None else tuple(memory.shape)}")
+        k, v = flash_cross_attention_kv(p, memory, n_kv_heads)  # (B, NKV, Tk, hs) each
+    else:
+        k, v = memory_kv
+    q_lin = _project(x, p, "wq", "bq")  # (B, T, NH*hs)
+    scale = 1.0 / math.sqrt(q_lin.shape[-1] // n_heads)
+    qsg = _queries(xp, q_lin, n_heads, n_kv_heads, None, scale)  # (B, NKV, G, T, hs): q * scale
+    tiles = dict(q_tile=q_tile, k_tile=k_tile, threads=threads)
+    o, L = flash_core_forward(qsg, k, v, 1.0, causal=False, key_mask=memory_mask,
+                              **tiles)  # (B, NKV, G, T, hs), (B, NKV, G, T)
+    o_merged = _merge_heads(o)  # (B, T, NH*hs)
+    y = _project(o_merged, p, "wo", "bo")  # (B, T, C)
+    # keep x, memory, qs = q * scale, the memory's k and v, o_merged and the row logsumexp L; P is recomputed per tile
+    cache = dict(p=p, x=x, memory=memory, qs=qsg, k=k, v=v, o=o_merged, L=L, scale=scale, n_heads=n_heads,
+                 n_kv_heads=n_kv_heads, key_mask=memory_mask, memory_kv_given=memory_kv is not None, tiles=tiles)
+    return y, cache
+
+
+def flash_cross_attention_backward(dy, cache):
+    """Backward of flash_cross_attention_forward (without memory_kv). Returns dx (B, T, C), dmemory (B, Tk, C) and
+    grads with the keys of p: the queries' path leads to x, the keys' and values' paths to the memory."""
+    if cache["memory_kv_given"]:
+        raise ValueError("flash_cross_attention_backward does not support memory_kv (precomputed keys/values are for "
+                         "decoding, which is forward-only); pass memory instead")
+    p, x, memory, qsg, k, v, o_merged, L, scale = (cache[n] for n in ("p", "x", "memory", "qs", "k", "v", "o", "L",
+                                                                      "scale"))
+    xp = get_array_module(dy)
+    grads = {}
+    do, o = _output_backward(dy, p, o_merged, cache["n_kv_heads"], k.shape[-1], grads)  # (B, NKV, G, T, hs) views
+    # forward was o = softmax(qs @ k^T, masked) @ v
+    dqs, dk, dv = flash_core_backward(do, qsg, k, v, o, L, 1.0, causal=False, key_mask=cache["key_mask"],
+                                      **cache["tiles"])
+    del do
+    # forward was q_lin = x @ wq + bq, qs = heads(q_lin) * scale; k_lin = memory @ wk + bk, v_lin = memory @ wv + bv
+    dx = _input_backward(x, p, {"q": _queries_backward(xp, dqs, None, scale)}, grads)  # (B, T, C)
+    del dqs
+    dmemory = _input_backward(memory, p, {"k": _values_backward(xp, dk), "v": _values_backward(xp, dv)},
+                              grads)  # (B, Tk, C)
+    return dx, dmemory, {name: grads[name] for name in p}
