@@ -12,14 +12,15 @@ the GELU MLP computes tanh(u) as 2 / (1 + exp(-2u)) - 1 and act' in a factored f
 the bias and norm gradients add per-chunk partial sums, which moves results by a few ulps (~1e-16 relative).
 
 Exact claims, tested as such (float32 and float64): the norms' y, xhat, rstd and dx; SwiGLU's and ReLU's outputs,
-caches, dx and weight gradients; the loss and dlogits on one rank (both modes); AdamW's p, m and v.
+caches, dx and weight gradients; the hidden dropout's masks (drawn chunk by chunk of rows at their global rows) and,
+for ReLU, its outputs and gradients with dropout; the loss and dlogits on one rank (both modes); AdamW's p, m and v.
 
 float32 agreement of the rest: the GELU MLP's outputs and grads within 2e-6 of the largest entry. Its t and act'(h)
 differ from the reference's by a few ulps (float32 ulp 6e-8; t: 2.4e-7 of max|t| at worst), and dx = dh @ w1.T and
 dw1 = x.T @ dh sum F or N such terms of mixed signs, so relative to their largest entry the difference grows: the
-test's case shows 6.7e-7 (dw1), 6.1e-7 (dx), 1.3e-7 (y); the worst over 200 seeds of that shape was 1.3e-6. The partial-sum gradients (bias grads, norm
-dw and db) within 1e-5 of their largest entry (chunked versus one sequential float32 sum over N <= 40 rows: each
-order rounds ~N ulps at worst).
+test's case shows 6.7e-7 (dw1), 6.1e-7 (dx), 1.3e-7 (y); the worst over 200 seeds of that shape was 1.3e-6. The
+partial-sum gradients (bias grads, norm dw and db) within 1e-5 of their largest entry (chunked versus one sequential
+float32 sum over N <= 40 rows: each order rounds ~N ulps at worst).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from npllm.fast import optim as fast_optim
 from npllm.fast import pool
 from npllm.layers import mlp as ref_mlp
 from npllm.layers import norm as ref_norm
+from npllm.layers.dropout import dropout_key
 from npllm.layers.loss import IGNORE_INDEX
 from npllm.parallel.comm import LocalComm
 from npllm.parallel.tensor import (
@@ -230,8 +232,8 @@ def run_layer(fwd, bwd, p, x, dy):
 
 @FAST
 @given(kind=st.sampled_from(FAST_MLPS), bias=st.booleans(), lead=lead_shapes, C=st.integers(1, 6),
-       F=st.integers(1, 9), chunk=st.integers(1, 40), threads=st.sampled_from([1, 2]), x_scale=st.sampled_from([0.1, 3.0]),
-       seed=st.integers(0, 2**32 - 1))
+       F=st.integers(1, 9), chunk=st.integers(1, 40), threads=st.sampled_from([1, 2]),
+       x_scale=st.sampled_from([0.1, 3.0]), seed=st.integers(0, 2**32 - 1))
 def test_mlp_matches_the_reference_in_float64(backend, kind, bias, lead, C, F, chunk, threads, x_scale, seed):
     rng = np.random.default_rng(seed)
     p = {n: backend.asarray(v) for n, v in make_mlp_params(rng, kind, C, F, bias).items()}
@@ -295,6 +297,75 @@ def test_fast_mlp_gradient(grad_check, kind, bias, lead, C, F, seed):
     x = rng.standard_normal((*lead, C))  # (..., C), std 1 keeps the hidden units out of GELU's flat tail
     fwd, bwd = fast_mlp.MLP_KINDS[kind]
     errors = grad_check.layer(f"fast {kind} mlp (bias={bias})", fwd, bwd, p, x, seed=seed)
+    assert set(errors) == set(p) | {"x"}
+
+
+DROPOUT_MLPS = ("gelu", "relu", "gelu_erf")  # the act() MLPs: dropout on their hidden activations
+
+
+@FAST
+@given(kind=st.sampled_from(DROPOUT_MLPS), bias=st.booleans(), lead=lead_shapes, C=st.integers(1, 6),
+       F=st.integers(1, 20), rate=st.sampled_from([0.1, 0.5, 0.9]), row_offset=st.integers(0, 9),
+       col_offset=st.integers(0, 17), chunk=st.integers(1, 60), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**32 - 1))
+def test_mlp_hidden_dropout_matches_the_reference(backend, kind, bias, lead, C, F, rate, row_offset, col_offset, chunk,
+                                                  threads, seed):
+    """The same mask bit for bit (a chunk of rows draws it at its global rows; F not a multiple of Philox's 8 lanes,
+    column offsets inside a group of 8), outputs, caches and gradients as the reference's; the caches interchange."""
+    rng = np.random.default_rng(seed)
+    p = {n: backend.asarray(v) for n, v in make_mlp_params(rng, kind, C, F, bias).items()}
+    x = backend.asarray(rng.standard_normal((*lead, C)))  # (..., C)
+    dy = backend.asarray(rng.standard_normal((*lead, C)))  # (..., C)
+    drop = dict(dropout_rate=rate, dropout_key=dropout_key(seed % 1000, 3, 0, 1, "mlp_hidden"),
+                row_offset=row_offset, col_offset=col_offset)
+    y, cache = ref_mlp.mlp_forward(kind, p, x, **drop)
+    dx, grads = ref_mlp.mlp_backward(kind, dy, cache)
+    with pool_settings(chunk_elements=chunk, threads=threads):
+        y_fast, cache_fast = fast_mlp.mlp_forward(kind, p, x, **drop)
+        dx_fast, grads_fast = fast_mlp.mlp_backward(kind, dy, cache_fast)
+        dx_mixed, grads_mixed = fast_mlp.mlp_backward(kind, dy, cache)  # the reference's cache, the fast backward
+    assert len(cache_fast) == 5 and cache_fast[4][1] == cache[4][1]  # (p, x, saved, a, (mask, scale))
+    assert_same({"mask": cache_fast[4][0]}, {"mask": cache[4][0]}, f"{kind} dropout mask")
+    want = {"y": y, "dx": dx, **flat_cache(cache), **{f"d{n}": g for n, g in grads.items()}}
+    got = {"y": y_fast, "dx": dx_fast, **flat_cache(cache_fast), **{f"d{n}": g for n, g in grads_fast.items()}}
+    assert_close(got, want, AGREE, f"{kind} mlp with dropout")
+    assert_close({"dx": dx_mixed, **grads_mixed}, {"dx": dx, **grads}, AGREE, f"{kind}: reference cache -> fast")
+    assert_close({"dx": ref_mlp.mlp_backward(kind, dy, cache_fast)[0]}, {"dx": dx}, AGREE, f"{kind}: fast -> ref")
+    if kind != "gelu":  # the reference's operations in its order: the same bits (bias sums aside)
+        assert_same({n: a for n, a in got.items() if n != "db1"}, {n: a for n, a in want.items() if n != "db1"},
+                    f"{kind} mlp with dropout")
+
+
+def test_mlp_hidden_dropout_rate_zero_and_errors():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 4))
+    key = dropout_key(1, 2, 0, 0, "mlp_hidden")
+    for kind in DROPOUT_MLPS:
+        p = make_mlp_params(rng, kind, 4, 6, True)
+        y, cache = fast_mlp.mlp_forward(kind, p, x)
+        y0, cache0 = fast_mlp.mlp_forward(kind, p, x, dropout_rate=0.0, dropout_key=key, row_offset=5)
+        assert len(cache0) == len(cache) == 4 and np.array_equal(y0, y)  # rate 0: no mask drawn, the same bits
+        with pytest.raises(ValueError, match="needs a dropout_key"):
+            fast_mlp.mlp_forward(kind, p, x, dropout_rate=0.2)
+        with pytest.raises(ValueError, match="rate"):
+            fast_mlp.mlp_forward(kind, p, x, dropout_rate=1.0, dropout_key=key)
+    with pytest.raises(ValueError, match="not 'swiglu'"):
+        fast_mlp.mlp_forward("swiglu", make_mlp_params(rng, "swiglu", 4, 6, True), x, dropout_rate=0.2,
+                             dropout_key=key)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "relu"])
+def test_fast_mlp_gradient_under_a_fixed_dropout_mask(grad_check, kind):
+    rng = np.random.default_rng(5)
+    p = make_mlp_params(rng, kind, 4, 9, True)
+    x = rng.standard_normal((3, 5, 4))  # (B, T, C)
+    drop = dict(dropout_rate=0.4, dropout_key=dropout_key(7, 1, 0, 2, "mlp_hidden"), row_offset=2, col_offset=9)
+
+    def forward(p, x):
+        return fast_mlp.mlp_forward(kind, p, x, **drop)
+
+    errors = grad_check.layer(f"fast {kind} mlp with hidden dropout", forward,
+                              lambda dy, cache: fast_mlp.mlp_backward(kind, dy, cache), p, x, seed=5)
     assert set(errors) == set(p) | {"x"}
 
 

@@ -22,16 +22,24 @@ The fused formulas (same math as the reference, fewer operations; each line belo
     swiglu    the reference's operations in the reference's order (bit-identical outputs and dh1, dh3)
     relu      a = max(h, 0) written over h (the cache keeps a only); dh = da * [a > 0]
 GELU with erf ("gelu_erf") has no fast path here: MLP_KINDS maps it to the reference functions.
+
+Hidden dropout (gelu, relu; keyword arguments dropout_rate, dropout_key, row_offset, col_offset as the reference's):
+ad = dropout(a) with the reference's mask, bit for bit: npllm.layers.dropout.keep_mask drawn per chunk of the leading
+(batch) axis at that chunk's global rows (a mask element depends only on its own coordinates), on the pool's
+threads, and applied in the same pass. The cache is the reference's (p, x, saved, a, (mask, scale)).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 
 from ..backend import get_array_module
+from ..checks import check_number
 from ..layers import mlp as reference
+from ..layers.dropout import keep_mask
 from ..layers.mlp import GELU_A, GELU_K
 from .pool import map_rows, sum_parts
 
@@ -50,12 +58,63 @@ def _rows(a):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# dropout on the hidden activations
+
+
+def _dropout_forward(xp, a, dropout_rate, dropout_key, row_offset, col_offset):
+    """ad = a * mask * scale, npllm.layers.dropout.dropout_forward(a, ...) bit for bit, the mask drawn and applied
+    chunk by chunk of a's leading axis (its rows b) on the pool: rows [b0, b1) draw keep_mask at global rows
+    row_offset + b0 ... Returns ad (same shape as a) and the reference's dropout cache (mask, scale)."""
+    if dropout_key is None:
+        raise ValueError(f"dropout_rate={dropout_rate!r} needs a dropout_key (npllm.layers.dropout.dropout_key)")
+    rate = check_number("dropout_rate", dropout_rate, 0.0, 1.0, high_open=True)
+    scale = 1.0 / (1.0 - rate)
+    mask = xp.empty(a.shape, dtype=bool)  # (..., F)
+    ad = xp.empty_like(a)  # (..., F)
+
+    def rows(r):
+        mask[r] = keep_mask(a[r].shape, rate, dropout_key, xp, row_offset=row_offset + r.start,
+                            col_offset=col_offset)
+        xp.multiply(a[r], mask[r], out=ad[r])
+        ad[r] *= scale  # (a * mask) * scale, the reference's order
+
+    map_rows(rows, a.shape[0], math.prod(a.shape[1:]), xp=xp)
+    return ad, (mask, scale)  # keep the boolean mask (1 byte per element), as the reference
+
+
+def _dropped(xp, a, mask, scale):
+    """The forward's ad = a * mask * scale again, chunk by chunk; a itself without dropout (mask None)."""
+    if mask is None:
+        return a
+    ad = xp.empty_like(a)  # (..., F)
+
+    def rows(r):
+        xp.multiply(a[r], mask[r], out=ad[r])
+        ad[r] *= scale
+
+    map_rows(rows, a.shape[0], math.prod(a.shape[1:]), xp=xp)
+    return ad
+
+
+def _output(xp, p, a, dropout_rate, dropout_key, row_offset, col_offset):
+    """y = dropout(a) @ w2 + b2: returns y (..., C) and the dropout cache (None without dropout)."""
+    drop = None
+    if dropout_rate:
+        a, drop = _dropout_forward(xp, a, dropout_rate, dropout_key, row_offset, col_offset)  # (..., F)
+    y = a @ p["w2"]  # (..., C)
+    if "b2" in p:
+        y += p["b2"]
+    return y, drop
+
+
+# ----------------------------------------------------------------------------------------------------------
 # GELU (tanh approximation)
 
 
-def gelu_forward(p, x):
-    """y = gelu_tanh(x @ w1 + b1) @ w2 + b2.  p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with bias.
-    Cache: h, tanh(.) and gelu(h), as the reference's."""
+def gelu_forward(p, x, *, dropout_rate=0.0, dropout_key=None, row_offset=0, col_offset=0):
+    """y = dropout(gelu_tanh(x @ w1 + b1)) @ w2 + b2.  p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with
+    bias. dropout_*, row_offset, col_offset: the hidden dropout, as the reference's (off by default).
+    Cache: h, tanh(.) and gelu(h) (and the dropout mask), as the reference's."""
     xp = get_array_module(x)
     h = x @ p["w1"]  # (..., F) fresh; + b1 in place, chunk by chunk
     t = xp.empty_like(h)  # (..., F) tanh(u)
@@ -80,28 +139,33 @@ def gelu_forward(p, x):
         tr -= 1.0  # t = 2 s - 1 = tanh(u)
 
     map_rows(rows, h2.shape[0], h2.shape[1], xp=xp)
-    y = a @ p["w2"]  # (..., C)
-    if "b2" in p:
-        y += p["b2"]
-    return y, (p, x, (h, t), a)  # the reference's cache: keep h and tanh(u) (the costly part of act')
+    y, drop = _output(xp, p, a, dropout_rate, dropout_key, row_offset, col_offset)  # (..., C)
+    cache = (p, x, (h, t), a)  # the reference's cache: keep h and tanh(u) (the costly part of act')
+    return y, cache if drop is None else (*cache, drop)
 
 
 def gelu_backward(dy, cache):
     """forward was a = 0.5 h (1 + t), t = tanh(u), u = K (h + A h^3), y = a @ w2 + b2, h = x @ w1 + b1, so
-    da = dy @ w2.T, dh = da * (0.5 t + 0.5) (1 + K h (1 + 3 A h^2) (1 - t)), dx = dh @ w1.T."""
-    p, x, (h, t), a = cache
+    da = dy @ w2.T, dh = da * (0.5 t + 0.5) (1 + K h (1 + 3 A h^2) (1 - t)), dx = dh @ w1.T; with hidden dropout
+    y = ad @ w2 + b2, ad = a * mask * scale, and da = (dy @ w2.T) * mask * scale."""
+    p, x, (h, t), a = cache[:4]
+    mask, scale = cache[4] if len(cache) > 4 else (None, None)
     xp = get_array_module(dy)
     C, F = p["w1"].shape
     dy2 = dy.reshape(-1, C)  # (N, C)
-    grads = {"w2": _rows(a).T @ dy2}  # (F, C)
+    grads = {"w2": _rows(_dropped(xp, a, mask, scale)).T @ dy2}  # (F, C)
     if "b2" in p:
         grads["b2"] = dy2.sum(axis=0)  # (C,)
     dh = dy @ p["w2"].T  # (..., F) da, turned into dh in place below
     h2, t2, dh2 = _rows(h), _rows(t), _rows(dh)  # (N, F) views
+    mask2 = None if mask is None else _rows(mask)  # (N, F)
     with_b1 = "b1" in p
 
     def rows(r):
         hr, tr, gr = h2[r], t2[r], dh2[r]
+        if mask2 is not None:  # forward was ad = a * mask * scale
+            gr *= mask2[r]
+            gr *= scale
         w = xp.empty_like(hr)  # (n, F) act'(h), built up in place
         s = xp.empty_like(hr)  # (n, F) scratch
         xp.multiply(hr, hr, out=w)  # h^2
@@ -205,8 +269,9 @@ def swiglu_backward(dy, cache):
 # ReLU
 
 
-def relu_forward(p, x):
-    """y = relu(x @ w1 + b1) @ w2 + b2. p as gelu_forward. Cache: relu(h) only (its sign is the derivative)."""
+def relu_forward(p, x, *, dropout_rate=0.0, dropout_key=None, row_offset=0, col_offset=0):
+    """y = dropout(relu(x @ w1 + b1)) @ w2 + b2. p and the hidden dropout as gelu_forward. Cache: relu(h) only (its
+    sign is the derivative), and the dropout mask."""
     xp = get_array_module(x)
     a = x @ p["w1"]  # (..., F) h, turned into relu(h) in place below
     a2 = _rows(a)  # (N, F)
@@ -219,28 +284,32 @@ def relu_forward(p, x):
         xp.maximum(ar, 0.0, out=ar)  # a = max(h, 0)
 
     map_rows(rows, a2.shape[0], a2.shape[1], xp=xp)
-    y = a @ p["w2"]  # (..., C)
-    if "b2" in p:
-        y += p["b2"]
-    return y, (p, x, (), a)  # the reference's cache: keep relu(h) only
+    y, drop = _output(xp, p, a, dropout_rate, dropout_key, row_offset, col_offset)  # (..., C)
+    cache = (p, x, (), a)  # the reference's cache: keep relu(h) only
+    return y, cache if drop is None else (*cache, drop)
 
 
 def relu_backward(dy, cache):
     """forward was a = max(h, 0), y = a @ w2 + b2, h = x @ w1 + b1, so
-    da = dy @ w2.T, dh = da * [a > 0], dx = dh @ w1.T."""
-    p, x, _, a = cache
+    da = dy @ w2.T, dh = da * [a > 0], dx = dh @ w1.T; with hidden dropout as gelu_backward."""
+    p, x, _, a = cache[:4]
+    mask, scale = cache[4] if len(cache) > 4 else (None, None)
     xp = get_array_module(dy)
     C, F = p["w1"].shape
     dy2 = dy.reshape(-1, C)  # (N, C)
-    grads = {"w2": _rows(a).T @ dy2}  # (F, C)
+    grads = {"w2": _rows(_dropped(xp, a, mask, scale)).T @ dy2}  # (F, C)
     if "b2" in p:
         grads["b2"] = dy2.sum(axis=0)  # (C,)
     dh = dy @ p["w2"].T  # (..., F) da, turned into dh in place below
     a2, dh2 = _rows(a), _rows(dh)  # (N, F)
+    mask2 = None if mask is None else _rows(mask)  # (N, F)
     with_b1 = "b1" in p
 
     def rows(r):
         gr = dh2[r]
+        if mask2 is not None:  # forward was ad = a * mask * scale
+            gr *= mask2[r]
+            gr *= scale
         gr *= a2[r] > 0  # dh = da * [h > 0]
         return gr.sum(axis=0) if with_b1 else None  # (F,)
 
@@ -266,9 +335,12 @@ def _pair(kind):
     return MLP_KINDS[kind]
 
 
-def mlp_forward(kind, p, x):
-    """Dispatch on the config's ``mlp`` field ("swiglu", "gelu", "gelu_erf" or "relu")."""
-    return _pair(kind)[0](p, x)
+def mlp_forward(kind, p, x, **hidden_dropout):
+    """Dispatch on the config's ``mlp`` field ("swiglu", "gelu", "gelu_erf" or "relu"). hidden_dropout: dropout_rate,
+    dropout_key, row_offset, col_offset of dropout on the hidden activations (gelu, gelu_erf, relu only)."""
+    if hidden_dropout and kind == "swiglu":
+        raise ValueError("dropout inside the MLP is for mlp='gelu', 'gelu_erf' or 'relu', not 'swiglu'")
+    return _pair(kind)[0](p, x, **hidden_dropout)
 
 
 def mlp_backward(kind, dy, cache):
