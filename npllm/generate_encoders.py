@@ -126,13 +126,13 @@ def run_translation(gc: GenerateConfig, params: dict, cfg: ModelConfig, tokenize
             outputs = [(h.tokens, h.finished) for h in best]
         else:
             if gc.samples:
-                tokens = sample(params, cfg, chunk, max_new, gc.sampling, rngs[first:first + len(chunk)],
-                                bos_id=bos, eos_id=eos)
+                lists = sample(params, cfg, chunk, max_new, gc.sampling, rngs[first:first + len(chunk)],
+                               bos_id=bos, eos_id=eos)
             else:
-                tokens = greedy(params, cfg, chunk, max_new, bos_id=bos, eos_id=eos)
-            outputs = [(t, bool(t) and t[-1] == eos) for t in tokens]
-        for i, (tokens, finished) in enumerate(outputs, start=first):
-            stopped = any(printer.stopped(i, t) for t in tokens)  # feeds the tokens up to a stop string
+                lists = greedy(params, cfg, chunk, max_new, bos_id=bos, eos_id=eos)
+            outputs = [(t, bool(t) and t[-1] == eos) for t in lists]
+        for i, (generated, finished) in enumerate(outputs, start=first):
+            stopped = any(printer.stopped(i, t) for t in generated)  # feeds the tokens up to a stop string
             printer.finish(i, eos=finished and not stopped)
     return printer
 
