@@ -366,3 +366,50 @@ def test_options_of_another_architecture_are_one_clear_line(bert_dir, run_dir, c
     assert main([f"--ckpt={run}", *[a.replace("CORPUS", str(corpus)) for a in extra]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("npllm.evaluate: error: ") and all(w in err for w in words), err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# runs written by npllm.train: evaluate repeats the trainer's own validation loss; generate reads them
+
+
+TINY_BERT = ["--preset=bert-nano", "--n_layers=1", "--dim=32", "--n_heads=2", "--n_kv_heads=2", "--ffn_dim=64",
+             "--vocab_size=400", "--max_seq_len=16", "--seq_len=16"]
+TINY_SEQ2SEQ = ["--preset=seq2seq-nano", "--n_layers=1", "--n_decoder_layers=1", "--dim=32", "--n_heads=2",
+                "--n_kv_heads=2", "--ffn_dim=64", "--vocab_size=64", "--max_seq_len=16", "--seq_len=16"]
+TRAIN = ["--batch_size=4", "--peak_tflops=1", "--steps=2", "--eval_interval=2", "--dtype=float64", "--seed=3"]
+
+
+def last_val_loss(run) -> float:
+    from npllm.metrics import read_metrics
+
+    return [r for r in read_metrics(run) if "val_loss" in r][-1]["val_loss"]
+
+
+def test_runs_written_by_the_trainer(data_dir, tmp_path, capsys):
+    from npllm.generate import main as generate_main
+    from npllm.train import main as train_main
+    from tests.arch_runs import write_pairs
+
+    bert, s2s = tmp_path / "bert", tmp_path / "s2s"
+    assert train_main([*TINY_BERT, *TRAIN, "--eval_batches=2", f"--data={data_dir}", f"--out_dir={bert}"]) == 0
+    words = [" ".join("zero one two three four five six seven eight nine".split()[int(d)] for d in str(n))
+             for n in range(100)]
+    pairs = write_pairs(tmp_path / "pairs.jsonl", words, [str(n) for n in range(100)])
+    assert train_main([*TINY_SEQ2SEQ, *TRAIN, "--eval_batches=3", f"--pairs={pairs}", f"--out_dir={s2s}"]) == 0
+    capsys.readouterr()
+
+    # the trainer's validation: 2 batches of 4 rows of 16 tokens ([CLS] 14 tokens [SEP]), masked with the run's seed
+    assert main([f"--ckpt={bert}", f"--data={data_dir}", "--max_tokens=112", "--batch_size=4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["n_rows"] == 8 and got["seq_len"] == 16 and got["seed"] == 3
+    assert math.isclose(got["loss"], last_val_loss(bert), rel_tol=1e-10)
+    # its held-out 10 of the 100 pairs (3 batches of 4 hold them all)
+    assert main([f"--ckpt={s2s}", f"--pairs={pairs}", "--split=val", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["n_pairs"] == 10 and math.isclose(got["loss"], last_val_loss(s2s), rel_tol=1e-10)
+
+    assert generate_main([f"--ckpt={bert}", "--fill_mask=The [MASK] of", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["masks"][0]["guesses"]) == 5
+    assert generate_main([f"--ckpt={s2s}", "--prompt=four two", "--prompt=seven", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["four two", "seven"] and all(r["new_tokens"] >= 1 for r in rows)
