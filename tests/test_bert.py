@@ -6,12 +6,18 @@
   ~1e-14, float64 rounding), with padded rows, three segment types and a pad_token_id (HF's padding_idx: the
   lookup never trains that row), under both of HF's attention implementations, "eager" and "sdpa": both compute
   in float64 (a forward hook asserts that every module's output is float64, and 1e-9 is far below a float32
-  rounding); npllm on its fast paths (the default) and on the reference layers (cfg.impl). The key bias's gradient is 0 in exact arithmetic (adding q . bk to a whole row of scores leaves its
-  softmax unchanged): both sides give rounding noise, checked to be below 1e-12 of the largest gradient.
+  rounding); npllm on its fast paths (the default) and on the reference layers (cfg.impl). The key bias's gradient
+  is 0 in exact arithmetic (adding q . bk to a whole row of scores leaves its softmax unchanged): both sides give
+  rounding noise, checked to be below 1e-12 of the largest gradient.
 - Finite differences (the grad_check fixture: five-point stencil, h = 3e-4, bound 1e-6) of every parameter, along
   random directions, of tiny models drawn by hypothesis: padding patterns, segments, a pad_id (in padded slots
   only: at a real position its lookup gradient is dropped on purpose, as HF's padding_idx does, which the oracle
   checks), dropout on (rates drawn) under the fixed masks of one Dropout in f and in the backward.
+- The fast paths (cfg.impl = "fast", the default, which every other test here runs: flash attention bidirectional with
+  the key padding mask) against the reference layers, float64: loss, logits and every gradient within 1e-10 of each
+  tensor's largest entry plus 1e-14 of the model's largest gradient, T = 1, 7, 33, 70 (across the flash tiles'
+  edges), padding with a row all padding, GQA, under one fixed Dropout (the reference attention where attention
+  dropout is on).
 - Padding invariance (bit for bit), dropout rate 0 == no dropout (bit for bit), a batch split into row chunks under
   dropout == the whole batch (each row's masks follow its global row), tensor parallelism over two threads == one
   process, fill_mask, parameter counts (bert-base == BertForMaskedLM's own count, built on torch's meta device),
@@ -191,6 +197,46 @@ def test_every_gradient_matches_finite_differences(data, grad_check):
     # every parameter along 4 random directions (each forward costs ~10 ms; entry by entry would take minutes)
     grad_check.function("bert model", lambda: loss_with_dropout(params, batch, cfg, dropout), params, grads,
                         max_elementwise=0, n_directions=4, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fast paths against the reference layers
+
+
+DROPOUTS = {"none": None, "hidden": Dropout(0.2, 0.0, seed=3, step=2, row_offset=1),
+            "hidden+attention": Dropout(0.2, 0.3, seed=3, step=2, row_offset=1)}
+
+
+@pytest.mark.parametrize("dropout", list(DROPOUTS))
+@pytest.mark.parametrize("T", [1, 7, 33, 70])
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_fast_paths_are_the_reference_model_in_float64(T, dropout, data):
+    """Loss and every gradient of the fast paths (flash attention, norms, loss; the exact-GELU FFN is the reference's
+    own pair) against the reference layers; the bound as test_model.py's (the same sums in other orders: ~1e-15
+    relative; a key bias's gradient, zero in exact math, is rounding on both sides, hence the absolute floor)."""
+    NH = data.draw(st.sampled_from([2, 4]), label="n_heads")
+    cfg = tiny_config(vocab_size=13, dim=16, n_layers=data.draw(st.integers(1, 2), label="L"), n_heads=NH,
+                      n_kv_heads=data.draw(st.sampled_from([1, NH]), label="n_kv_heads"), ffn_dim=12, max_seq_len=T,
+                      type_vocab_size=2, pad_id=3, impl="fast")
+    B = data.draw(st.integers(1, 3), label="B")
+    lengths = [T] + data.draw(st.lists(st.integers(0, T), min_size=B - 1, max_size=B - 1), label="lengths")
+    seed = data.draw(st.integers(0, 10_000), label="seed")
+    params = perturbed_params(cfg, seed)
+    batch = make_batch(cfg, [max(n, 1) for n in lengths], seed, T=T, pad_token=3)
+    batch["key_mask"] = np.arange(T)[None, :] < np.array(lengths)[:, None]  # (B, T), a row may be all padding
+    batch["targets"][~batch["key_mask"]] = IGNORE_INDEX
+    loss, grads = bert.batch_loss_and_grads(params, batch, cfg, dropout=DROPOUTS[dropout])
+    reference = dataclasses.replace(cfg, impl="reference")
+    loss_ref, grads_ref = bert.batch_loss_and_grads(params, batch, reference, dropout=DROPOUTS[dropout])
+    assert abs(loss - loss_ref) <= 1e-10 * abs(loss_ref)
+    largest = max(np.abs(g).max() for g in grads_ref.values())
+    for name in params:
+        bound = 1e-10 * np.abs(grads_ref[name]).max() + 1e-14 * largest
+        assert np.abs(grads[name] - grads_ref[name]).max() <= bound, name
+    if dropout == "none":
+        logits, logits_ref = bert.mlm_logits(params, batch, cfg), bert.mlm_logits(params, batch, reference)
+        assert np.abs(logits - logits_ref).max() <= 1e-10 * np.abs(logits_ref).max()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,11 @@
   models drawn by hypothesis with padding patterns, and with dropout on under a fixed mask (the same Dropout in f
   and in the backward). The exact (erf) GELU there: a finite difference that steps across ReLU's kink at some
   pre-activation near 0 would be wrong, not the backward; ReLU's backward is checked against torch above.
+- The fast paths (cfg.impl = "fast", the default, which every other test here runs) against the reference layers
+  (cfg.impl = "reference"), float64: loss and every gradient within 1e-10 of each tensor's largest entry plus 1e-14 of
+  the model's largest gradient, sources and targets of 1, 7, 33 and 70 positions (across the flash tiles' edges),
+  padding with a sequence all padding, GQA, both norm placements, with dropout on under one fixed Dropout (hidden
+  dropout in the fast FFN; the reference attentions where attention dropout is on); cached decoding, greedy and beams.
 - Decoder causality, padding invariance (bit for bit), dropout rate 0 == no dropout (bit for bit), the cached decoder
   == the full decoder, beam search with beams=1 == greedy, a beam's log-probabilities == teacher-forced ones, tensor
   parallelism over two threads == one process, parameter counts of the presets.
@@ -20,6 +25,7 @@ forward of the tiny model takes ~6 ms, ~27 ms with the twelve dropout sites' Phi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import warnings
@@ -102,7 +108,10 @@ def torch_reference(params, batch, cfg):
             dim_feedforward=cfg.ffn_dim, dropout=0.0, activation={"relu": "relu", "gelu_erf": "gelu"}[cfg.mlp],
             layer_norm_eps=cfg.norm_eps, batch_first=True, norm_first=cfg.norm_first).double()
     model.train()  # autograd on and training mode: the plain (not the nested-tensor fast) path
-    t = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float64)
+
+    def t(a):
+        return torch.tensor(np.ascontiguousarray(a), dtype=torch.float64)
+
     slots = {}  # our name -> (torch parameter, how to read our gradient off its gradient)
 
     def put(torch_param, value):
@@ -338,6 +347,85 @@ def test_dropout_rate_zero_is_no_dropout_bit_for_bit_and_rows_split_like_one_pro
     two = accumulate_loss_and_grads(params, batch, drop, 2, dropout=Dropout(0.2, 0.3, seed=1, step=1))
     assert abs(one[0] - two[0]) <= 1e-12 * abs(one[0])  # the same sums in another order: rounding only
     assert all(np.allclose(one[1][n], two[1][n], rtol=1e-10, atol=1e-14) for n in params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fast paths against the reference layers
+
+
+DROPOUTS = {"none": None, "hidden": Dropout(0.2, 0.0, seed=3, step=2, row_offset=1),
+            "hidden+attention": Dropout(0.2, 0.3, seed=3, step=2, row_offset=1)}
+
+
+@st.composite
+def fast_case(draw, T):
+    """A tiny config (GQA drawn, either norm placement and FFN, shared or separate tables) and a padded batch whose
+    targets have T positions and sources S (also drawn from 1, 7, 33, 70); one sequence may be all padding."""
+    NH = draw(st.sampled_from([2, 4]), label="n_heads")
+    S = draw(st.sampled_from([1, 7, 33, 70]), label="S")
+    shared = draw(st.booleans(), label="shared")
+    cfg = tiny_config(vocab_size=11, dim=16, n_heads=NH, n_kv_heads=draw(st.sampled_from([1, NH]), label="n_kv_heads"),
+                      ffn_dim=12, n_layers=draw(st.integers(1, 2), label="L"), n_decoder_layers=2,
+                      mlp=draw(st.sampled_from(["relu", "gelu_erf"]), label="mlp"),
+                      norm_first=draw(st.booleans(), label="norm_first"), share_embeddings=shared,
+                      tie_embeddings=shared or draw(st.booleans(), label="tied"), max_seq_len=max(S, T))
+    B = draw(st.integers(1, 3), label="B")
+    src_lens = [S] + draw(st.lists(st.integers(0, S), min_size=B - 1, max_size=B - 1), label="source lengths")
+    tgt_lens = [T] + draw(st.lists(st.integers(0, T), min_size=B - 1, max_size=B - 1), label="target lengths")
+    return cfg, src_lens, tgt_lens, draw(st.integers(0, 2**31), label="seed")
+
+
+@pytest.mark.parametrize("dropout", list(DROPOUTS))
+@pytest.mark.parametrize("T", [1, 7, 33, 70])
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_fast_paths_are_the_reference_model_in_float64(T, dropout, data):
+    """Loss and every gradient of the fast paths (flash self- and cross-attention, fused FFN, norms and loss) against
+    the reference layers. Bound (as test_model.py's): the same sums in other orders (tiles, online softmax) differ by
+    ~1e-15 relative in float64, so 1e-10 of each tensor's largest entry; a gradient that is zero in exact math (the
+    key biases; the queries' where a softmax has one key) is rounding on both sides, hence the absolute floor of 1e-14
+    of the model's largest gradient. Under dropout both draw the same masks (the attention dropout's in the
+    reference attention, which the fast model runs then too)."""
+    cfg, src_lens, tgt_lens, seed = data.draw(fast_case(T), label="case")
+    cfg = dataclasses.replace(cfg, impl="fast")
+    params = perturbed_params(cfg, seed)
+    batch = make_batch(cfg, src_lens, tgt_lens, seed)
+    loss_fast, grads_fast = s2s.batch_loss_and_grads(params, batch, cfg, dropout=DROPOUTS[dropout])
+    reference = dataclasses.replace(cfg, impl="reference")
+    loss_ref, grads_ref = s2s.batch_loss_and_grads(params, batch, reference, dropout=DROPOUTS[dropout])
+    assert abs(loss_fast - loss_ref) <= 1e-10 * abs(loss_ref)
+    largest = max(np.abs(g).max() for g in grads_ref.values())
+    for name in params:
+        bound = 1e-10 * np.abs(grads_ref[name]).max() + 1e-14 * largest
+        assert np.abs(grads_fast[name] - grads_ref[name]).max() <= bound, name
+    if dropout == "none":
+        real = batch["tgt_mask"]
+        logits, logits_ref = s2s.forward(params, batch, cfg), s2s.forward(params, batch, reference)
+        assert np.abs(logits - logits_ref)[real].max() <= 1e-10 * np.abs(logits_ref[real]).max()
+
+
+def test_fast_decoding_is_the_reference_decoding():
+    """Cached decoding on the fast paths (flash self-attention over past_kv, flash cross-attention over memory_kv)
+    gives the reference's logits, greedy tokens and beams."""
+    cfg = tiny_config(vocab_size=13, n_kv_heads=2)
+    reference = dataclasses.replace(cfg, impl="reference")
+    params = perturbed_params(cfg, 12)
+    batch = make_batch(cfg, [6, 2, 9], [7, 7, 7], seed=12)
+    logits = {}
+    for c in (cfg, reference):
+        memory_kv = s2s.cross_attention_kvs(params, s2s.encode(params, batch["src"], batch["src_mask"], c), c)
+        past, steps = None, []
+        for t0, t1 in ((0, 1), (1, 4), (4, 7)):
+            step, past = s2s.decode_step(params, c, batch["tokens"][:, t0:t1], memory_kv, batch["src_mask"], past)
+            steps.append(step)
+        logits[c.impl] = np.concatenate(steps, axis=1)  # (B, 7, V)
+    assert np.abs(logits["fast"] - logits["reference"]).max() <= 1e-10 * np.abs(logits["reference"]).max()
+    assert s2s.greedy(params, cfg, SOURCES, 8, bos_id=0, eos_id=1) == s2s.greedy(params, reference, SOURCES, 8,
+                                                                                    bos_id=0, eos_id=1)
+    beams = [s2s.translate(params, c, SOURCES, 6, beams=3, bos_id=0, eos_id=1) for c in (cfg, reference)]
+    assert [[h.tokens for h in hyps] for hyps in beams[0]] == [[h.tokens for h in hyps] for hyps in beams[1]]
+    for fast_hyps, ref_hyps in zip(*beams):
+        assert all(abs(f.logprob - r.logprob) <= 1e-10 * abs(r.logprob) for f, r in zip(fast_hyps, ref_hyps))
 
 
 # ----------------------------------------------------------------------------------------------------------------

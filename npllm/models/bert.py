@@ -23,9 +23,9 @@ Tensor parallelism as in the decoder (docs/parallelism.md): heads, hidden units 
 (tok_emb by rows, head.bias by vocabulary), the embeddings, norms and the head's
 transform are replicated, and Megatron's f and g (copy_to_tp, reduce_from_tp) stand where they act.
 
-The norms, the FFN and the loss run ``ops(cfg)`` (npllm/models/ops.py: the fast paths by default, or the reference
-layers with cfg.impl = "reference"); attention is always the reference's, whose bidirectional form takes the key
-padding mask and dropout (the fast attention is causal).
+Every layer runs ``ops(cfg)`` (npllm/models/ops.py: the fast paths by default, flash attention bidirectional with
+the key padding mask; or the reference layers with cfg.impl = "reference"). A training forward with attention
+dropout runs the reference attention, the only one that forms the probabilities it drops (ops.attention_ops).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from ..parallel.tensor import (
     check_tp_divides, vocab_parallel_embedding_backward, vocab_parallel_embedding_forward, vocab_start,
 )
 from .decoder import _put_grads, _without, sub_params
-from .ops import REFERENCE, ops
+from .ops import attention_ops, ops
 from .spec import ParamSpec, shapes_of, shard_shapes_of
 
 MLM_PROBABILITY = 0.15  # the share of positions the MLM objective predicts (npllm/mlm.py); flops_per_token uses it
@@ -190,7 +190,8 @@ def model_forward(params: dict, batch: dict, cfg: ModelConfig, tp=None, dropout=
     NH_tp, NKV_tp = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size  # this rank's query and key/value heads
     attn_mask = None if bool(key_mask.all()) else key_mask  # (B, T); None: no padding, the same numbers, less work
     o = ops(cfg)  # the fast paths, or the reference layers (npllm/models/ops.py)
-    cache = {"tp": tp, "B": B, "T": T, "head_rows": head_rows, "ops": o}
+    attention = attention_ops(cfg, dropout)  # o, or the reference under attention dropout
+    cache = {"tp": tp, "B": B, "T": T, "head_rows": head_rows, "ops": o, "attention": attention}
 
     # embeddings: e = tok_emb[tokens] + seg_emb[segments] + pos_emb[0..T-1] (HF's order of the sums), then norm
     e, cache["tok_emb"] = vocab_parallel_embedding_forward(params["tok_emb"], tokens, tp)  # (B, T, C)
@@ -211,7 +212,7 @@ def model_forward(params: dict, batch: dict, cfg: ModelConfig, tp=None, dropout=
         if dropout is not None:
             attn_dropout["dropout_key"] = dropout.key(l, "attn_probs")
         h = copy_to_tp(x, tp)  # (B, T, C) f: identity
-        a, c_attn = REFERENCE.attention_forward(_without(attn, "bo"), h, NH_tp, NKV_tp, causal=False,
+        a, c_attn = attention.attention_forward(_without(attn, "bo"), h, NH_tp, NKV_tp, causal=False,
                                                 key_mask=attn_mask, **attn_dropout)  # (B, T, C) this rank's heads
         a = reduce_from_tp(a, tp) + attn["bo"]  # (B, T, C) g: the sum over the ranks' heads; bo added once
         a, c_drop_attn = _drop(dropout, a, l, "attn_out")  # (B, T, C)
@@ -242,7 +243,7 @@ def model_forward(params: dict, batch: dict, cfg: ModelConfig, tp=None, dropout=
 def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
     """dlogits (B, T, V_tp), or (N, V_tp) at the forward's head_rows -> grads, a dict with exactly the keys of the
     parameters (this rank's shards), in spec order."""
-    tp, o = cache["tp"], cache["ops"]  # o: the functions the forward ran
+    tp, o, attention = cache["tp"], cache["ops"], cache["attention"]  # the functions the forward ran
     grads: dict = {}
     # forward was logits = h @ w_dec + head.bias, with h = f(norm(gelu(x @ Wd + bd)))
     dh, g_dec = linear_backward(dlogits, cache["head_decoder"])  # (..., C) this rank's vocabulary slice's term
@@ -276,7 +277,7 @@ def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
         _put_grads(grads, pre + ".attn_norm", g)
         da, _ = dropout_backward(dz, c_drop_attn)  # (B, T, C)
         grads[pre + ".attn.bo"] = da.reshape(-1, da.shape[-1]).sum(axis=0)  # (C,)
-        dh, g = REFERENCE.attention_backward(reduce_from_tp_backward(da, tp), c_attn)  # (B, T, C)
+        dh, g = attention.attention_backward(reduce_from_tp_backward(da, tp), c_attn)  # (B, T, C)
         _put_grads(grads, pre + ".attn", g)
         dx = dz + copy_to_tp_backward(dh, tp)  # (B, T, C)
         del dh, dm, da  # freed before the next layer's backward: only dx flows on

@@ -9,12 +9,16 @@ result or to read along with docs/derivations. The trainer's AdamW follows the s
     norm_forward/backward   rmsnorm / layernorm                               row chunks over the pool, fused passes
     attention               P (B, NKV, G, T, Tk) kept for backward            flash tiles, online softmax, the row
                                                                               logsumexp kept (memory linear in T)
+    cross_attention         the same core, keys/values from a memory          the same flash core
+    cross_attention_kv      the memory's k, v split into heads (views)        the same values, contiguous
     mlp_forward/backward    swiglu, gelu (tanh), gelu_erf, relu              fused elementwise work over the pool
     cross_entropy           softmax kept for backward                         one pass; the logits' memory reused
     adamw_update            npllm.optim                                       chunked over the pool (the same bits)
 
 Attention dropout (cfg.attn_dropout in training) is the reference's alone: a forward with it runs the reference
-attention, whose backward its cache then names.
+attention (``attention_ops(cfg, dropout)``), whose backward its cache then names. Self- and cross-attention take the
+same arguments in both sets (the flash functions accept dropout_rate=0 and the dropout coordinates, unused), so a
+model passes one set of arguments to whichever ran.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ IMPLS = ("fast", "reference")
 REFERENCE = SimpleNamespace(
     norm_forward=norm.norm_forward, norm_backward=norm.norm_backward,
     attention_forward=attention.attention_forward, attention_backward=attention.attention_backward,
+    cross_attention_forward=attention.cross_attention_forward,
+    cross_attention_backward=attention.cross_attention_backward,
+    cross_attention_kv=attention.cross_attention_kv,
     mlp_forward=mlp.mlp_forward, mlp_backward=mlp.mlp_backward,
     cross_entropy_forward=tensor.vocab_parallel_cross_entropy_forward,
     cross_entropy_backward=tensor.vocab_parallel_cross_entropy_backward,
@@ -44,6 +51,9 @@ FAST = SimpleNamespace(
     norm_forward=fast_norm.norm_forward, norm_backward=fast_norm.norm_backward,
     attention_forward=fast_attention.flash_attention_forward,
     attention_backward=fast_attention.flash_attention_backward,
+    cross_attention_forward=fast_attention.flash_cross_attention_forward,
+    cross_attention_backward=fast_attention.flash_cross_attention_backward,
+    cross_attention_kv=fast_attention.flash_cross_attention_kv,
     mlp_forward=fast_mlp.mlp_forward, mlp_backward=fast_mlp.mlp_backward,
     cross_entropy_forward=fast_loss.vocab_parallel_cross_entropy_forward,
     cross_entropy_backward=fast_loss.vocab_parallel_cross_entropy_backward,
@@ -55,3 +65,9 @@ FAST = SimpleNamespace(
 def ops(cfg) -> SimpleNamespace:
     """The layer functions of ``cfg.impl``."""
     return FAST if cfg.impl == "fast" else REFERENCE
+
+
+def attention_ops(cfg, dropout=None) -> SimpleNamespace:
+    """The functions a forward's attentions run: ops(cfg), but the reference's when ``dropout`` (a
+    npllm.layers.dropout.Dropout, or None) drops attention probabilities, which only the reference forms."""
+    return REFERENCE if dropout is not None and dropout.attn_rate else ops(cfg)

@@ -1,5 +1,6 @@
 """The encoder-decoder Transformer (Vaswani et al. 2017) with exactly torch.nn.Transformer's layer math: parameters,
-forward and backward composed from ``npllm.layers``, teacher-forced cross-entropy, and cached greedy / beam decoding.
+forward and backward composed from the layers of ``ops(cfg)`` (npllm/fast or npllm/layers), teacher-forced
+cross-entropy, and cached greedy / beam decoding.
 
     x      = drop(emb[src] * sqrt(C) + PE[0:S])                       the source, (B, S, C)
     x      = encoder layer l (x), l = 0 .. L-1                         bidirectional self-attention, FFN
@@ -27,6 +28,11 @@ Batches are dicts (npllm/pairs.py makes them): src (B, S) int, src_mask (B, S) b
 position is never a key (encoder self-attention, cross-attention); a padded target position is never a key of the
 decoder's self-attention and never a target.
 
+Every layer runs ``ops(cfg)`` (npllm/models/ops.py): the fast paths by default (flash self-attention, causal or
+with the source's key mask, flash cross-attention, the fused FFN with its hidden dropout, norms and loss), the
+reference layers with cfg.impl = "reference". A training forward with attention dropout runs the reference
+attentions, the only ones that form the probabilities they drop (ops.attention_ops); each cache names what ran.
+
 Tensor parallelism as in decoder.py: heads, hidden units and the vocabulary are split, each branch reads
 h = copy_to_tp(h) (f) and writes reduce_from_tp(.) (g) + its output bias. The memory is replicated and feeds every
 rank's cross-attention keys/values through one f (memory_tp = copy_to_tp(memory)), whose backward all-reduces the
@@ -42,17 +48,8 @@ import numpy as np
 from ..backend import asnumpy, get_array_module
 from ..checks import check_int, check_number
 from ..config import ModelConfig
-from ..layers.attention import (
-    attention_backward,
-    attention_forward,
-    cross_attention_backward,
-    cross_attention_forward,
-    cross_attention_kv,
-)
 from ..layers.dropout import dropout_backward
 from ..layers.linear import linear_backward, linear_forward
-from ..layers.mlp import mlp_backward, mlp_forward
-from ..layers.norm import norm_backward, norm_forward
 from ..layers.positions import sinusoidal_table
 from ..parallel.comm import LocalComm
 from ..parallel.mappings import (
@@ -63,13 +60,12 @@ from ..parallel.mappings import (
 )
 from ..parallel.tensor import (
     check_tp_divides,
-    vocab_parallel_cross_entropy_backward,
-    vocab_parallel_cross_entropy_forward,
     vocab_parallel_embedding_backward,
     vocab_parallel_embedding_forward,
 )
 from ..sampling import log_softmax
 from .decoder import _put_grads, _without, sub_params
+from .ops import attention_ops, ops
 from .spec import ParamSpec, shapes_of, shard_shapes_of
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,32 +207,32 @@ def _embed_backward(dx, cache, tp):
     return g["w"]  # (V_tp, C)
 
 
-def _residual_forward(cfg: ModelConfig, p_norm: dict, x, branch, dropout, layer: int, site: str):
-    """One sub-layer around ``branch`` (h -> (b, cache)), as torch's layers:
+def _residual_forward(cfg: ModelConfig, o, p_norm: dict, x, branch, dropout, layer: int, site: str):
+    """One sub-layer around ``branch`` (h -> (b, cache)), as torch's layers (o: the ops the norm runs):
     post-norm  y = norm(x + drop(branch(x)));   norm_first  y = x + drop(branch(norm(x)))."""
     if cfg.norm_first:
-        h, c_norm = norm_forward(cfg.norm, p_norm, x, cfg.norm_eps)  # (B, T, C)
+        h, c_norm = o.norm_forward(cfg.norm, p_norm, x, cfg.norm_eps)  # (B, T, C)
         b, c_branch = branch(h)  # (B, T, C)
         b, c_drop = _drop(dropout, b, layer, site)  # (B, T, C)
         y = x + b  # (B, T, C)
     else:
         b, c_branch = branch(x)  # (B, T, C)
         b, c_drop = _drop(dropout, b, layer, site)  # (B, T, C)
-        y, c_norm = norm_forward(cfg.norm, p_norm, x + b, cfg.norm_eps)  # (B, T, C)
+        y, c_norm = o.norm_forward(cfg.norm, p_norm, x + b, cfg.norm_eps)  # (B, T, C)
     return y, (c_norm, c_branch, c_drop)
 
 
-def _residual_backward(cfg: ModelConfig, dy, cache, branch_backward):
+def _residual_backward(cfg: ModelConfig, o, dy, cache, branch_backward):
     """Backward of _residual_forward: dy (B, T, C) -> (dx, norm grads, what branch_backward(db, c_branch) returned
     after its dh: its grads, and dmemory for cross-attention)."""
     c_norm, c_branch, c_drop = cache
     if cfg.norm_first:  # forward was y = x + drop(b), b = branch(h), h = norm(x)
         db, _ = dropout_backward(dy, c_drop)  # (B, T, C)
         dh, *rest = branch_backward(db, c_branch)  # (B, T, C)
-        dx_branch, g_norm = norm_backward(cfg.norm, dh, c_norm)  # (B, T, C)
+        dx_branch, g_norm = o.norm_backward(cfg.norm, dh, c_norm)  # (B, T, C)
         dx = dy + dx_branch  # (B, T, C): the residual path plus the branch's
     else:  # forward was y = norm(z), z = x + drop(b), b = branch(x)
-        dz, g_norm = norm_backward(cfg.norm, dy, c_norm)  # (B, T, C): every path from y to x passes the norm
+        dz, g_norm = o.norm_backward(cfg.norm, dy, c_norm)  # (B, T, C): every path from y to x passes the norm
         db, _ = dropout_backward(dz, c_drop)  # (B, T, C)
         dx_branch, *rest = branch_backward(db, c_branch)  # (B, T, C)
         dx = dz + dx_branch  # (B, T, C)
@@ -247,59 +243,61 @@ def _bias_grad(db):
     return db.reshape(-1, db.shape[-1]).sum(axis=0)  # (C,)
 
 
-def _self_attention_branch(p: dict, NH_tp: int, NKV_tp: int, tp, **kwargs):
-    """h -> g(attention(f(h))) + bo, this rank's heads (kwargs: causal, key_mask, past_kv, dropout)."""
+def _self_attention_branch(attention, p: dict, NH_tp: int, NKV_tp: int, tp, **kwargs):
+    """h -> g(attention(f(h))) + bo, this rank's heads (attention: the ops it runs; kwargs: causal, key_mask,
+    past_kv, dropout)."""
     def forward(h):
-        a, c = attention_forward(_without(p, "bo"), copy_to_tp(h, tp), NH_tp, NKV_tp, **kwargs)  # (B, T, C)
+        a, c = attention.attention_forward(_without(p, "bo"), copy_to_tp(h, tp), NH_tp, NKV_tp, **kwargs)  # (B, T, C)
         a = reduce_from_tp(a, tp)  # (B, T, C) g: the sum over the ranks' heads
         return (a + p["bo"] if "bo" in p else a), c  # bo added once, after the sum
     return forward
 
 
-def _self_attention_backward(tp, bias: bool):
+def _self_attention_backward(attention, tp, bias: bool):
     def backward(da, c):
         """forward was a = g(attention(f(h))) + bo."""
-        dh, g = attention_backward(reduce_from_tp_backward(da, tp), c)  # (B, T, C) this rank's heads' part
+        dh, g = attention.attention_backward(reduce_from_tp_backward(da, tp), c)  # (B, T, C) this rank's heads' part
         if bias:
             g["bo"] = _bias_grad(da)
         return copy_to_tp_backward(dh, tp), g  # f's backward: the sum over ranks
     return backward
 
 
-def _cross_attention_branch(p: dict, memory_tp, NH_tp: int, NKV_tp: int, tp, **kwargs):
+def _cross_attention_branch(attention, p: dict, memory_tp, NH_tp: int, NKV_tp: int, tp, **kwargs):
     """h -> g(cross_attention(f(h), memory_tp)) + bo (kwargs: memory_mask, memory_kv, dropout)."""
     def forward(h):
-        a, c = cross_attention_forward(_without(p, "bo"), copy_to_tp(h, tp), memory_tp, NH_tp, NKV_tp,
-                                       **kwargs)  # (B, T, C) this rank's heads
+        a, c = attention.cross_attention_forward(_without(p, "bo"), copy_to_tp(h, tp), memory_tp, NH_tp, NKV_tp,
+                                                 **kwargs)  # (B, T, C) this rank's heads
         a = reduce_from_tp(a, tp)  # (B, T, C) g
         return (a + p["bo"] if "bo" in p else a), c
     return forward
 
 
-def _cross_attention_backward(tp, bias: bool):
+def _cross_attention_backward(attention, tp, bias: bool):
     def backward(da, c):
         """forward was a = g(cross_attention(f(h), memory_tp)) + bo: the queries' path leads to h, the keys' and
         values' to memory_tp (this rank's heads' part of dmemory; the model sums it over layers and ranks)."""
-        dh, dmemory_part, g = cross_attention_backward(reduce_from_tp_backward(da, tp), c)  # (B, T, C), (B, S, C)
+        dh, dmemory_part, g = attention.cross_attention_backward(reduce_from_tp_backward(da, tp),
+                                                                 c)  # (B, T, C), (B, S, C)
         if bias:
             g["bo"] = _bias_grad(da)
         return copy_to_tp_backward(dh, tp), g, dmemory_part
     return backward
 
 
-def _mlp_branch(cfg: ModelConfig, p: dict, tp, **hidden_dropout):
+def _mlp_branch(cfg: ModelConfig, o, p: dict, tp, **hidden_dropout):
     """h -> g(mlp(f(h))) + b2, this rank's hidden units (hidden_dropout: dropout inside, after the activation)."""
     def forward(h):
-        m, c = mlp_forward(cfg.mlp, _without(p, "b2"), copy_to_tp(h, tp), **hidden_dropout)  # (B, T, C)
+        m, c = o.mlp_forward(cfg.mlp, _without(p, "b2"), copy_to_tp(h, tp), **hidden_dropout)  # (B, T, C)
         m = reduce_from_tp(m, tp)  # (B, T, C) g
         return (m + p["b2"] if "b2" in p else m), c
     return forward
 
 
-def _mlp_backward(cfg: ModelConfig, tp):
+def _mlp_backward(cfg: ModelConfig, o, tp):
     def backward(dm, c):
         """forward was m = g(mlp(f(h))) + b2."""
-        dh, g = mlp_backward(cfg.mlp, reduce_from_tp_backward(dm, tp), c)  # (B, T, C)
+        dh, g = o.mlp_backward(cfg.mlp, reduce_from_tp_backward(dm, tp), c)  # (B, T, C)
         if cfg.bias:
             g["b2"] = _bias_grad(dm)
         return copy_to_tp_backward(dh, tp), g
@@ -349,36 +347,39 @@ def encoder_forward(params: dict, src, src_mask, cfg: ModelConfig, tp=None, drop
     _check_mask("src_mask", src_mask, src.shape)
     NH_tp, NKV_tp, F_tp = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size, cfg.ffn_dim // tp.size
     src_name, _ = embedding_names(cfg)
+    o = ops(cfg)  # the fast paths, or the reference layers (npllm/models/ops.py)
+    attention = attention_ops(cfg, dropout)  # o, or the reference under attention dropout
     x, c_emb = _embed_forward(params[src_name], src, cfg, tp, dropout, "enc.embed")  # (B, S, C)
     layers = []
     for l in range(cfg.n_layers):
         pre = f"enc.{l}"
-        attn = _self_attention_branch(sub_params(params, pre + ".attn"), NH_tp, NKV_tp, tp, causal=False,
+        attn = _self_attention_branch(attention, sub_params(params, pre + ".attn"), NH_tp, NKV_tp, tp, causal=False,
                                       key_mask=src_mask, **_attn_dropout(dropout, l, "enc.attn_probs", tp.rank * NH_tp))
-        x, c_attn = _residual_forward(cfg, sub_params(params, pre + ".attn_norm"), x, attn, dropout, l,
+        x, c_attn = _residual_forward(cfg, o, sub_params(params, pre + ".attn_norm"), x, attn, dropout, l,
                                       "enc.attn_out")  # (B, S, C)
-        mlp = _mlp_branch(cfg, sub_params(params, pre + ".mlp"), tp,
+        mlp = _mlp_branch(cfg, o, sub_params(params, pre + ".mlp"), tp,
                           **_hidden_dropout(dropout, l, "enc.mlp_hidden", tp.rank * F_tp))
-        x, c_mlp = _residual_forward(cfg, sub_params(params, pre + ".mlp_norm"), x, mlp, dropout, l,
+        x, c_mlp = _residual_forward(cfg, o, sub_params(params, pre + ".mlp_norm"), x, mlp, dropout, l,
                                      "enc.mlp_out")  # (B, S, C)
         layers.append((c_attn, c_mlp))
-    memory, c_norm = norm_forward(cfg.norm, sub_params(params, "enc_norm"), x, cfg.norm_eps)  # (B, S, C)
-    return memory, dict(emb=c_emb, layers=layers, norm=c_norm, tp=tp)
+    memory, c_norm = o.norm_forward(cfg.norm, sub_params(params, "enc_norm"), x, cfg.norm_eps)  # (B, S, C)
+    return memory, dict(emb=c_emb, layers=layers, norm=c_norm, tp=tp, ops=o, attention=attention)
 
 
 def encoder_backward(dmemory, cache, cfg: ModelConfig) -> tuple[dict, object]:
     """dmemory (B, S, C) -> (grads of the encoder's layers and enc_norm, the source table's (V_tp, C) gradient)."""
-    tp = cache["tp"]
+    tp, o, attention = cache["tp"], cache["ops"], cache["attention"]  # the functions the forward ran
     grads: dict = {}
-    dx, g = norm_backward(cfg.norm, dmemory, cache["norm"])  # forward was memory = enc_norm(x)
+    dx, g = o.norm_backward(cfg.norm, dmemory, cache["norm"])  # forward was memory = enc_norm(x)
     _put_grads(grads, "enc_norm", g)
     for l in reversed(range(cfg.n_layers)):
         pre = f"enc.{l}"
         c_attn, c_mlp = cache["layers"][l]
-        dx, g_norm, g = _residual_backward(cfg, dx, c_mlp, _mlp_backward(cfg, tp))  # (B, S, C)
+        dx, g_norm, g = _residual_backward(cfg, o, dx, c_mlp, _mlp_backward(cfg, o, tp))  # (B, S, C)
         _put_grads(grads, pre + ".mlp_norm", g_norm)
         _put_grads(grads, pre + ".mlp", g)
-        dx, g_norm, g = _residual_backward(cfg, dx, c_attn, _self_attention_backward(tp, cfg.bias))  # (B, S, C)
+        dx, g_norm, g = _residual_backward(cfg, o, dx, c_attn,
+                                           _self_attention_backward(attention, tp, cfg.bias))  # (B, S, C)
         _put_grads(grads, pre + ".attn_norm", g_norm)
         _put_grads(grads, pre + ".attn", g)
     return grads, _embed_backward(dx, cache["emb"], tp)
@@ -406,54 +407,59 @@ def decoder_forward(params: dict, tokens, memory, src_mask, tgt_mask, cfg: Model
         raise ValueError("tgt_mask is for training; cached decoding (past_kv) takes none (every token is real)")
     NH_tp, NKV_tp, F_tp = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size, cfg.ffn_dim // tp.size
     _, tgt_name = embedding_names(cfg)
+    o = ops(cfg)  # the fast paths, or the reference layers (npllm/models/ops.py)
+    attention = attention_ops(cfg, dropout)  # o, or the reference under attention dropout
     y, c_emb = _embed_forward(params[tgt_name], tokens, cfg, tp, dropout, "dec.embed", T_past)  # (B, T, C)
     memory_tp = None if memory is None else copy_to_tp(memory, tp)  # (B, S, C) f, once for every layer's k/v
     layers, present_kv = [], []
     for l in range(cfg.n_decoder_layers):
         pre = f"dec.{l}"
-        attn = _self_attention_branch(sub_params(params, pre + ".self"), NH_tp, NKV_tp, tp, causal=True,
+        attn = _self_attention_branch(attention, sub_params(params, pre + ".self"), NH_tp, NKV_tp, tp, causal=True,
                                       key_mask=tgt_mask, past_kv=None if past_kv is None else past_kv[l],
                                       **_attn_dropout(dropout, l, "dec.attn_probs", tp.rank * NH_tp))
-        y, c_self = _residual_forward(cfg, sub_params(params, pre + ".self_norm"), y, attn, dropout, l,
+        y, c_self = _residual_forward(cfg, o, sub_params(params, pre + ".self_norm"), y, attn, dropout, l,
                                       "dec.attn_out")  # (B, T, C)
-        cross = _cross_attention_branch(sub_params(params, pre + ".cross"), memory_tp, NH_tp, NKV_tp, tp,
+        cross = _cross_attention_branch(attention, sub_params(params, pre + ".cross"), memory_tp, NH_tp, NKV_tp, tp,
                                         memory_mask=src_mask, memory_kv=None if memory_kv is None else memory_kv[l],
                                         **_attn_dropout(dropout, l, "dec.cross_probs", tp.rank * NH_tp))
-        y, c_cross = _residual_forward(cfg, sub_params(params, pre + ".cross_norm"), y, cross, dropout, l,
+        y, c_cross = _residual_forward(cfg, o, sub_params(params, pre + ".cross_norm"), y, cross, dropout, l,
                                        "dec.cross_out")  # (B, T, C)
-        mlp = _mlp_branch(cfg, sub_params(params, pre + ".mlp"), tp,
+        mlp = _mlp_branch(cfg, o, sub_params(params, pre + ".mlp"), tp,
                           **_hidden_dropout(dropout, l, "dec.mlp_hidden", tp.rank * F_tp))
-        y, c_mlp = _residual_forward(cfg, sub_params(params, pre + ".mlp_norm"), y, mlp, dropout, l,
+        y, c_mlp = _residual_forward(cfg, o, sub_params(params, pre + ".mlp_norm"), y, mlp, dropout, l,
                                      "dec.mlp_out")  # (B, T, C)
         layers.append((c_self, c_cross, c_mlp))
         present_kv.append((c_self[1]["k"], c_self[1]["v"]))  # each (B, NKV_tp, T_past + T, hs)
-    y, c_norm = norm_forward(cfg.norm, sub_params(params, "dec_norm"), y, cfg.norm_eps)  # (B, T, C)
+    y, c_norm = o.norm_forward(cfg.norm, sub_params(params, "dec_norm"), y, cfg.norm_eps)  # (B, T, C)
     w_head = params[tgt_name].T if cfg.tie_embeddings else params["lm_head"]  # (C, V_tp)
     logits, c_head = linear_forward({"w": w_head}, copy_to_tp(y, tp))  # (B, T, V_tp) f: each rank its slice
-    return logits, dict(emb=c_emb, layers=layers, norm=c_norm, head=c_head, present_kv=present_kv, tp=tp)
+    return logits, dict(emb=c_emb, layers=layers, norm=c_norm, head=c_head, present_kv=present_kv, tp=tp, ops=o,
+                        attention=attention)
 
 
 def decoder_backward(dlogits, cache, cfg: ModelConfig) -> tuple[dict, object, object, object]:
     """dlogits (B, T, V_tp) -> (grads of the decoder's layers and dec_norm, the target table's (V_tp, C) lookup
     gradient, the head's weight gradient (C, V_tp), dmemory (B, S, C) summed over the layers and the ranks)."""
-    tp = cache["tp"]
+    tp, o, attention = cache["tp"], cache["ops"], cache["attention"]  # the functions the forward ran
     grads: dict = {}
     dh, g_head = linear_backward(dlogits, cache["head"])  # (B, T, C) this rank's vocabulary slice's term
     dy = copy_to_tp_backward(dh, tp)  # (B, T, C) f's backward: the sum over slices
-    dy, g = norm_backward(cfg.norm, dy, cache["norm"])  # forward was out = dec_norm(y)
+    dy, g = o.norm_backward(cfg.norm, dy, cache["norm"])  # forward was out = dec_norm(y)
     _put_grads(grads, "dec_norm", g)
     dmemory_tp = None  # (B, S, C): the sum over decoder layers of what each cross-attention sends the memory
     for l in reversed(range(cfg.n_decoder_layers)):
         pre = f"dec.{l}"
         c_self, c_cross, c_mlp = cache["layers"][l]
-        dy, g_norm, g = _residual_backward(cfg, dy, c_mlp, _mlp_backward(cfg, tp))  # (B, T, C)
+        dy, g_norm, g = _residual_backward(cfg, o, dy, c_mlp, _mlp_backward(cfg, o, tp))  # (B, T, C)
         _put_grads(grads, pre + ".mlp_norm", g_norm)
         _put_grads(grads, pre + ".mlp", g)
-        dy, g_norm, g, dmemory_l = _residual_backward(cfg, dy, c_cross, _cross_attention_backward(tp, cfg.bias))
+        dy, g_norm, g, dmemory_l = _residual_backward(cfg, o, dy, c_cross,
+                                                      _cross_attention_backward(attention, tp, cfg.bias))
         _put_grads(grads, pre + ".cross_norm", g_norm)
         _put_grads(grads, pre + ".cross", g)
         dmemory_tp = dmemory_l if dmemory_tp is None else dmemory_tp + dmemory_l  # (B, S, C) every layer reads it
-        dy, g_norm, g = _residual_backward(cfg, dy, c_self, _self_attention_backward(tp, cfg.bias))  # (B, T, C)
+        dy, g_norm, g = _residual_backward(cfg, o, dy, c_self,
+                                           _self_attention_backward(attention, tp, cfg.bias))  # (B, T, C)
         _put_grads(grads, pre + ".self_norm", g_norm)
         _put_grads(grads, pre + ".self", g)
     dmemory = copy_to_tp_backward(dmemory_tp, tp)  # (B, S, C) forward was memory_tp = f(memory): all-reduce
@@ -524,8 +530,10 @@ def batch_loss_and_grads(params: dict, batch: dict, cfg: ModelConfig, tp=None, d
     rank and the grads are this rank's shards; the loss is the vocabulary-parallel one."""
     logits, cache = model_forward(params, batch, cfg, tp=tp, dropout=dropout)  # (B, T, V_tp)
     xp = get_array_module(logits)
-    loss, loss_cache = vocab_parallel_cross_entropy_forward(logits, xp.asarray(batch["targets"]), cache["tp"])
-    dlogits, _ = vocab_parallel_cross_entropy_backward(1.0, loss_cache)  # (B, T, V_tp)
+    o = ops(cfg)
+    loss, loss_cache = o.training_loss_forward(logits, xp.asarray(batch["targets"]),
+                                               cache["tp"])  # the fast one works in the logits' memory
+    dlogits, _ = o.cross_entropy_backward(1.0, loss_cache)  # (B, T, V_tp)
     return loss, model_backward(dlogits, cache, cfg)
 
 
@@ -533,7 +541,7 @@ def batch_loss(params: dict, batch: dict, cfg: ModelConfig, tp=None) -> float:
     """The mean loss of a batch, forward only, no dropout (validation)."""
     logits, cache = model_forward(params, batch, cfg, tp=tp)  # (B, T, V_tp)
     xp = get_array_module(logits)
-    loss, _ = vocab_parallel_cross_entropy_forward(logits, xp.asarray(batch["targets"]), cache["tp"])
+    loss, _ = ops(cfg).cross_entropy_forward(logits, xp.asarray(batch["targets"]), cache["tp"])
     return loss
 
 
@@ -551,6 +559,7 @@ def encode(params: dict, src, src_mask, cfg: ModelConfig):
 def cross_attention_kvs(params: dict, memory, cfg: ModelConfig) -> list:
     """Every decoder layer's cross-attention keys and values of the memory, L_dec x (k, v) each (B, NKV, S, hs):
     computed once per source, then read by every decoding step (decoder_forward's memory_kv)."""
+    cross_attention_kv = ops(cfg).cross_attention_kv
     return [cross_attention_kv(sub_params(params, f"dec.{l}.cross"), memory, cfg.n_kv_heads)
             for l in range(cfg.n_decoder_layers)]
 
