@@ -16,6 +16,9 @@ ARCHS = ("decoder", "encoder", "encoder-decoder")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu", "gelu_erf", "relu")
 POSITIONS = ("rope", "learned", "sinusoidal")  # sinusoidal: the fixed table of Vaswani et al. (encoder-decoder)
+RECOMPUTE = ("none", "attention", "block")  # what the decoder's backward recomputes instead of keeping (decoder.py)
+# how the model runs, not what it computes: a resumed run or --init_from may change these (all else of the model not)
+EXECUTION_FIELDS = ("impl", "recompute")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ModelConfig:
     pad_id: int | None = None  # the padding token: never attended to, never a target (encoder, encoder-decoder)
     mask_id: int | None = None  # encoder: the [MASK] token of the masked-language-model objective
     impl: str = "fast"  # "fast" (npllm/fast: flash attention, fused all-core elementwise work) or "reference"
+    recompute: str = "none"  # decoder training: "none", or redo each "attention" / "block" in backward (less memory)
     share_embeddings: bool = False  # encoder-decoder: one tok_emb for source and target (else src_emb and tgt_emb)
 
     def __post_init__(self):
@@ -56,6 +60,9 @@ class ModelConfig:
         check_number("rope_theta", self.rope_theta, 0, low_open=True)
         check_choice("arch", self.arch, ARCHS)
         check_choice("impl", self.impl, ("fast", "reference"))
+        check_choice("recompute", self.recompute, RECOMPUTE)
+        if self.recompute != "none" and self.arch != "decoder":
+            raise ValueError(f"recompute={self.recompute!r} is for arch='decoder' only; use 'none'")
         check_int("n_decoder_layers", self.n_decoder_layers, 1 if self.arch == "encoder-decoder" else 0)
         if self.arch != "encoder-decoder" and self.n_decoder_layers:
             raise ValueError(f"n_decoder_layers={self.n_decoder_layers} is for arch='encoder-decoder' only; use 0")

@@ -10,6 +10,8 @@ run's dtype; every count is this rank's shard: NH_tp = NH / tp, NKV_tp = NKV / t
                    (zero=1: the largest share over the dp ranks, ``dp_partition``)              2 * P_own * s
     activations    exactly what the layers' caches keep for the backward pass (below), plus the
                    logits (and, on the reference path, their softmax and dlogits beside them)
+    recomputed     under --recompute, the caches the backward rebuilds for one block at a time
+                   (below); 0 with recompute="none"
     working        the largest short-lived temporaries of one block's backward: the reference
                    attention's (B, NH_tp, T, T) dP, ds and one product (3 of them), or SwiGLU's
                    F-wide products (5; GELU 3); the fast paths: the flash core's q, do, dq over
@@ -28,7 +30,8 @@ run's dtype; every count is this rank's shard: NH_tp = NH / tp, NKV_tp = NKV / t
 
     peak ~ max(weights + init temporary,                                       start of a fresh run
                weights + moments + max(activations + loss temporary,           end of the forward pass
-                                       activations + gradients + working,      backward
+                                       activations + recomputed + gradients
+                                       + working,                              backward
                                        gradients + max(comm buffers,           optimizer step
                                                        AdamW scratch)))
 tests/test_memory.py measures the peak of real steps with tracemalloc and compares it with this sum.
@@ -49,8 +52,15 @@ logits, softmax probabilities and dlogits (B, T, V_tp) x 3 (reference), or the l
 and sum (B, T) x 2 (fast); and the integer/boolean bookkeeping of the embedding and the loss: int64 (B, T) ids x 2,
 bool (B, T) x 3 (none of it depends on s). ``tests/test_memory.py`` walks the real caches of ``model_forward`` and
 checks this count to the byte. Not counted: the token batch, the Python objects, the BLAS library's own buffers,
-a tensor-parallel rank's (B, T) rescale factors in the fast loss, and for ``--device cuda`` the CuPy memory pool's
-rounding.
+a tensor-parallel rank's (B, T) rescale factors in the fast loss, dropout's boolean masks, and for ``--device cuda``
+the CuPy memory pool's rounding.
+
+Activation recomputation (cfg.recompute, ``--recompute``; npllm/models/decoder.py) changes what each block keeps:
+    "none"        the caches above, every block                                       recomputed = 0
+    "attention"   all but the attention's internals q, k, v, o and P (or L), every block; the backward rebuilds
+                  them for one block at a time     recomputed = 2 BT NH_tp hs + 2 BT NKV_tp hs + B NH_tp T^2 (or T)
+    "block"       only each block's input x (B, T, C), BTC per block; the backward reruns one block's forward at
+                  a time                                                  recomputed = one block's caches above
 """
 
 from __future__ import annotations
@@ -72,15 +82,40 @@ CUDA_DEVICE_MEMORY_GIB = 80.0  # the default device memory for --device cuda: an
 
 
 def layer_activation_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: int) -> int:
-    """Bytes one transformer block's forward caches keep for its backward pass (module docstring)."""
-    C, hs = cfg.dim, cfg.head_dim
-    NH_tp, NKV_tp, F_tp = cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.ffn_dim // tp
+    """Bytes of one transformer block's full caches for its backward pass (module docstring): what every block keeps
+    with recompute="none"."""
+    C = cfg.dim
     norms = 2 * (B * T * C + B * T)  # xhat and rstd, before attention and before the MLP
-    attention = B * T * C + 2 * B * T * NH_tp * hs + 2 * B * T * NKV_tp * hs  # x, q, o, k, v
+    attention = B * T * C  # x, the attention's input; its internals below
+    mlp = B * T * C + (5 if cfg.mlp == "swiglu" else 3) * B * T * (cfg.ffn_dim // tp)
+    return (norms + attention + mlp) * itemsize + attention_internal_bytes(cfg, B, T, tp, itemsize)
+
+
+def attention_internal_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: int) -> int:
+    """Bytes of one attention's cache beyond its input: q, k, v, o, and P (reference) or the row logsumexp L (fast).
+    What recompute="attention" drops in the forward and rebuilds, one layer at a time, in the backward."""
+    hs, NH_tp, NKV_tp = cfg.head_dim, cfg.n_heads // tp, cfg.n_kv_heads // tp
+    internals = 2 * B * T * NH_tp * hs + 2 * B * T * NKV_tp * hs  # q, o; k, v
     # the reference keeps the softmax P (B, NH_tp, T, T); the flash path only each row's logsumexp L (B, NH_tp, T)
-    attention += B * NH_tp * T * (T if cfg.impl == "reference" else 1)
-    mlp = B * T * C + (5 if cfg.mlp == "swiglu" else 3) * B * T * F_tp
-    return (norms + attention + mlp) * itemsize
+    internals += B * NH_tp * T * (T if cfg.impl == "reference" else 1)
+    return internals * itemsize
+
+
+def kept_layer_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: int) -> int:
+    """Bytes the forward keeps of one block until its backward, by cfg.recompute: all its caches ("none"), all but
+    the attention's internals ("attention"), or only the block's input x (B, T, C) ("block")."""
+    if cfg.recompute == "block":
+        return B * T * cfg.dim * itemsize
+    full = layer_activation_bytes(cfg, B, T, tp, itemsize)
+    return full - attention_internal_bytes(cfg, B, T, tp, itemsize) if cfg.recompute == "attention" else full
+
+
+def recomputed_bytes(cfg: ModelConfig, B: int, T: int, tp: int = 1, itemsize: int = 4) -> int:
+    """Bytes the backward rebuilds for one block at a time under cfg.recompute (freed after that block's backward):
+    nothing ("none"), the attention's internals ("attention"), the block's full caches ("block")."""
+    if cfg.recompute == "block":
+        return layer_activation_bytes(cfg, B, T, tp, itemsize)
+    return attention_internal_bytes(cfg, B, T, tp, itemsize) if cfg.recompute == "attention" else 0
 
 
 def model_activation_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: int) -> int:
@@ -102,9 +137,9 @@ def model_activation_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: 
 
 
 def activation_bytes(cfg: ModelConfig, B: int, T: int, tp: int = 1, itemsize: int = 4) -> int:
-    """Bytes of every activation that lives through the backward pass of one micro-batch of B rows of T tokens."""
-    return cfg.n_layers * layer_activation_bytes(cfg, B, T, tp, itemsize) + model_activation_bytes(cfg, B, T, tp,
-                                                                                                    itemsize)
+    """Bytes of every activation that lives through the backward pass of one micro-batch of B rows of T tokens (what
+    the forward keeps; under recompute the backward adds ``recomputed_bytes`` for one block at a time)."""
+    return cfg.n_layers * kept_layer_bytes(cfg, B, T, tp, itemsize) + model_activation_bytes(cfg, B, T, tp, itemsize)
 
 
 def working_bytes(cfg: ModelConfig, B: int, T: int, tp: int, itemsize: int) -> int:
@@ -146,6 +181,7 @@ class MemoryPlan:
     gradients: int
     moments: int
     activations: int
+    recomputed: int  # one block's caches rebuilt during its backward (cfg.recompute); 0 with "none"
     working: int
     comm_buffers: int
     loss_temporary: int
@@ -155,7 +191,8 @@ class MemoryPlan:
     @property
     def peak(self) -> int:
         training = self.weights + self.moments + max(self.activations + self.loss_temporary,
-                                                     self.activations + self.gradients + self.working,
+                                                     self.activations + self.recomputed + self.gradients
+                                                     + self.working,
                                                      self.gradients + max(self.comm_buffers, self.adamw_scratch))
         return max(self.weights + self.init_temporary, training)
 
@@ -201,6 +238,7 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, zero: int = 0, dt
         micro_batches=micro_batches, seq_len=seq_len, params_per_rank=P_tp, replicated_per_rank=replicated,
         owned_per_rank=owned, weights=weights, gradients=grads * (2 if micro_batches > 1 else 1),
         moments=2 * owned * s_moment, activations=activation_bytes(cfg, B, seq_len, tp, s),
+        recomputed=recomputed_bytes(cfg, B, seq_len, tp, s),
         working=working_bytes(cfg, B, seq_len, tp, s), comm_buffers=comm,
         loss_temporary=B * seq_len * (cfg.vocab_size // tp) * s if cfg.impl == "reference" else 0,
         init_temporary=8 * max(math.prod(shape) for shape in param_shapes(cfg).values()),
@@ -225,7 +263,10 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) 
     cfg, B, T = plan.cfg, plan.batch_size // plan.micro_batches, plan.seq_len
     ranks = plan.tp * plan.dp
     s = np.dtype(plan.dtype).itemsize
-    P_bytes = cfg.n_layers * B * (cfg.n_heads // plan.tp) * T * T * s if cfg.impl == "reference" else 0
+    P_layers = cfg.n_layers if cfg.recompute == "none" else 0  # the blocks that keep P until their backward
+    P_bytes = P_layers * B * (cfg.n_heads // plan.tp) * T * T * s if cfg.impl == "reference" else 0
+    kept = {"none": "every block's caches", "attention": "every block's caches but the attention's internals",
+            "block": "each block's input x (B, T, C) only"}[cfg.recompute]
     fits = plan.peak <= device_memory_gib * GIB
     tokens_per_step = plan.batch_size * T * plan.dp
     return "\n".join([
@@ -240,9 +281,14 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) 
         _row("gradients", plan.gradients, "running sum + one micro-batch's" if plan.micro_batches > 1 else ""),
         _row("AdamW moments", plan.moments, f"m and v of {plan.owned_per_rank:,} parameters"
              + (" (this rank's ZeRO-1 share)" if plan.zero == 1 else "")),
-        _row("activations", plan.activations, f"caches kept for backward, B={B} T={T}; "
+        _row("activations", plan.activations, f"kept for backward, B={B} T={T}: {kept} "
+             f"(--recompute={cfg.recompute}); "
              + (f"attention's P (B, NH_tp, T, T) is {P_bytes / GIB:.2f} GiB of it" if P_bytes else
-                "flash attention keeps no T x T array (--impl=reference would)")),
+                "flash attention keeps no T x T array (--impl=reference would)" if cfg.impl == "fast" else
+                "the attention's P is recomputed")),
+        _row("recomputed", plan.recomputed, {"none": "none: --recompute=none keeps every cache",
+                                             "attention": "one attention's internals, rebuilt in its backward",
+                                             "block": "one block's caches, rebuilt in its backward"}[cfg.recompute]),
         _row("working", plan.working, "largest temporaries of one block's backward (estimate)"),
         _row("loss temporary", plan.loss_temporary, "exp(logits) next to the logits, end of forward"
              if plan.loss_temporary else "none: the fast loss works in the logits' own memory"),
@@ -251,7 +297,8 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) 
              if plan.dp > 1 else "none with dp=1"),
         _row("init temporary", plan.init_temporary, "the largest full tensor in float64, drawn whole then sliced"),
         _row("peak", plan.peak, "max(weights + init temporary, weights + moments + max(activations + loss "
-             "temporary, activations + gradients + working, gradients + max(comm buffers, AdamW scratch)))"),
+             "temporary, activations + recomputed + gradients + working, gradients + max(comm buffers, AdamW "
+             "scratch)))"),
         f"FLOPs per token: {plan.flops_per_token:,} (training = 3 x forward, matmuls, whole model; each tp rank does "
         f"1/{plan.tp}) | per step of {tokens_per_step:,} tokens: {plan.flops_per_token * tokens_per_step:.3e}",
         f"fits: {'yes' if fits else 'NO'}: {plan.peak / GIB:.2f} GiB per rank "

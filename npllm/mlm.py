@@ -22,8 +22,9 @@ Philox stream that dropout uses (npllm/layers/dropout.py):
     words   = philox4x64((0, t, 0, b), key)               four 64-bit words for global row b, position t
     chosen  = low32(words[0])  < round(0.15 * 2^32)       P = 0.15 up to 2^-33
     kind    = high32(words[0]):  < round(0.8 * 2^32) [MASK];  < round(0.9 * 2^32) random;  else unchanged
-    random  = random_low + (low32(words[1]) * n) >> 32    n = random_high - random_low: each id has probability
-                                                          floor or ceil of 2^32 / n over 2^32 (relative bias <= n / 2^32)
+    random  = random_low + (low32(words[1]) * n) >> 32    n = random_high - random_low: each id has
+                                                          probability floor or ceil of 2^32 / n over 2^32
+                                                          (relative bias <= n / 2^32)
 
 So a row's masks depend on nothing but the seed, the step and where the row sits in the step's global batch: a
 resumed run, a data-parallel run (rank r's rows are r*B ... r*B + B - 1) and a run split into micro-batches all

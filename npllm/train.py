@@ -39,7 +39,9 @@ import numpy as np
 from .backend import asnumpy, to_device, xp_for_device
 from .checkpoint import last_good_checkpoint, latest_checkpoint, save_checkpoint
 from .cli import one_line, report_error
-from .config import PRESETS, ModelConfig, TrainConfig, get_preset, options_help, parse_options, write_config_file
+from .config import (
+    EXECUTION_FIELDS, PRESETS, ModelConfig, TrainConfig, get_preset, options_help, parse_options, write_config_file,
+)
 from .batches import load_data, training_sampler, validation_batches
 from .data import TrainingData
 from .layers.dropout import Dropout
@@ -75,8 +77,10 @@ def build_configs(model_opts: dict, train_opts: dict, resumed_meta: RunMeta | No
                   init_cfg: ModelConfig | None = None) -> tuple[ModelConfig, TrainConfig]:
     """The run's (ModelConfig, TrainConfig): a preset plus overrides; a resumed run's configs plus overrides (the
     model may not change); or, with --init_from, that checkpoint's model and a new run."""
+    how = {k: v for k, v in model_opts.items() if k in EXECUTION_FIELDS}  # these may change on resume, --init_from
+    model_opts = {k: v for k, v in model_opts.items() if k not in EXECUTION_FIELDS}
     if resumed_meta is not None:
-        cfg, saved = resumed_meta.model_config, resumed_meta.train_config
+        cfg, saved = dataclasses.replace(resumed_meta.model_config, **how), resumed_meta.train_config
         changed = {k: v for k, v in model_opts.items() if getattr(cfg, k) != v}
         if changed:
             raise ValueError(f"cannot change the model when resuming: {changed} differs from the checkpoint's config")
@@ -94,7 +98,7 @@ def build_configs(model_opts: dict, train_opts: dict, resumed_meta: RunMeta | No
         if "preset" in train_opts:
             raise ValueError(f"--preset={train_opts['preset']} cannot be combined with {source}: the model is the "
                              f"checkpoint's")
-        cfg = init_cfg
+        cfg = dataclasses.replace(init_cfg, **how)
         changed = {k: v for k, v in model_opts.items() if getattr(cfg, k) != v}
         if changed:
             raise ValueError(f"cannot change the model of {source}: {changed} differs from the checkpoint's config "
@@ -102,7 +106,7 @@ def build_configs(model_opts: dict, train_opts: dict, resumed_meta: RunMeta | No
         tc = TrainConfig(**train_opts)
     else:
         tc = TrainConfig(**train_opts)
-        cfg = get_preset(tc.preset, **model_opts)
+        cfg = get_preset(tc.preset, **model_opts, **how)
     if "seq_len" not in train_opts and resumed_meta is None:
         tc = dataclasses.replace(tc, seq_len=min(tc.seq_len, cfg.max_seq_len))  # the default, capped by the model
     if tc.seq_len > cfg.max_seq_len:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from npllm.config import ModelConfig, TrainConfig, get_preset
-from npllm.memory import activation_bytes, plan_memory
+from npllm.memory import activation_bytes, plan_memory, recomputed_bytes
 from npllm.models import accumulate_loss_and_grads, init_params, split_axes
-from npllm.models.decoder import model_forward
+from npllm.models.decoder import model_forward, rebuild_for_backward
 from npllm.parallel.comm import make_comm
 from npllm.parallel.data import apply_update, init_optimizer, reduce_and_clip
 from npllm.models.ops import ops
@@ -27,24 +27,28 @@ from npllm.memory import dry_run_report
 REPO = Path(__file__).resolve().parents[1]
 
 
-def independent_7b_numbers(B: int, T: int, tp: int, impl: str = "fast") -> dict:
+def independent_7b_numbers(B: int, T: int, tp: int, impl: str = "fast", recompute: str = "none") -> dict:
     """The 7b preset's numbers per rank, written out by hand from the LLaMA-7B shapes (not from npllm). The reference
     attention keeps P, (B, H/tp, T, T) per layer, and the loss the logits, their softmax and dlogits; the fast
     attention keeps one logsumexp per row, (B, H/tp, T), and the fast loss the logits' one buffer plus the row max
-    and sum, (B, T) each."""
+    and sum, (B, T) each. recompute="attention" keeps a layer's all but q, k, v, o and P (or the logsumexp) and
+    rebuilds those for one layer in the backward; "block" keeps each layer's input (B, T, C) and rebuilds one whole
+    layer."""
     V, C, L, F, H, hs = 32000, 4096, 32, 11008, 32, 128
     per_layer = 4 * C * C + 3 * C * F + 2 * C  # wq wk wv wo, w1 w3 w2, two norm gains
     total = 2 * V * C + L * per_layer + C
     per_rank = 2 * (V // tp) * C + L * (4 * C * C // tp + 3 * C * F // tp + 2 * C) + C
     replicated = L * 2 * C + C
     per_row = T if impl == "reference" else 1  # P's T keys per query row, or its logsumexp
-    layer_act = (2 * (B * T * C + B * T) + B * T * C + 4 * B * T * (H // tp) * hs + B * (H // tp) * T * per_row
-                 + B * T * C + 5 * B * T * (F // tp))
+    attention_internals = 4 * B * T * (H // tp) * hs + B * (H // tp) * T * per_row  # q, k, v, o; P or L
+    layer_act = (2 * (B * T * C + B * T) + B * T * C + attention_internals + B * T * C + 5 * B * T * (F // tp))
+    kept, rebuilt = {"none": (layer_act, 0), "attention": (layer_act - attention_internals, attention_internals),
+                     "block": (B * T * C, layer_act)}[recompute]
     logits = 3 * B * T * (V // tp) if impl == "reference" else B * T * (V // tp) + 2 * B * T
     model_act = 4 * (2 * B * T * C + B * T + logits + 2 * T * hs) + 2 * 8 * B * T + 3 * B * T
     matmul_weights = total - V * C - replicated  # everything but the embedding lookup and the norm gains
-    return dict(total=total, per_rank=per_rank, replicated=replicated,
-                activations=4 * L * layer_act + model_act, flops_per_token=6 * matmul_weights + 12 * L * C * T)
+    return dict(total=total, per_rank=per_rank, replicated=replicated, activations=4 * L * kept + model_act,
+                recomputed=4 * rebuilt, flops_per_token=6 * matmul_weights + 12 * L * C * T)
 
 
 def dry_run(*options, limit_bytes=None) -> subprocess.CompletedProcess:
@@ -77,6 +81,7 @@ def test_dry_run_prints_the_7b_numbers_without_allocating(impl):
     assert number_after("weights", out) == number_after("gradients", out) == 4 * want["per_rank"]
     assert number_after("AdamW moments", out) == 2 * 4 * want["per_rank"]
     assert number_after("activations", out) == want["activations"]
+    assert number_after("recomputed", out) == 0
     assert f"FLOPs per token: {want['flops_per_token']:,}" in out
     assert number_after("init temporary", out) == 8 * 32000 * 4096  # tok_emb or lm_head, drawn whole in float64
     peak = number_after("peak", out)
@@ -84,6 +89,24 @@ def test_dry_run_prints_the_7b_numbers_without_allocating(impl):
     assert number_after("loss temporary", out) == (4 * 512 * (32000 // 8) * 4 if impl == "reference" else 0)
     assert ("attention's P (B, NH_tp, T, T)" in out) == (impl == "reference")
     assert ("fits: yes" in out) == (peak <= 24 * 2**30)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_dry_run_with_recompute_prints_the_smaller_activations(impl):
+    """--recompute=attention / block: the 7b run at T=4096 keeps fewer activations and one layer's rebuilt caches
+    (counted by hand above); the peak adds the rebuilt caches to the backward's sum."""
+    outs = {r: dry_run("--tp=8", "--batch_size=1", "--seq_len=4096", f"--impl={impl}", f"--recompute={r}").stdout
+            for r in ("none", "attention", "block")}
+    for recompute, out in outs.items():
+        want = independent_7b_numbers(1, 4096, 8, impl, recompute)
+        assert number_after("activations", out) == want["activations"], recompute
+        assert number_after("recomputed", out) == want["recomputed"], recompute
+        assert f"(--recompute={recompute})" in out
+        backward = want["activations"] + want["recomputed"] + 4 * want["per_rank"] + number_after("working", out)
+        assert number_after("peak", out) == 3 * 4 * want["per_rank"] + backward
+    activations = [number_after("activations", outs[r]) for r in ("none", "attention", "block")]
+    assert activations[0] > activations[1] > activations[2]
+    assert activations[2] < activations[0] / 5  # block: 2.2 GiB instead of 12.6 (fast), 2.3 of 20.7 (reference)
 
 
 def test_dry_run_zero1_and_the_fit():
@@ -133,20 +156,23 @@ def _arrays(obj, found: dict) -> None:
             _arrays(value, found)
 
 
+@pytest.mark.parametrize("recompute", ["none", "attention", "block"])
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("config", list(CACHE_CONFIGS))
-def test_activation_model_counts_the_caches_to_the_byte(config, dtype, tp, impl):
+def test_activation_model_counts_the_caches_to_the_byte(config, dtype, tp, impl, recompute):
     """Every array that model_forward's cache, the training loss's cache, the logits and dlogits hold (parameters and
-    the token batch aside), counted once: exactly npllm.memory.activation_bytes, on either implementation."""
-    cfg = dataclasses.replace(CACHE_CONFIGS[config], impl=impl)
+    the token batch aside), counted once: exactly npllm.memory.activation_bytes, on either implementation and under
+    each recompute choice; and the arrays that model_backward's rebuild of each block adds to them: exactly
+    npllm.memory.recomputed_bytes."""
+    cfg = dataclasses.replace(CACHE_CONFIGS[config], impl=impl, recompute=recompute)
     comm = FakeTP() if tp == 2 else make_comm(1).tp
     params = init_params(cfg, dtype=dtype, tp_rank=0, tp_size=tp)
     rng = np.random.default_rng(0)
     B, T = 3, 10
     tokens, targets = rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
-    logits, cache = model_forward(params, tokens, cfg, tp=comm)
+    logits, cache = model_forward(params, tokens, cfg, tp=comm, recompute=recompute)
     _, loss_cache = ops(cfg).training_loss_forward(logits, targets, comm)
     dlogits, _ = ops(cfg).cross_entropy_backward(1.0, loss_cache)
     found = {}
@@ -154,16 +180,28 @@ def test_activation_model_counts_the_caches_to_the_byte(config, dtype, tp, impl)
     for a in [*params.values(), tokens, targets]:
         found.pop(id(_owner(a)), None)
     assert sum(a.nbytes for a in found.values()) == activation_bytes(cfg, B, T, tp, np.dtype(dtype).itemsize)
+    for l in range(cfg.n_layers):
+        rebuilt = {}
+        _arrays(rebuild_for_backward(cache["layers"][l], params, l, cache["shared"]), rebuilt)
+        new = [a for key, a in rebuilt.items() if key not in found and not any(a is _owner(p) for p in params.values())]
+        assert sum(a.nbytes for a in new) == recomputed_bytes(cfg, B, T, tp, np.dtype(dtype).itemsize)
 
 
-@pytest.mark.parametrize("impl", ["fast", "reference"])
-@pytest.mark.parametrize("mlp, micro_batches", [("swiglu", 1), ("gelu", 1), ("swiglu", 2)])
-def test_peak_of_a_real_step_is_the_planned_peak(mlp, micro_batches, impl):
+PEAK_CASES = [(mlp, micro_batches, impl, "none") for impl in ("fast", "reference")
+              for mlp, micro_batches in (("swiglu", 1), ("gelu", 1), ("swiglu", 2))]
+PEAK_CASES += [("swiglu", 1, impl, recompute) for impl in ("fast", "reference") for recompute in ("attention", "block")]
+PEAK_CASES += [("gelu", 1, "fast", "block"), ("swiglu", 2, "fast", "block")]  # the full matrix: ~1 min more
+
+
+@pytest.mark.parametrize("mlp, micro_batches, impl, recompute", PEAK_CASES)
+def test_peak_of_a_real_step_is_the_planned_peak(mlp, micro_batches, impl, recompute):
     """tracemalloc's peak over one training step (forward, backward, clipping, AdamW), plus the weights and
-    moments allocated before it, is within 5% of MemoryPlan.peak (measured: 0.96-1.03 on the reference layers,
-    0.99-1.02 on the fast paths)."""
+    moments allocated before it, is within 5% of MemoryPlan.peak (measured: 0.96-1.04 on the reference layers,
+    0.99-1.03 on the fast paths). Under recompute the plan's peak is 5-20% lower (one block's caches rebuilt at a
+    time) and the measured peak follows it: the same bytes above or below the plan as with recompute="none"
+    (measured over all 18 combinations: 0.96-1.05)."""
     cfg = ModelConfig(vocab_size=2048, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=704, max_seq_len=128,
-                      mlp=mlp, norm="layernorm" if mlp == "gelu" else "rmsnorm", impl=impl)
+                      mlp=mlp, norm="layernorm" if mlp == "gelu" else "rmsnorm", impl=impl, recompute=recompute)
     B, T = 8, 128
     comm = make_comm(1)
     params = init_params(cfg, dtype=np.float32)

@@ -390,3 +390,23 @@ def test_dropout_rate_zero_is_no_dropout_bit_for_bit_and_rows_split_like_one_pro
     two = accumulate_loss_and_grads(params, batch_, drop, 2, dropout=Dropout(0.3, 0.3, seed=1, step=1))
     assert abs(one[0] - two[0]) <= 1e-12 * abs(one[0])
     assert all(np.allclose(one[1][n], two[1][n], rtol=1e-10, atol=1e-14) for n in params)
+
+
+def test_attention_dropout_acts_on_the_reference_layers_too():
+    """cfg.impl='reference' drops the attention probabilities exactly as the fast paths do (both then run the
+    reference attention): the same loss and gradients up to the fused layers' rounding (float64, 1e-10), and not the
+    loss without attention dropout (the reference path once passed the mask's key without its rate)."""
+    from npllm.layers.dropout import Dropout
+
+    cfg = get_preset("nano", vocab_size=32, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24, max_seq_len=8,
+                     attn_dropout=0.3)
+    params = perturbed_params(cfg, 8)
+    tokens, targets = batch(cfg, 3, 8, seed=8)
+    dropout = Dropout(0.0, 0.3, seed=4, step=1)
+    loss_fast, grads_fast = loss_and_grads(params, tokens, targets, cfg, dropout=dropout)
+    reference = dataclasses.replace(cfg, impl="reference")
+    loss_ref, grads_ref = loss_and_grads(params, tokens, targets, reference, dropout=dropout)
+    assert loss_ref != loss_and_grads(params, tokens, targets, reference)[0]
+    assert abs(loss_fast - loss_ref) <= 1e-10 * abs(loss_ref)
+    for name in params:
+        assert np.abs(grads_fast[name] - grads_ref[name]).max() <= 1e-10 * np.abs(grads_ref[name]).max() + 1e-14, name

@@ -56,6 +56,21 @@ def test_resume_is_bit_identical_to_a_straight_run(data_dir, tmp_path, micro_bat
     assert_same_checkpoints(tmp_path / "straight", tmp_path / "halves")
 
 
+def test_recompute_trains_bit_identically_and_may_change_on_resume(data_dir, tmp_path):
+    """--recompute only changes what the backward keeps: a run with --recompute=block, resumed with
+    --recompute=attention (an execution choice a resume may change, like --impl), makes every metric, parameter and
+    AdamW moment of a straight run with none (test_a_bad_checkpoint_or_resume_exits_with_one_clear_line: a resume
+    still may not change the model itself)."""
+    N, common = 4, ["--eval_interval=2", "--eval_batches=2", "--dropout=0.1"]
+    run_main(*tiny(data_dir, tmp_path / "straight", *common, f"--steps={2 * N}"))
+    run_main(*tiny(data_dir, tmp_path / "halves", *common, f"--steps={N}", f"--lr_decay_steps={2 * N}",
+                   "--recompute=block"))
+    assert main([f"--resume={tmp_path / 'halves'}", f"--steps={2 * N}", "--peak_tflops=1",
+                 "--recompute=attention"]) == 0
+    assert without_timing(read_metrics(tmp_path / "halves")) == without_timing(read_metrics(tmp_path / "straight"))
+    assert_same_checkpoints(tmp_path / "straight", tmp_path / "halves")
+
+
 def test_resume_drops_the_metrics_of_steps_after_its_checkpoint(data_dir, tmp_path):
     run_main(*tiny(data_dir, tmp_path / "straight", "--steps=10", "--eval_interval=5"))
     run = tmp_path / "crashed"

@@ -11,20 +11,26 @@ embedding, head and loss on its slice of the vocabulary, and Megatron's f and g 
 ``reduce_from_tp`` of ``npllm.parallel.mappings``) stand in ``model_forward`` where they act
 (docs/parallelism.md). Without ``tp`` (one process) they are identities and this is the plain single-process
 model, the same lines.
+
+Activation recomputation (cfg.recompute, ``--recompute=none|attention|block``): training's forward may keep less of
+each block (``keep_for_backward``) and the backward then redoes the dropped part right before that block's backward
+(``rebuild_for_backward``), bit for bit the same gradients for less memory (docs/model.md).
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 
 from ..backend import get_array_module
-from ..config import ModelConfig
+from ..checks import check_choice
+from ..config import RECOMPUTE, ModelConfig
 from ..layers.dropout import dropout_backward
 from ..layers.embedding import embedding_backward, embedding_forward
 from ..layers.linear import linear_backward, linear_forward
-
 from ..layers.rope import rope_tables
 from .ops import REFERENCE, ops
 from .spec import ParamSpec, shapes_of, shard_shapes_of
@@ -135,7 +141,127 @@ def _drop(dropout, x, layer: int, site: str):
     return (x, None) if dropout is None else dropout.apply(x, layer, site)
 
 
-def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None, dropout=None):
+class Shared(NamedTuple):
+    """What every block of one forward reads besides its parameters and its input x: so also all that the backward
+    needs to redo a block exactly (activation recomputation, below)."""
+
+    cfg: ModelConfig
+    tp: object  # the tensor-parallel communicator (LocalComm for one process)
+    o: SimpleNamespace  # the layer functions, ops(cfg)
+    attention: SimpleNamespace  # the attention's: o's, or the reference's under attention dropout
+    rope: tuple | None  # (cos, sin) (T, hs) of the positions (RoPE), or None (learned positions)
+    dropout: object  # this micro-batch's Dropout (its keys and row offset), or None
+
+
+class BlockCache(NamedTuple):
+    """One block's caches for its backward, in forward order."""
+
+    attn_norm: tuple
+    attn: dict
+    drop_attn: tuple | None
+    mlp_norm: tuple
+    mlp: tuple
+    drop_mlp: tuple | None
+
+
+def attention_forward(params: dict, l: int, h, s: Shared, past_kv=None):
+    """Layer l's attention of h (B, T, C) over this rank's heads, the output bias left out: (a (B, T, C), cache).
+    Under attention dropout, the probabilities are dropped with (layer l, "attn_probs")'s masks of the global heads."""
+    cfg, tp, dropout = s.cfg, s.tp, s.dropout
+    NH_tp, NKV_tp = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size  # this rank's query and key/value heads
+    drop = {}
+    if dropout is not None and dropout.attn_rate:
+        drop = dict(dropout_rate=dropout.attn_rate, dropout_key=dropout.key(l, "attn_probs"),
+                    row_offset=dropout.row_offset, head_offset=tp.rank * NH_tp)
+    attn = _without(sub_params(params, f"layers.{l}.attn"), "bo")
+    return s.attention.attention_forward(attn, h, NH_tp, NKV_tp, rope=s.rope, past_kv=past_kv, **drop)
+
+
+def block_forward(params: dict, l: int, x, s: Shared, past_kv=None):
+    """Block l: x (B, T, C) -> x (B, T, C), and its BlockCache. past_kv: this layer's (k, v) in cached decoding."""
+    cfg, tp, o, pre = s.cfg, s.tp, s.o, f"layers.{l}"
+    bo, b2 = params.get(pre + ".attn.bo"), params.get(pre + ".mlp.b2")
+    # attention block: x = x + drop(g(attention(f(norm(x)))) + bo)
+    h, c_attn_norm = o.norm_forward(cfg.norm, sub_params(params, pre + ".attn_norm"), x, cfg.norm_eps)  # (B, T, C)
+    h = copy_to_tp(h, tp)  # (B, T, C) f: identity
+    a, c_attn = attention_forward(params, l, h, s, past_kv)  # (B, T, C) this rank's heads
+    a = reduce_from_tp(a, tp)  # (B, T, C) g: the sum over the ranks' heads
+    if bo is not None:
+        a = a + bo  # (B, T, C) added once, after the sum
+    a, c_drop_attn = _drop(s.dropout, a, l, "attn_out")  # (B, T, C)
+    x = x + a  # (B, T, C) residual
+    # MLP block: x = x + drop(g(mlp(f(norm(x)))) + b2)
+    h, c_mlp_norm = o.norm_forward(cfg.norm, sub_params(params, pre + ".mlp_norm"), x, cfg.norm_eps)  # (B, T, C)
+    h = copy_to_tp(h, tp)  # (B, T, C) f
+    m, c_mlp = o.mlp_forward(cfg.mlp, _without(sub_params(params, pre + ".mlp"), "b2"), h)  # (B, T, C) this rank's
+    m = reduce_from_tp(m, tp)  # (B, T, C) g
+    if b2 is not None:
+        m = m + b2  # (B, T, C)
+    m, c_drop_mlp = _drop(s.dropout, m, l, "mlp_out")  # (B, T, C)
+    x = x + m  # (B, T, C) residual
+    return x, BlockCache(c_attn_norm, c_attn, c_drop_attn, c_mlp_norm, c_mlp, c_drop_mlp)
+
+
+def block_backward(dx, c: BlockCache, l: int, s: Shared, grads: dict):
+    """dx (B, T, C) at block l's output -> dx at its input; the block's parameter gradients go into ``grads``."""
+    cfg, tp, o, pre = s.cfg, s.tp, s.o, f"layers.{l}"
+    # forward was x_out = x_mid + drop(g(mlp(f(norm(x_mid)))) + b2): the residual passes dx on, the branch adds
+    dm, _ = dropout_backward(dx, c.drop_mlp)  # (B, T, C); dx itself without dropout
+    if cfg.bias:
+        grads[pre + ".mlp.b2"] = dm.reshape(-1, dm.shape[-1]).sum(axis=0)  # (C,)
+    dh, g = o.mlp_backward(cfg.mlp, reduce_from_tp_backward(dm, tp), c.mlp)  # (B, T, C); g's backward: identity
+    _put_grads(grads, pre + ".mlp", g)
+    dh, g = o.norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c.mlp_norm)  # f's backward: all-reduce
+    _put_grads(grads, pre + ".mlp_norm", g)
+    dx = dx + dh  # (B, T, C)
+    # forward was x_mid = x_in + drop(g(attention(f(norm(x_in)))) + bo)
+    da, _ = dropout_backward(dx, c.drop_attn)  # (B, T, C)
+    if cfg.bias:
+        grads[pre + ".attn.bo"] = da.reshape(-1, da.shape[-1]).sum(axis=0)  # (C,)
+    dh, g = s.attention.attention_backward(reduce_from_tp_backward(da, tp), c.attn)  # (B, T, C)
+    _put_grads(grads, pre + ".attn", g)
+    dh, g = o.norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c.attn_norm)
+    _put_grads(grads, pre + ".attn_norm", g)
+    return dx + dh  # (B, T, C)
+
+
+# Activation recomputation (cfg.recompute, --recompute): what model_forward keeps of each block for the backward.
+#   "none"       the BlockCache
+#   "attention"  the BlockCache with the attention's cache (q, k, v, o and P or the row logsumexp) swapped for its
+#                input h (B, T, C): Redo("attention", h)
+#   "block"      only the block's input x (B, T, C): Redo("block", x)
+# Right before the block's backward, model_backward rebuilds the dropped caches with the very calls the forward made
+# (same inputs, dropout keys, RoPE tables and collectives), so loss and gradients are bit for bit those of "none";
+# the rebuilt caches are freed once the block's backward is done. The price: one more attention forward per layer
+# ("attention"), or one more forward of the whole block, its two all-reduces included ("block").
+
+
+class Redo(NamedTuple):
+    what: str  # "attention" or "block"
+    x: object  # the input it is redone from: the attention's h or the block's x (B, T, C)
+
+
+def keep_for_backward(c: BlockCache, x_in, recompute: str):
+    """What the forward keeps of a block whose input was x_in (B, T, C) and whose caches are c."""
+    if recompute == "block":
+        return Redo("block", x_in)
+    if recompute == "attention":
+        return c._replace(attn=Redo("attention", c.attn["x"]))  # both attentions keep their input as "x"
+    return c
+
+
+def rebuild_for_backward(kept, params: dict, l: int, s: Shared) -> BlockCache:
+    """Block l's BlockCache from what keep_for_backward kept: recomputed where it was dropped."""
+    if isinstance(kept, Redo):  # "block"
+        _, c = block_forward(params, l, kept.x, s)
+        return c
+    if isinstance(kept.attn, Redo):  # "attention"
+        _, c_attn = attention_forward(params, l, kept.attn.x, s)
+        return kept._replace(attn=c_attn)
+    return kept
+
+
+def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None, dropout=None, recompute="none"):
     """tokens int (B, T) -> logits (B, T, V_tp), and the cache for ``model_backward``.
 
     past_kv: for cached decoding, a list of L (k, v) pairs (B, NKV_tp, T_past, hs) from earlier positions; the
@@ -145,7 +271,12 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None,
     Each split block reads h = copy_to_tp(h) (f) in and y = reduce_from_tp(y) (g) out: identities with one process.
     dropout: a ``npllm.layers.dropout.Dropout`` in training (on the embeddings, the attention probabilities and each
     block's output branches, GPT-2's three places), None otherwise.
+    recompute: what each block keeps for the backward (above): training passes cfg.recompute; "attention" and
+    "block" keep no keys/values for decoding (present_kv stays empty) and take no past_kv.
     """
+    check_choice("recompute", recompute, RECOMPUTE)
+    if recompute != "none" and past_kv is not None:
+        raise ValueError(f"recompute={recompute!r} is for training; cached decoding (past_kv) takes 'none'")
     tp = LocalComm() if tp is None else tp
     _check_shard_shapes(params, cfg, tp.size)
     xp = get_array_module(params["tok_emb"])
@@ -153,12 +284,11 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None,
     T_past = 0 if past_kv is None else past_kv[0][0].shape[2]
     if T_past + T > cfg.max_seq_len:
         raise ValueError(f"sequence length {T_past + T} exceeds max_seq_len={cfg.max_seq_len}")
-    NH_tp, NKV_tp = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size  # this rank's query and key/value heads
     positions = np.arange(T_past, T_past + T)  # (T,)
     dtype = params["tok_emb"].dtype
     o = ops(cfg)  # the fast paths, or the reference layers (npllm/models/ops.py)
     attention = REFERENCE if dropout is not None and dropout.attn_rate else o  # attention dropout: reference only
-    cache = {"tokens": tokens, "layers": [], "present_kv": [], "tp": tp, "ops": o, "attention": attention}
+    cache = {"tokens": tokens, "layers": [], "present_kv": [], "tp": tp, "params": params}
 
     x, cache["tok_emb"] = vocab_parallel_embedding_forward(params["tok_emb"], tokens, tp)  # (B, T, C)
     rope = None
@@ -168,36 +298,15 @@ def model_forward(params: dict, tokens, cfg: ModelConfig, past_kv=None, tp=None,
     else:
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, xp=xp, dtype=dtype)  # 2 x (T, hs)
     x, cache["drop_embed"] = _drop(dropout, x, 0, "embed")  # (B, T, C)
-    attn_dropout = {} if attention is o else dict(dropout_rate=dropout.attn_rate, row_offset=dropout.row_offset,
-                                                  head_offset=tp.rank * NH_tp)  # the global heads' masks
+    cache["shared"] = s = Shared(cfg, tp, o, attention, rope, dropout)
 
     for l in range(cfg.n_layers):
-        pre = f"layers.{l}"
-        attn, mlp = sub_params(params, pre + ".attn"), sub_params(params, pre + ".mlp")
-        # attention block: x = x + g(attention(f(norm(x)))) + bo
-        h, c_attn_norm = o.norm_forward(cfg.norm, sub_params(params, pre + ".attn_norm"), x, cfg.norm_eps)  # (B, T, C)
-        h = copy_to_tp(h, tp)  # (B, T, C) f: identity
-        if dropout is not None and dropout.attn_rate:
-            attn_dropout["dropout_key"] = dropout.key(l, "attn_probs")
-        a, c_attn = attention.attention_forward(_without(attn, "bo"), h, NH_tp, NKV_tp, rope=rope,
-                                                past_kv=None if past_kv is None else past_kv[l],
-                                                **attn_dropout)  # (B, T, C) this rank's heads
-        a = reduce_from_tp(a, tp)  # (B, T, C) g: the sum over the ranks' heads
-        if "bo" in attn:
-            a = a + attn["bo"]  # (B, T, C) added once, after the sum
-        a, c_drop_attn = _drop(dropout, a, l, "attn_out")  # (B, T, C)
-        x = x + a  # (B, T, C) residual
-        # MLP block: x = x + g(mlp(f(norm(x)))) + b2
-        h, c_mlp_norm = o.norm_forward(cfg.norm, sub_params(params, pre + ".mlp_norm"), x, cfg.norm_eps)  # (B, T, C)
-        h = copy_to_tp(h, tp)  # (B, T, C) f
-        m, c_mlp = o.mlp_forward(cfg.mlp, _without(mlp, "b2"), h)  # (B, T, C) this rank's hidden units
-        m = reduce_from_tp(m, tp)  # (B, T, C) g
-        if "b2" in mlp:
-            m = m + mlp["b2"]  # (B, T, C)
-        m, c_drop_mlp = _drop(dropout, m, l, "mlp_out")  # (B, T, C)
-        x = x + m  # (B, T, C) residual
-        cache["layers"].append((c_attn_norm, c_attn, c_drop_attn, c_mlp_norm, c_mlp, c_drop_mlp))
-        cache["present_kv"].append((c_attn["k"], c_attn["v"]))  # each (B, NKV_tp, T_past + T, hs)
+        x_in = x
+        x, c = block_forward(params, l, x, s, past_kv=None if past_kv is None else past_kv[l])  # (B, T, C)
+        cache["layers"].append(keep_for_backward(c, x_in, recompute))
+        if recompute == "none":
+            cache["present_kv"].append((c.attn["k"], c.attn["v"]))  # each (B, NKV_tp, T_past + T, hs)
+        del c, x_in  # under recompute the dropped caches are freed here, before the next block
 
     x, cache["norm"] = o.norm_forward(cfg.norm, sub_params(params, "norm"), x, cfg.norm_eps)  # (B, T, C)
     w_head = params["tok_emb"].T if cfg.tie_embeddings else params["lm_head"]  # (C, V_tp)
@@ -211,36 +320,17 @@ def model_backward(dlogits, cache, cfg: ModelConfig) -> dict:
 
     Every sum of gradient contributions is written out here: the residual stream (dx = dx + dx_branch), the
     tied embedding (lookup + head), and each f's backward (an all-reduce over the tp ranks)."""
-    tp = cache["tp"]
+    tp, s = cache["tp"], cache["shared"]
     grads: dict = {}
     dh, g_head = linear_backward(dlogits, cache["head"])  # dh (B, T, C) this rank's vocabulary slice's term
     dx = copy_to_tp_backward(dh, tp)  # (B, T, C) f's backward: the sum over slices
-    o, attention = cache["ops"], cache["attention"]  # the functions the forward ran
-    dx, g_norm = o.norm_backward(cfg.norm, dx, cache["norm"])
+    dx, g_norm = s.o.norm_backward(cfg.norm, dx, cache["norm"])
     _put_grads(grads, "norm", g_norm)
 
     for l in reversed(range(cfg.n_layers)):
-        pre = f"layers.{l}"
-        c_attn_norm, c_attn, c_drop_attn, c_mlp_norm, c_mlp, c_drop_mlp = cache["layers"][l]
-        # forward was x_out = x_mid + drop(g(mlp(f(norm(x_mid)))) + b2): the residual passes dx on, the branch adds
-        dm, _ = dropout_backward(dx, c_drop_mlp)  # (B, T, C); dx itself without dropout
-        if cfg.bias:
-            grads[pre + ".mlp.b2"] = dm.reshape(-1, dm.shape[-1]).sum(axis=0)  # (C,)
-        dh, g = o.mlp_backward(cfg.mlp, reduce_from_tp_backward(dm, tp), c_mlp)  # (B, T, C); g's backward: identity
-        _put_grads(grads, pre + ".mlp", g)
-        dh, g = o.norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c_mlp_norm)  # f's backward: all-reduce
-        _put_grads(grads, pre + ".mlp_norm", g)
-        dx = dx + dh  # (B, T, C)
-        # forward was x_mid = x_in + drop(g(attention(f(norm(x_in)))) + bo)
-        da, _ = dropout_backward(dx, c_drop_attn)  # (B, T, C)
-        if cfg.bias:
-            grads[pre + ".attn.bo"] = da.reshape(-1, da.shape[-1]).sum(axis=0)  # (C,)
-        dh, g = attention.attention_backward(reduce_from_tp_backward(da, tp), c_attn)  # (B, T, C)
-        _put_grads(grads, pre + ".attn", g)
-        dh, g = o.norm_backward(cfg.norm, copy_to_tp_backward(dh, tp), c_attn_norm)
-        _put_grads(grads, pre + ".attn_norm", g)
-        dx = dx + dh  # (B, T, C)
-        del dh, da, dm  # freed before the next block's backward: only dx flows on
+        c = rebuild_for_backward(cache["layers"][l], cache["params"], l, s)  # recomputed under cfg.recompute
+        dx = block_backward(dx, c, l, s, grads)  # (B, T, C)
+        del c  # a rebuilt block's caches are freed before the next block is rebuilt
 
     dx, _ = dropout_backward(dx, cache["drop_embed"])  # forward was x = drop(tok_emb[tokens] + pos_emb[positions])
     if cfg.pos == "learned":  # forward was x = tok_emb[tokens] + pos_emb[positions] (broadcast over B)
@@ -269,7 +359,7 @@ def loss_and_grads(params: dict, tokens, targets, cfg: ModelConfig, tp=None, dro
     tp: the tensor-parallel communicator (None: one process); the loss is then the same on every rank of the group
     and the grads are this rank's shards. The loss is computed from each rank's vocabulary slice of the logits.
     """
-    logits, cache = model_forward(params, tokens, cfg, tp=tp, dropout=dropout)  # (B, T, V_tp)
+    logits, cache = model_forward(params, tokens, cfg, tp=tp, dropout=dropout, recompute=cfg.recompute)  # (B, T, V_tp)
     o = ops(cfg)
     loss, loss_cache = o.training_loss_forward(logits, targets, cache["tp"])  # the fast one reuses the logits' memory
     dlogits, _ = o.cross_entropy_backward(1.0, loss_cache)  # (B, T, V_tp)
