@@ -28,7 +28,6 @@ import json
 
 import numpy as np
 
-from .backend import asnumpy, get_array_module
 from .config import GenerateConfig, ModelConfig
 from .generate import DEFAULT_MAX_NEW_TOKENS, PromptPrinter, prompt_generators
 from .sampling import SamplingConfig, sample_token
@@ -60,32 +59,15 @@ def tokenizer_vocabulary(params: dict, cfg: ModelConfig, n_tokens: int) -> tuple
 
 def sample(params: dict, cfg: ModelConfig, src_ids, max_new_tokens: int, sampling: SamplingConfig, rngs, *,
            bos_id: int, eos_id: int) -> list:
-    """Sampled outputs of every source at once: models.seq2seq.greedy's loop with ``npllm.sampling.sample_token``
-    in place of the argmax, source i drawing from its own generator rngs[i] (so its tokens do not depend on the
-    other sources). One token list per source, ending with eos_id when it was drawn within max_new_tokens."""
-    from .models.seq2seq import _check_decoding, _select, _sources, cross_attention_kvs, decode_step, encode
+    """Sampled outputs of every source at once: models.seq2seq.greedy with ``npllm.sampling.sample_token`` in place
+    of the argmax, source i drawing from its own generator rngs[i] (so its tokens do not depend on the other
+    sources). One token list per source, ending with eos_id when it was drawn within max_new_tokens."""
+    from .models.seq2seq import greedy
 
-    max_new_tokens = _check_decoding(cfg, max_new_tokens, bos_id, eos_id)
-    xp = get_array_module(next(iter(params.values())))
-    src, src_mask = _sources(src_ids, cfg, eos_id, xp)  # (N, S) each
-    N = src.shape[0]
-    memory_kv = cross_attention_kvs(params, encode(params, src, src_mask, cfg), cfg)  # L_dec x 2 x (N, NKV, S, hs)
-    out = [[] for _ in range(N)]
-    live = np.arange(N)  # (n_live,) the sources still decoding
-    step_input, past_kv = np.full((N, 1), bos_id), None  # (n_live, 1)
-    for _ in range(max_new_tokens):
-        logits, past_kv = decode_step(params, cfg, step_input, _select(memory_kv, live), src_mask[xp.asarray(live)],
-                                      past_kv)  # (n_live, 1, V)
-        z = np.asarray(asnumpy(logits[:, -1]), dtype=np.float64)  # (n_live, V)
-        token = np.array([sample_token(z[row], rngs[i], sampling) for row, i in enumerate(live)])  # (n_live,)
-        for i, t in zip(live, token):
-            out[i].append(int(t))
-        going = token != eos_id  # (n_live,)
-        if not going.any():
-            break
-        live, past_kv = live[going], _select(past_kv, np.flatnonzero(going))
-        step_input = token[going, None]  # (n_live', 1)
-    return out
+    def draw(z, live):  # z (n_live, V) float64 logits of the live sources
+        return np.array([sample_token(z[row], rngs[i], sampling) for row, i in enumerate(live)])  # (n_live,)
+
+    return greedy(params, cfg, src_ids, max_new_tokens, bos_id=bos_id, eos_id=eos_id, choose=draw)
 
 
 def source_ids(tokenizer, text: str) -> list[int]:

@@ -611,9 +611,18 @@ def _select(kv, rows):
     return [(k[index], v[index]) for k, v in kv]  # each (len(rows), NKV, ., hs)
 
 
-def greedy(params: dict, cfg: ModelConfig, src_ids, max_new_tokens: int, *, bos_id: int, eos_id: int) -> list:
+def argmax_tokens(z, live):
+    """The greedy choice: each live source's most likely token (the lowest id among equal logits). z (n_live, V)."""
+    return np.argmax(z, axis=-1)  # (n_live,)
+
+
+def greedy(params: dict, cfg: ModelConfig, src_ids, max_new_tokens: int, *, bos_id: int, eos_id: int,
+           choose=argmax_tokens) -> list:
     """Greedy decoding of every source at once: at each step the argmax token (lowest id among equal logits). Returns
-    one token list per source, ending with eos_id when the model produced it within max_new_tokens."""
+    one token list per source, ending with eos_id when the model produced it within max_new_tokens.
+
+    choose(z, live) -> tokens (n_live,): picks each step's tokens from the float64 logits z (n_live, V) of the
+    sources still decoding, live (n_live,) their indices; ``npllm.generate_encoders.sample`` passes a sampler."""
     max_new_tokens = _check_decoding(cfg, max_new_tokens, bos_id, eos_id)
     xp = get_array_module(next(iter(params.values())))
     src, src_mask = _sources(src_ids, cfg, eos_id, xp)  # (N, S)
@@ -625,7 +634,7 @@ def greedy(params: dict, cfg: ModelConfig, src_ids, max_new_tokens: int, *, bos_
     for _ in range(max_new_tokens):
         logits, past_kv = decode_step(params, cfg, step_input, _select(memory_kv, live), src_mask[xp.asarray(live)],
                                       past_kv)  # (n_live, 1, V)
-        token = np.argmax(np.asarray(asnumpy(logits[:, -1]), dtype=np.float64), axis=-1)  # (n_live,)
+        token = np.asarray(choose(np.asarray(asnumpy(logits[:, -1]), dtype=np.float64), live))  # (n_live,)
         for i, t in zip(live, token):
             out[i].append(int(t))
         going = token != eos_id  # (n_live,)
