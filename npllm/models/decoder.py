@@ -164,17 +164,17 @@ class BlockCache(NamedTuple):
     drop_mlp: tuple | None
 
 
-def attention_forward(params: dict, l: int, h, s: Shared, past_kv=None):
-    """Layer l's attention of h (B, T, C) over this rank's heads, the output bias left out: (a (B, T, C), cache).
-    Under attention dropout, the probabilities are dropped with (layer l, "attn_probs")'s masks of the global heads."""
+def attention_inputs(params: dict, l: int, s: Shared) -> tuple[dict, dict]:
+    """Layer l's attention parameters (the output bias left out: added after the sum over ranks) and the keywords of
+    its attention_forward call: this rank's heads, the RoPE tables, and under attention dropout (layer l,
+    "attn_probs")'s masks of the global heads."""
     cfg, tp, dropout = s.cfg, s.tp, s.dropout
     NH_tp, NKV_tp = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size  # this rank's query and key/value heads
-    drop = {}
+    keywords = dict(n_heads=NH_tp, n_kv_heads=NKV_tp, rope=s.rope)
     if dropout is not None and dropout.attn_rate:
-        drop = dict(dropout_rate=dropout.attn_rate, dropout_key=dropout.key(l, "attn_probs"),
-                    row_offset=dropout.row_offset, head_offset=tp.rank * NH_tp)
-    attn = _without(sub_params(params, f"layers.{l}.attn"), "bo")
-    return s.attention.attention_forward(attn, h, NH_tp, NKV_tp, rope=s.rope, past_kv=past_kv, **drop)
+        keywords.update(dropout_rate=dropout.attn_rate, dropout_key=dropout.key(l, "attn_probs"),
+                        row_offset=dropout.row_offset, head_offset=tp.rank * NH_tp)
+    return _without(sub_params(params, f"layers.{l}.attn"), "bo"), keywords
 
 
 def block_forward(params: dict, l: int, x, s: Shared, past_kv=None):
@@ -184,7 +184,8 @@ def block_forward(params: dict, l: int, x, s: Shared, past_kv=None):
     # attention block: x = x + drop(g(attention(f(norm(x)))) + bo)
     h, c_attn_norm = o.norm_forward(cfg.norm, sub_params(params, pre + ".attn_norm"), x, cfg.norm_eps)  # (B, T, C)
     h = copy_to_tp(h, tp)  # (B, T, C) f: identity
-    a, c_attn = attention_forward(params, l, h, s, past_kv)  # (B, T, C) this rank's heads
+    attn, keywords = attention_inputs(params, l, s)
+    a, c_attn = s.attention.attention_forward(attn, h, past_kv=past_kv, **keywords)  # (B, T, C) this rank's heads
     a = reduce_from_tp(a, tp)  # (B, T, C) g: the sum over the ranks' heads
     if bo is not None:
         a = a + bo  # (B, T, C) added once, after the sum
@@ -256,7 +257,8 @@ def rebuild_for_backward(kept, params: dict, l: int, s: Shared) -> BlockCache:
         _, c = block_forward(params, l, kept.x, s)
         return c
     if isinstance(kept.attn, Redo):  # "attention"
-        _, c_attn = attention_forward(params, l, kept.attn.x, s)
+        attn, keywords = attention_inputs(params, l, s)
+        _, c_attn = s.attention.attention_forward(attn, kept.attn.x, **keywords)
         return kept._replace(attn=c_attn)
     return kept
 
