@@ -136,10 +136,10 @@ def norm_case(kind, rng):
     if torch is not None:
         tp = {n: torch.from_numpy(w).requires_grad_() for n, w in p.items()}
         tx, tdy = torch.from_numpy(x).requires_grad_(), torch.from_numpy(dy)
-        if kind == "layernorm":
-            t_forward = lambda: TF.layer_norm(tx, (C,), tp["w"], tp["b"], EPS)
-        else:
-            t_forward = lambda: TF.rms_norm(tx, (C,), tp["w"], EPS)
+        def t_forward():
+            if kind == "layernorm":
+                return TF.layer_norm(tx, (C,), tp["w"], tp["b"], EPS)
+            return TF.rms_norm(tx, (C,), tp["w"], EPS)
         impls["torch"] = torch_phases(t_forward, tdy, [tx, *tp.values()])
     return impls
 
@@ -307,7 +307,8 @@ def loss_memory(rng):
         dz, _ = bwd(1.0, cache)
         after_backward, peak_backward = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        rows.append(f"  {label:14s} forward peak {(peak_forward - base) / nv:5.2f}, kept {(after_forward - base) / nv:5.2f}"
+        rows.append(f"  {label:14s} forward peak {(peak_forward - base) / nv:5.2f}, "
+                    f"kept {(after_forward - base) / nv:5.2f}"
                     f" | backward peak {(peak_backward - base) / nv:5.2f}, kept (dlogits + cache) "
                     f"{(after_backward - base) / nv:5.2f}   (x {nv / 2**20:.0f} MiB)")
         del dz, cache, z

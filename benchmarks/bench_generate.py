@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     params = init_params(cfg, seed=0, dtype=np.dtype(args.dtype), xp=xp_for_device(args.device))
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
-    print(f"{args.preset}: {num_params(cfg):,} parameters, max_seq_len {cfg.max_seq_len} | {args.device} {args.dtype} | "
+    print(f"{args.preset}: {num_params(cfg):,} parameters, max_seq_len {cfg.max_seq_len} | "
+          f"{args.device} {args.dtype} | "
           f"batch {args.batch}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}")
 
     n_tokens = args.batch * args.new_tokens

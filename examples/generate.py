@@ -1,6 +1,6 @@
 """Generation and perplexity from Python: greedy, sampled, streamed and beam-searched text.
 
-    python examples/generate.py                      # trains a tiny model (about a minute on 2 CPU cores), then generates
+    python examples/generate.py                   # trains a tiny model (about a minute on 2 CPU cores), then generates
     python examples/generate.py --ckpt=runs/nano     # uses a checkpoint written by `python -m npllm.train`
 
 Without --ckpt the example trains its own small model: a 512-token tokenizer and a 2-layer model on the first

@@ -25,14 +25,6 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from transformers import (
-    AutoModelForCausalLM, BertConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-)
-from transformers.models.llama import modeling_llama
-
 from npllm.config import PRESETS, get_preset
 from npllm.generate import generate
 from npllm.hf import (
@@ -41,6 +33,13 @@ from npllm.hf import (
 )
 from npllm.models import init_params, param_shapes
 from npllm.models.decoder import forward, loss_and_grads
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+AutoModelForCausalLM, BertConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM = (
+    getattr(transformers, name) for name in ("AutoModelForCausalLM", "BertConfig", "GPT2Config", "GPT2LMHeadModel",
+                                             "LlamaConfig", "LlamaForCausalLM"))
 
 TOL = 1e-9  # relative, see the module docstring
 ATTN = "sdpa"  # float64 throughout (the eager LLaMA attention takes its softmax in float32)
