@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -113,3 +114,51 @@ def gpt2_style(text: str, directory: Path, files: str) -> Path:
         vocab["<|endoftext|>"] = len(vocab)  # GPT-2's vocab.json lists it, as 50256
         (directory / "vocab.json").write_text(json.dumps(vocab))
     return directory
+
+
+class _ThreadGroup:
+    """The shared state of ``size`` thread ranks: one slot per rank and a barrier."""
+
+    def __init__(self, size: int):
+        self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size, timeout=60)
+
+
+class ThreadComm:
+    """Rank ``rank`` of a tensor-parallel group made of threads (the tests' stand-in for MPI): all-reduce adds (or,
+    op="max", maxes) the ranks' arrays in rank order, so every rank, and every repetition of the same all-reduce,
+    gets the same bits."""
+
+    def __init__(self, group: _ThreadGroup, rank: int):
+        self.group, self.rank, self.size = group, rank, group.size
+
+    def allreduce(self, x, op="sum"):
+        g = self.group
+        g.slots[self.rank] = np.array(x, copy=True)
+        g.barrier.wait()
+        out = g.slots[0]
+        for part in g.slots[1:]:
+            out = out + part if op == "sum" else np.maximum(out, part)
+        g.barrier.wait()  # every rank has read the slots before any writes its next contribution
+        return out
+
+
+def on_thread_ranks(size: int, fn) -> list:
+    """Run fn(rank, comm) on ``size`` threads, comm a ThreadComm of one group; their results in rank order. A rank
+    that raises fails the test (its barrier partners then time out or break, never hang)."""
+    group, results, errors = _ThreadGroup(size), [None] * size, []
+
+    def run(r):
+        try:
+            results[r] = fn(r, ThreadComm(group, r))
+        except BaseException as err:  # re-raised in the main thread below
+            errors.append(err)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,8 @@ from npllm.models import accumulate_loss_and_grads, flops_per_token, init_params
 from npllm.models import bert
 from npllm.optim import adamw_init, adamw_update
 from npllm.parallel.tensor import shard_params, unshard_params, vocab_parallel_cross_entropy_forward
+
+from tests.helpers import on_thread_ranks
 
 ORACLE_TOL = 1e-9
 
@@ -295,40 +296,18 @@ def test_row_chunks_under_dropout_equal_the_whole_batch():
     assert rel_max(logits_rows, logits_all[2:]) <= 1e-13
 
 
-class ThreadComm:
-    """One rank of a tensor-parallel group made of threads: all-reduce adds (or maxes) the ranks' arrays in rank
-    order, so every rank gets the same bits."""
-
-    def __init__(self, slots, barrier, rank):
-        self.slots, self.barrier, self.rank, self.size = slots, barrier, rank, len(slots)
-
-    def allreduce(self, x, op="sum"):
-        self.slots[self.rank] = x
-        self.barrier.wait()
-        out = self.slots[0]
-        for part in self.slots[1:]:
-            out = out + part if op == "sum" else np.maximum(out, part)
-        self.barrier.wait()  # everyone has read the slots before they are written again
-        return out
-
-
 def test_two_tensor_parallel_ranks_give_one_process_loss_and_gradients():
     cfg = tiny_config(vocab_size=30, pad_id=3, dropout=0.2, attn_dropout=0.3)
     params = perturbed_params(cfg, 4)
     batch = make_batch(cfg, [9, 4, 7], seed=4, T=9, pad_token=3)
     dropout = Dropout(0.2, 0.3, seed=2, step=5)
     want_loss, want_grads = bert.batch_loss_and_grads(params, batch, cfg, dropout=dropout)
-    axes, slots, barrier, results = split_axes(cfg), [None, None], threading.Barrier(2, timeout=60), [None, None]
+    axes = split_axes(cfg)
 
-    def rank(r):
-        results[r] = bert.batch_loss_and_grads(shard_params(params, axes, r, 2), batch, cfg,
-                                               tp=ThreadComm(slots, barrier, r), dropout=dropout)
+    def rank(r, comm):
+        return bert.batch_loss_and_grads(shard_params(params, axes, r, 2), batch, cfg, tp=comm, dropout=dropout)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = on_thread_ranks(2, rank)
     assert results[0][0] == results[1][0] and abs(results[0][0] - want_loss) <= 1e-12 * want_loss
     grads = unshard_params([results[0][1], results[1][1]], axes)
     assert_grads_close(grads, want_grads, 1e-12)

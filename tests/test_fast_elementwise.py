@@ -54,6 +54,8 @@ from npllm.parallel.tensor import (
     vocab_parallel_cross_entropy_forward,
 )
 
+from tests.helpers import on_thread_ranks
+
 AGREE = 1e-10  # float64: fast versus reference, relative to the reference's largest entry
 F32_ELEMENTWISE = 2e-6  # float32: the GELU MLP's outputs and grads (see the module docstring)
 F32_SUMS = 1e-5  # float32: gradients formed from per-chunk partial sums over rows
@@ -502,33 +504,6 @@ def test_loss_on_one_rank_is_the_reference_bit_for_bit(backend, lead, V, p_ignor
         assert loss == 0.0 and not asnumpy(dz).any()
 
 
-class ThreadGroup:
-    """``size`` ranks, each a Python thread, whose all-reduce meets at a barrier (the test's stand-in for MPI)."""
-
-    def __init__(self, size):
-        self.size = size
-        self.slots = [None] * size
-        self.barrier = threading.Barrier(size, timeout=60)
-
-    def rank(self, r):
-        group = self
-
-        class Rank:
-            rank, size = r, group.size
-
-            def allreduce(self, x, op="sum"):
-                group.slots[r] = np.array(x, copy=True)
-                group.barrier.wait()
-                parts = list(group.slots)  # every rank reduces the same list in rank order: the same result
-                group.barrier.wait()  # all have read before any rank writes its next contribution
-                out = parts[0].copy()
-                for part in parts[1:]:
-                    out = np.maximum(out, part) if op == "max" else out + part
-                return out
-
-        return Rank()
-
-
 @FAST
 @given(tp=st.sampled_from([2, 3]), lead=lead_shapes, V_tp=st.sampled_from([1, 2, 5, 40]),
        p_ignore=st.sampled_from([0.0, 0.3, 1.0]), scale=st.sampled_from([0.1, 2.0, 30.0]), in_place=st.booleans(),
@@ -540,20 +515,13 @@ def test_loss_over_several_ranks_is_the_full_vocabulary_loss(tp, lead, V_tp, p_i
         logits[..., :V_tp] -= 800.0
     loss0, cache0 = vocab_parallel_cross_entropy_forward(logits, targets, LocalComm())
     dz0, _ = vocab_parallel_cross_entropy_backward(0.5, cache0)
-    group = ThreadGroup(tp)
-    results = [None] * tp
 
-    def run(r):
+    def run(r, comm):
         z_r = np.ascontiguousarray(logits[..., r * V_tp:(r + 1) * V_tp])  # (..., V_tp)
-        loss, cache = fast_loss.vocab_parallel_cross_entropy_forward(z_r, targets, group.rank(r), in_place=in_place)
-        results[r] = loss, fast_loss.vocab_parallel_cross_entropy_backward(0.5, cache)[0]
+        loss, cache = fast_loss.vocab_parallel_cross_entropy_forward(z_r, targets, comm, in_place=in_place)
+        return loss, fast_loss.vocab_parallel_cross_entropy_backward(0.5, cache)[0]
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(tp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(res is not None for res in results), "a rank failed"
+    results = on_thread_ranks(tp, run)
     losses = [loss for loss, _ in results]
     assert len(set(losses)) == 1  # the same loss on every rank
     assert abs(losses[0] - loss0) <= AGREE * max(abs(loss0), 1.0)

@@ -11,7 +11,6 @@ The memory these choices save is proven in tests/test_memory.py (the caches to t
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import numpy as np
 import pytest
@@ -22,6 +21,8 @@ from npllm.layers.loss import IGNORE_INDEX
 from npllm.models import accumulate_loss_and_grads, init_params, split_axes
 from npllm.models.decoder import Redo, forward, loss_and_grads, model_forward
 from npllm.parallel.tensor import shard_params, unshard_params
+
+from tests.helpers import on_thread_ranks
 
 RECOMPUTE = ["attention", "block"]
 # T = 40: two of the flash attention's 32-query tiles, the second ragged
@@ -107,44 +108,14 @@ def test_recompute_over_micro_batches(recompute):
     assert_bit_identical(got, want, recompute)
 
 
-class ThreadGroup:
-    def __init__(self, size):
-        self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size, timeout=60)
-
-
-class ThreadComm:
-    """Rank ``rank`` of a tensor-parallel group of threads: all-reduce sums in rank order, so every rank (and every
-    repetition of the same all-reduce, as a recomputed block makes) gets the same bits."""
-
-    def __init__(self, group, rank):
-        self.group, self.rank, self.size = group, rank, group.size
-
-    def allreduce(self, x, op="sum"):
-        g = self.group
-        g.slots[self.rank] = x
-        g.barrier.wait()
-        out = g.slots[0]
-        for part in g.slots[1:]:
-            out = out + part if op == "sum" else np.maximum(out, part)
-        g.barrier.wait()  # every rank has read the slots before they are reused
-        return out
-
-
 def tensor_parallel_loss_and_grads(cfg, full, tokens, targets, tp=2):
     """Each of ``tp`` threads runs loss_and_grads on its shards (with dropout): [(loss, grads)] in rank order."""
-    group, results = ThreadGroup(tp), [None] * tp
 
-    def run(r):
+    def rank(r, comm):
         shard = shard_params(full, split_axes(cfg), r, tp)
-        results[r] = loss_and_grads(shard, tokens, targets, cfg, tp=ThreadComm(group, r), dropout=dropout_for(cfg))
+        return loss_and_grads(shard, tokens, targets, cfg, tp=comm, dropout=dropout_for(cfg))
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(tp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(res is not None for res in results), "a rank failed"
-    return results
+    return on_thread_ranks(tp, rank)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import warnings
 
 import numpy as np
@@ -52,6 +51,8 @@ from npllm.parallel.tensor import (
     unshard_params,
     vocab_parallel_cross_entropy_forward,
 )
+
+from tests.helpers import on_thread_ranks
 
 ORACLE_TOL = 1e-9
 
@@ -528,29 +529,6 @@ def test_beam_hypotheses_carry_their_teacher_forced_log_probabilities():
 # tensor parallelism in one process: two threads, an all-reduce between them
 
 
-class ThreadGroup:
-    def __init__(self, size):
-        self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size, timeout=60)
-
-
-class ThreadComm:
-    """Rank ``rank`` of a tensor-parallel group of threads: all-reduce sums (or maxes) in rank order, so every
-    rank gets the same bits."""
-
-    def __init__(self, group, rank):
-        self.group, self.rank, self.size = group, rank, group.size
-
-    def allreduce(self, x, op="sum"):
-        g = self.group
-        g.slots[self.rank] = x
-        g.barrier.wait()
-        out = g.slots[0]
-        for part in g.slots[1:]:
-            out = out + part if op == "sum" else np.maximum(out, part)
-        g.barrier.wait()  # every rank has read the slots before they are reused
-        return out
-
-
 def test_two_tensor_parallel_ranks_give_one_process_loss_and_gradients():
     cfg = tiny_config(vocab_size=18, n_heads=4, n_kv_heads=2, dropout=0.2, attn_dropout=0.3, share_embeddings=False,
                       tie_embeddings=True)
@@ -558,17 +536,12 @@ def test_two_tensor_parallel_ranks_give_one_process_loss_and_gradients():
     batch = make_batch(cfg, [6, 2, 4], [3, 5, 1], seed=9)
     dropout = Dropout(0.2, 0.3, seed=2, step=5)
     want_loss, want_grads = s2s.batch_loss_and_grads(params, batch, cfg, dropout=dropout)
-    axes, group, results = split_axes(cfg), ThreadGroup(2), [None, None]
+    axes = split_axes(cfg)
 
-    def rank(r):
-        results[r] = s2s.batch_loss_and_grads(shard_params(params, axes, r, 2), batch, cfg, tp=ThreadComm(group, r),
-                                              dropout=dropout)
+    def rank(r, comm):
+        return s2s.batch_loss_and_grads(shard_params(params, axes, r, 2), batch, cfg, tp=comm, dropout=dropout)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = on_thread_ranks(2, rank)
     assert results[0][0] == results[1][0] and abs(results[0][0] - want_loss) <= 1e-12 * want_loss
     grads = unshard_params([results[0][1], results[1][1]], axes)
     for name in params:  # the same sums in another order (rounding only); the replicated ones equal on both ranks
