@@ -20,7 +20,9 @@ Method. Every measurement is a fresh child process (this file with --child), npl
 goes first alternates between repeats), each: imports, the model and the batch, then one warm-up step and --steps
 timed steps; tok/s = steps * B * T / (time of the timed steps). Reported: the median and the best over --repeats
 children. OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS are set to --threads in both children, and
-torch.set_num_threads(--threads). Other settings of the environment (OPENBLAS_CORETYPE, ...) pass through unchanged.
+torch.set_num_threads(--threads). The npllm child also gets OPENBLAS_THREAD_TIMEOUT=4 unless the environment sets
+it, as `python -m npllm.train` does (npllm/parallel/threads.py; torch's MKL does not read it). Other settings of the
+environment (OPENBLAS_CORETYPE, ...) pass through unchanged.
 
 Peak memory, the same quantity on both sides: the growth of the process's resident set over the whole run of steps,
 VmHWM at the end minus VmRSS just before the warm-up step, after imports, parameters and the batch are in place and
@@ -62,6 +64,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import numpy as np  # noqa: E402 (after the sys.path line)
+
+from npllm.parallel.threads import IDLE_SPIN_EXPONENT, IDLE_SPIN_VAR, stop_idle_blas_spinning  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 LOSS_RTOL = 1e-5  # float32: both sides' first-step losses are the same sum in a different order
@@ -277,6 +281,8 @@ def torch_child(case: Case, steps: int, threads: int) -> dict:
 def run_child(side: str, case: Case, steps: int, threads: int, impl: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
+    if side == "npllm":  # what `python -m npllm.train` sets before NumPy loads (unless the user set it)
+        stop_idle_blas_spinning(env)
     spec = json.dumps(dict(side=side, case=case.name, steps=steps, threads=threads, impl=impl))
     out = subprocess.run([sys.executable, __file__, "--child", spec], env=env, capture_output=True, text=True,
                          check=False)
@@ -369,7 +375,8 @@ def main(argv=None) -> int:
           f"transformers {version('transformers')}")
     blas_env = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_") and not k.endswith("NUM_THREADS")}
     print(f"environment: {' '.join(f'{k}={v}' for k, v in sorted(blas_env.items())) or 'no OPENBLAS_* settings'}; "
-          f"OMP/OPENBLAS/MKL_NUM_THREADS={args.threads} in both children")
+          f"OMP/OPENBLAS/MKL_NUM_THREADS={args.threads} in both children; npllm's: "
+          f"{IDLE_SPIN_VAR}={os.environ.get(IDLE_SPIN_VAR, IDLE_SPIN_EXPONENT)}")
     print(f"command: python benchmarks/bench_vs_pytorch.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"{args.threads} threads, {repeats} repeat(s) per side, float32, step = forward + backward + clip "
           f"{MAX_NORM} + AdamW; load average at start {load()}", flush=True)

@@ -48,10 +48,11 @@ def report_error(prog: str, err: BaseException, code: int, vote) -> int:
 
 
 def train_entry() -> None:
-    """npllm-train: under mpirun, this rank's share of the cores for BLAS is set before NumPy loads."""
-    from .parallel.threads import limit_blas_threads
+    """npllm-train: under mpirun, this rank's share of the cores for BLAS is set before NumPy loads (and OpenBLAS's
+    idle threads told not to spin)."""
+    from .parallel.threads import prepare_blas
 
-    limit_blas_threads()
+    prepare_blas()
     from .parallel.comm import run_main
     from .train import main
 

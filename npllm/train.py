@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a command: this rank's share of the cores for BLAS, before NumPy loads
-    from .parallel.threads import limit_blas_threads
+    from .parallel.threads import prepare_blas
 
-    limit_blas_threads()
+    prepare_blas()
 
 import numpy as np
 

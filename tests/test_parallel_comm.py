@@ -19,7 +19,9 @@ from npllm.parallel.comm import (
 from npllm.parallel.mappings import (
     copy_to_tp, copy_to_tp_backward, reduce_from_tp, reduce_from_tp_backward,
 )
-from npllm.parallel.threads import THREAD_VARS, limit_blas_threads, ranks_on_this_node
+from npllm.parallel.threads import (
+    THREAD_VARS, limit_blas_threads, prepare_blas, ranks_on_this_node, stop_idle_blas_spinning,
+)
 
 needs_mpirun = pytest.mark.skipif(find_mpirun() is None, reason=NO_MPIRUN)
 
@@ -126,6 +128,40 @@ def test_limit_blas_threads_leaves_user_settings_and_single_processes_alone():
     assert limit_blas_threads(env) is None and env == {}
     env = {"OMPI_COMM_WORLD_LOCAL_SIZE": str(4 * len(os.sched_getaffinity(0)))}  # more ranks than cores
     assert limit_blas_threads(env) == 1
+
+
+def test_entry_points_stop_openblas_idle_spinning_unless_the_user_chose():
+    """prepare_blas (what `python -m npllm.train` runs before NumPy loads): OPENBLAS_THREAD_TIMEOUT=4 in one process
+    and under mpirun beside the thread limit; a user's own value is kept."""
+    env = {}
+    prepare_blas(env)
+    assert env == {"OPENBLAS_THREAD_TIMEOUT": "4"}
+    env = {"MPI_LOCALNRANKS": "2"}
+    prepare_blas(env)
+    assert env["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    assert env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    env = {"OPENBLAS_THREAD_TIMEOUT": "28"}
+    assert stop_idle_blas_spinning(env) is False and env == {"OPENBLAS_THREAD_TIMEOUT": "28"}
+
+
+def test_the_train_command_sets_the_idle_spin_before_numpy_loads(tmp_path):
+    """Run as `python -m npllm.train`, the setting is in place when NumPy (and so OpenBLAS) loads: the module's own
+    __main__ guard runs prepare_blas before its `import numpy`."""
+    script = ("import os, runpy, sys; sys.argv = ['npllm.train', '--help']; "
+              "import builtins; real = builtins.__import__\n"
+              "def spy(name, *a, **k):\n"
+              "    if name == 'numpy' and 'seen' not in os.environ:\n"
+              "        os.environ['seen'] = os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')\n"
+              "    return real(name, *a, **k)\n"
+              "builtins.__import__ = spy\n"
+              "try:\n"
+              "    runpy.run_module('npllm.train', run_name='__main__')\n"
+              "except SystemExit:\n"
+              "    pass\n"
+              "print('numpy loaded with', os.environ['seen'])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "numpy loaded with 4" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------------
