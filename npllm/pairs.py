@@ -25,7 +25,6 @@ training pairs per step by npllm.data.StepSampler's (seed, step, rank) rule.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,7 +34,7 @@ import numpy as np
 from .checks import check_choice, check_int
 from .data import StepSampler, TrainingData
 from .layers.loss import IGNORE_INDEX
-from .sft import _many_problems, read_jsonl, records_file_data
+from .sft import _many_problems, json_line, read_jsonl, records_file_data
 from .tokenizer import Tokenizer
 
 PADS = ("batch", "fixed")  # pad each batch to its longest pair, or to seq_len
@@ -47,12 +46,9 @@ PADS = ("batch", "fixed")  # pad each batch to its longest pair, or to seq_len
 
 def _parse_pair(text: str):
     """(record, None) of a (non-blank) line, or (None, the reason it is not a pair)."""
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        return None, f"not valid JSON ({err.msg} at column {err.colno})"
-    except RecursionError:
-        return None, "JSON nested too deeply to read"
+    record, problem = json_line(text)
+    if problem:
+        return None, problem
     if not isinstance(record, dict):
         return None, f'expected a JSON object {{"source": ..., "target": ...}}, got {type(record).__name__}'
     missing = [key for key in ("source", "target") if key not in record]

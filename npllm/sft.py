@@ -139,14 +139,21 @@ def chat_prompt(messages: list[dict]) -> str:
     return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
 
-def _record_problem(text: str):
-    """(segments, None) of a (non-blank) line, or (None, the reason it is not a record)."""
+def json_line(text: str):
+    """(the value, None) of one JSONL line, or (None, why it is not JSON): the first check of every record reader."""
     try:
-        record = json.loads(text)
+        return json.loads(text), None
     except json.JSONDecodeError as err:
         return None, f"not valid JSON ({err.msg} at column {err.colno})"
     except RecursionError:
         return None, "JSON nested too deeply to read"
+
+
+def _record_problem(text: str):
+    """(segments, None) of a (non-blank) line, or (None, the reason it is not a record)."""
+    record, problem = json_line(text)
+    if problem:
+        return None, problem
     segments = _segments(record)
     return (None, segments) if isinstance(segments, str) else (segments, None)
 
