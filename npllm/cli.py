@@ -49,10 +49,12 @@ def report_error(prog: str, err: BaseException, code: int, vote) -> int:
 
 def train_entry() -> None:
     """npllm-train: under mpirun, this rank's share of the cores for BLAS is set before NumPy loads (and OpenBLAS's
-    idle threads told not to spin)."""
+    idle threads told not to spin), and malloc keeps the memory a step frees for the next one."""
+    from .allocator import keep_freed_memory
     from .parallel.threads import prepare_blas
 
     prepare_blas()
+    keep_freed_memory()
     from .parallel.comm import run_main
     from .train import main
 

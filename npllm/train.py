@@ -30,9 +30,11 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a command: this rank's share of the cores for BLAS, before NumPy loads
+    from .allocator import keep_freed_memory
     from .parallel.threads import prepare_blas
 
     prepare_blas()
+    keep_freed_memory()  # a step reuses the memory the step before freed
 
 import numpy as np
 

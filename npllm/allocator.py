@@ -1,0 +1,45 @@
+"""Keep the memory a training step frees for the next step, instead of handing it back to the OS and faulting it in.
+
+A step allocates and frees the same arrays every time: activations, their gradients, temporaries of a few MiB each.
+glibc's malloc by default returns freed memory at the top of its heap to the OS once more than 128 KiB of it is free
+(M_TRIM_THRESHOLD), and serves large requests with fresh mmap'd pages whose size cut-off moves with the program
+(M_MMAP_THRESHOLD). So every step paid for the same memory again: measured on the GPT-2-shaped benchmark step
+(B=8, T=256, 2 cores), 45,000 page faults and 0.24 s of kernel time per ~1.1 s step. With the two thresholds fixed
+here, 60 faults and 0.06 s, and the step 10-15% shorter (benchmarks/RESULTS.md). The peak resident memory does not
+grow: the step reuses what it freed; the memory is only no longer returned between steps.
+
+    M_MMAP_THRESHOLD  32 MiB, glibc's largest on 64 bits: smaller arrays come from the heap and are reused; larger
+                      ones (the (B*T, V) logits) are still mmap'd, and NumPy asks for huge pages for them (2 MiB a
+                      fault) where the kernel allows it
+    M_TRIM_THRESHOLD  1 GiB: up to that much free memory stays at the heap's top for the next step
+
+Called once by the training entry points (``python -m npllm.train``, ``npllm-train``); it changes nothing when the
+user tuned malloc through its environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES), and
+nothing outside glibc (macOS, musl): there it returns False. Imports only ctypes, os and sys: safe before NumPy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+MMAP_THRESHOLD = 32 << 20  # bytes: DEFAULT_MMAP_THRESHOLD_MAX on 64-bit glibc; mallopt refuses more
+TRIM_THRESHOLD = 1 << 30  # bytes
+
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_memory(environ=None) -> bool:
+    """Fix glibc malloc's mmap and trim thresholds (above) in this process. True when both were set; False when the
+    user's environment tunes malloc already, or this is not glibc, or glibc refused a value."""
+    environ = os.environ if environ is None else environ
+    if not sys.platform.startswith("linux") or any(var in environ for var in USER_SETTINGS):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # no glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
