@@ -6,15 +6,15 @@
     python benchmarks/bench_vs_pytorch.py --impl reference   # npllm's plain layers even once the fast paths exist
 
 One step is the trainer's (npllm/train.py): forward + backward (``accumulate_loss_and_grads``), the global-norm clip
-(``reduce_and_clip``, max norm 1) and AdamW (``apply_update``: lr 3e-4, betas (0.9, 0.95), eps 1e-8, weight decay
-0.1 on the 2-D weights). PyTorch runs the same step on the Hugging Face model that ``npllm.hf`` maps the parameters
-to (GPT2LMHeadModel or LlamaForCausalLM, attn_implementation="sdpa", float32, train mode, no dropout):
-logits -> F.cross_entropy against the same targets -> backward -> clip_grad_norm_(1.0) -> torch.optim.AdamW with
-the same hyperparameters and the same decay rule (p.dim() >= 2), foreach left at torch's default. Both start from
-npllm's init_params(cfg, seed=0) and see the same batch every step; the first step's losses must agree to 1e-5
-relative (float32), else the run exits 1: a benchmark of two different models is worthless. The GPT-2 side uses
-transformers' "gelu_pytorch_tanh" (torch's fused tanh-GELU; the same function as the "gelu_new" that config_to_hf
-writes, which HF computes in several eager ops), so PyTorch is not handicapped.
+(``reduce_and_clip``, max norm 1) and AdamW (``apply_update`` with the trainer's ``ops(cfg).adamw_update``: lr 3e-4,
+betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on the 2-D weights). PyTorch runs the same step on the Hugging Face
+model that ``npllm.hf`` maps the parameters to (GPT2LMHeadModel or LlamaForCausalLM, attn_implementation="sdpa",
+float32, train mode, no dropout): logits -> F.cross_entropy against the same targets -> backward ->
+clip_grad_norm_(1.0) -> torch.optim.AdamW with the same hyperparameters and the same decay rule (p.dim() >= 2),
+foreach left at torch's default. Both start from npllm's init_params(cfg, seed=0) and see the same batch every step;
+the first step's losses must agree to 1e-5 relative (float32), else the run exits 1: a benchmark of two different
+models is worthless. The GPT-2 side uses transformers' "gelu_pytorch_tanh" (torch's fused tanh-GELU; the same function
+as the "gelu_new" that config_to_hf writes, which HF computes in several eager ops), so PyTorch is not handicapped.
 
 Method. Every measurement is a fresh child process (this file with --child), npllm and PyTorch alternating (which
 goes first alternates between repeats), each: imports, the model and the batch, then one warm-up step and --steps
@@ -194,12 +194,17 @@ def npllm_child(case: Case, steps: int, impl: str) -> dict:
     params = init_params(cfg, seed=SEED)
     x, y = batch(cfg, case.B, case.T)
     comm, axes = one_process_comm(), split_axes(cfg)
+    try:  # the trainer's AdamW: the implementation's own (npllm/train.py passes ops(cfg).adamw_update)
+        from npllm.models import ops
+        update = {"update": ops(cfg).adamw_update}
+    except ImportError:  # a checkout before the fast paths: apply_update's one AdamW
+        update = {}
 
     def step():
         loss, grads = loss_and_grads(params, x, y, cfg, comm.tp)  # forward + backward
         grads, _, _ = reduce_and_clip(grads, axes, comm, zero=0, max_norm=MAX_NORM)  # one global norm
         apply_update(params, grads, state, comm, zero=0, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                     weight_decay=WEIGHT_DECAY)  # AdamW, in place
+                     weight_decay=WEIGHT_DECAY, **update)  # AdamW, in place
         return float(loss)
 
     base = start_peak_window()

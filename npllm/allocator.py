@@ -1,20 +1,20 @@
 """Keep the memory a training step frees for the next step, instead of handing it back to the OS and faulting it in.
 
-A step allocates and frees the same arrays every time: activations, their gradients, temporaries of a few MiB each.
-glibc's malloc by default returns freed memory at the top of its heap to the OS once more than 128 KiB of it is free
-(M_TRIM_THRESHOLD), and serves large requests with fresh mmap'd pages whose size cut-off moves with the program
-(M_MMAP_THRESHOLD). So every step paid for the same memory again: measured on the GPT-2-shaped benchmark step
-(B=8, T=256, 2 cores), 45,000 page faults and 0.24 s of kernel time per ~1.1 s step. With the two thresholds fixed
-here, 60 faults and 0.06 s, and the step 10-15% shorter (benchmarks/RESULTS.md). The peak resident memory does not
-grow: the step reuses what it freed; the memory is only no longer returned between steps.
+A step allocates and frees the same arrays every time: activations, their gradients, temporaries of a few MiB each,
+the (B*T, V) logits of tens of MiB. glibc's malloc by default serves large requests with fresh mmap'd pages, handed
+back to the OS when freed (the size cut-off moves with the program, M_MMAP_THRESHOLD), and returns freed memory at
+the top of its heap to the OS once more than 128 KiB of it is free (M_TRIM_THRESHOLD). So every step paid for the
+same memory again, in page faults and the kernel's zeroing of each page: measured on the GPT-2-shaped benchmark step
+(B=8, T=256, 2 cores), 45,000 page faults and 0.24 s of kernel time per ~1.1 s step, and the head's 64 MiB logits
+alone took 20-40 ms longer to compute into fresh pages than into reused ones. With the two settings here every array
+comes from malloc's heap and goes back to it, and the next step reuses it: ~60 faults and 0.06 s per step. The peak
+resident memory does not grow (the step reuses what it freed); the memory is only no longer returned between steps.
 
-    M_MMAP_THRESHOLD  32 MiB, glibc's largest on 64 bits: smaller arrays come from the heap and are reused; larger
-                      ones (the (B*T, V) logits) are still mmap'd, and NumPy asks for huge pages for them (2 MiB a
-                      fault) where the kernel allows it
+    M_MMAP_MAX        0: no request is served by mmap; all come from the heap (whose free space is reused)
     M_TRIM_THRESHOLD  1 GiB: up to that much free memory stays at the heap's top for the next step
 
 Called once by the training entry points (``python -m npllm.train``, ``npllm-train``); it changes nothing when the
-user tuned malloc through its environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES), and
+user tuned malloc through its environment (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, ..., GLIBC_TUNABLES), and
 nothing outside glibc (macOS, musl): there it returns False. Imports only ctypes, os and sys: safe before NumPy.
 """
 
@@ -24,16 +24,17 @@ import ctypes
 import os
 import sys
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-MMAP_THRESHOLD = 32 << 20  # bytes: DEFAULT_MMAP_THRESHOLD_MAX on 64-bit glibc; mallopt refuses more
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (malloc.h)
+MMAP_MAX = 0  # requests served by mmap at most at once: none
 TRIM_THRESHOLD = 1 << 30  # bytes
 
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                 "GLIBC_TUNABLES")
 
 
 def keep_freed_memory(environ=None) -> bool:
-    """Fix glibc malloc's mmap and trim thresholds (above) in this process. True when both were set; False when the
-    user's environment tunes malloc already, or this is not glibc, or glibc refused a value."""
+    """Set glibc malloc's M_MMAP_MAX and M_TRIM_THRESHOLD (above) in this process. True when both were set; False
+    when the user's environment tunes malloc already, or this is not glibc, or glibc refused a value."""
     environ = os.environ if environ is None else environ
     if not sys.platform.startswith("linux") or any(var in environ for var in USER_SETTINGS):
         return False
@@ -42,4 +43,4 @@ def keep_freed_memory(environ=None) -> bool:
     except (OSError, AttributeError):  # no glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_MAX, MMAP_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
