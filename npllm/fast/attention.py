@@ -391,6 +391,21 @@ def _project(x, p, w, b):
     return y + p[b] if b in p else y
 
 
+def _project_together(xp, x, p, names):
+    """x @ w{name} + b{name} for each name of ``names`` ("q", "k", "v"), as one matrix product with the weights side by
+    side: returns the (B, T, H*hs) column views of one (B, T, sum of widths) array, in the order of ``names``. One
+    larger product instead of two or three keeps BLAS busier (fewer, wider calls)."""
+    w = xp.concatenate([p["w" + n] for n in names], axis=1)  # (C, sum of H*hs)
+    y = x @ w  # (B, T, sum of H*hs)
+    widths = [p["w" + n].shape[1] for n in names]
+    starts = [sum(widths[:i]) for i in range(len(names) + 1)]
+    blocks = [y[..., a:b] for a, b in zip(starts, starts[1:])]  # (B, T, H*hs) views
+    for n, block in zip(names, blocks):
+        if "b" + n in p:
+            block += p["b" + n]
+    return blocks
+
+
 def _tables(rope, ndim, factor):
     """The RoPE tables (T, hs) shaped (T, 1, ..., hs) to broadcast over the head axes of a (B, T, ..., hs) array of
     ``ndim`` axes, times ``factor``; None without RoPE."""
@@ -487,43 +502,53 @@ def _output_backward(dy, p, o_merged, n_kv_heads, hs, grads):
     return do, o
 
 
-def _queries_backward(xp, dqs, rope, scale):
+def _queries_backward(xp, dqs, rope, scale, out):
     """forward was qs = rope(q_lin) * scale: the transposed rotation (times scale) of dqs (B, NKV, G, T, hs), back in
-    the projection's layout, as rows (BT, NH*hs)."""
+    the projection's layout, written into ``out``, rows (BT, NH*hs) (a column block of the rows _input_backward
+    reads)."""
     B, NKV, G, T, hs = dqs.shape
-    dq = xp.empty((B, T, NKV, G, hs), dtype=dqs.dtype)  # (B, T, NKV, G, hs)
+    dq = out.reshape(B, T, NKV, G, hs)  # (B, T, NKV, G, hs) a view of out
     _rope_transposed_into(xp, dqs.transpose(0, 3, 1, 2, 4), _tables(rope, 5, scale) or (None, scale), dq)
-    return dq.reshape(B * T, NKV * G * hs)  # (BT, NH*hs)
 
 
-def _keys_backward(xp, dk, rope):
-    """forward was k = rope(k_lin): dk (B, NKV, T, hs) -> d k_lin as rows (BT, NKV*hs)."""
+def _keys_backward(xp, dk, rope, out):
+    """forward was k = rope(k_lin): dk (B, NKV, T, hs) -> d k_lin, written into ``out``, rows (BT, NKV*hs)."""
     B, NKV, T, hs = dk.shape
-    dk_lin = xp.empty((B, T, NKV, hs), dtype=dk.dtype)  # (B, T, NKV, hs)
+    dk_lin = out.reshape(B, T, NKV, hs)  # (B, T, NKV, hs) a view of out
     _rope_transposed_into(xp, dk.transpose(0, 2, 1, 3), _tables(rope, 4, 1.0) or (None, 1.0), dk_lin)
-    return dk_lin.reshape(B * T, NKV * hs)  # (BT, NKV*hs)
 
 
-def _values_backward(xp, dv):
-    """forward was v = heads(v_lin): dv (B, NKV, T, hs) -> rows (BT, NKV*hs) (the core's layout freed)."""
+def _values_backward(xp, dv, out):
+    """forward was v = heads(v_lin): dv (B, NKV, T, hs) -> d v_lin, written into ``out``, rows (BT, NKV*hs)."""
     B, NKV, T, hs = dv.shape
-    return xp.ascontiguousarray(dv.transpose(0, 2, 1, 3)).reshape(B * T, NKV * hs)  # (BT, NKV*hs)
+    out.reshape(B, T, NKV, hs)[...] = dv.transpose(0, 2, 1, 3)
 
 
-def _input_backward(inp, p, rows, grads):
-    """forward was {name}_lin = inp @ w{name} + b{name} for each name of ``rows`` (q, k or v; their gradients as
-    (BT, H*hs) rows): puts the weight (and bias) gradients into ``grads`` and returns d inp, the sum over the names
-    of rows @ w{name}.T, (B, T, C)."""
+def _rows_for(xp, p, names, BT, dtype):
+    """The (BT, sum of widths) rows of the gradients of {name}_lin for ``names``, and their column blocks (views)."""
+    widths = [p["w" + n].shape[1] for n in names]
+    d_rows = xp.empty((BT, sum(widths)), dtype=dtype)  # (BT, sum of H*hs)
+    starts = [sum(widths[:i]) for i in range(len(names) + 1)]
+    return d_rows, [d_rows[:, a:b] for a, b in zip(starts, starts[1:])]
+
+
+def _input_backward(inp, p, names, d_rows, grads):
+    """forward was {name}_lin = inp @ w{name} + b{name} for each name of ``names`` (q, k or v), computed together
+    (_project_together); d_rows (BT, sum of H*hs): their gradients side by side, in the order of ``names``. Puts the
+    weight (and bias) gradients into ``grads`` and returns d inp = d_rows @ [w{name} ...].T (B, T, C): the sum of
+    the names' paths is the matrix product's own sum."""
+    xp = get_array_module(d_rows)
     B, T, C = inp.shape
-    inp_rows = inp.reshape(B * T, C)  # (BT, C)
-    d_inp = None
-    for name, d_rows in rows.items():
-        grads["w" + name] = inp_rows.T @ d_rows  # (C, H*hs)
-        if "b" + name in p:
-            grads["b" + name] = d_rows.sum(axis=0)  # (H*hs,)
-        term = d_rows @ p["w" + name].T  # (BT, C)
-        d_inp = term if d_inp is None else d_inp + term
-    return d_inp.reshape(B, T, C)  # (B, T, C)
+    w = xp.concatenate([p["w" + n] for n in names], axis=1)  # (C, sum of H*hs)
+    dw = inp.reshape(B * T, C).T @ d_rows  # (C, sum of H*hs)
+    start = 0
+    for n in names:
+        width = p["w" + n].shape[1]
+        grads["w" + n] = xp.ascontiguousarray(dw[:, start:start + width])  # (C, H*hs)
+        if "b" + n in p:
+            grads["b" + n] = d_rows[:, start:start + width].sum(axis=0)  # (H*hs,)
+        start += width
+    return (d_rows @ w.T).reshape(B, T, C)  # (B, T, C)
 
 
 def flash_attention_forward(p, x, n_heads, n_kv_heads, rope=None, past_kv=None, *, causal=True, key_mask=None,
@@ -546,13 +571,14 @@ def flash_attention_forward(p, x, n_heads, n_kv_heads, rope=None, past_kv=None, 
     if past_kv is not None and not causal:
         raise ValueError("past_kv is for causal decoding; bidirectional attention (causal=False) takes none")
     xp = get_array_module(x)
-    q_lin = _project(x, p, "wq", "bq")  # (B, T, NH*hs)
+    q_lin, k_lin, v_lin = _project_together(xp, x, p, "qkv")  # (B, T, NH*hs), (B, T, NKV*hs) x 2: views of one
     hs = q_lin.shape[-1] // n_heads
     scale = 1.0 / math.sqrt(hs)
     # q, k = rope(q_lin), rope(k_lin) as in the reference, written straight into the core's layout (q times scale)
     qsg = _queries(xp, q_lin, n_heads, n_kv_heads, rope, scale)  # (B, NKV, G, T, hs)
-    k = _keys(xp, _project(x, p, "wk", "bk"), n_kv_heads, rope)  # (B, NKV, T, hs)
-    v = _heads(xp, _project(x, p, "wv", "bv"), n_kv_heads)  # (B, NKV, T, hs)
+    k = _keys(xp, k_lin, n_kv_heads, rope)  # (B, NKV, T, hs)
+    v = _heads(xp, v_lin, n_kv_heads)  # (B, NKV, T, hs)
+    del q_lin, k_lin, v_lin
     T_past = 0
     if past_kv is not None:
         T_past = past_kv[0].shape[2]
@@ -584,15 +610,17 @@ def flash_attention_backward(dy, cache):
     dqs, dk, dv = flash_core_backward(do, qsg, k, v, o, L, 1.0, causal=cache["causal"], T_past=0,
                                       key_mask=cache["key_mask"], **cache["tiles"])
     del do  # each (B, T, H, hs) array is freed once used: npllm/memory.py counts what stays
-    # forward was qs = rope(q_lin) * scale, k = rope(k_lin): back in the projections' layout, as rows (BT, H*hs)
-    rows = {"q": _queries_backward(xp, dqs, rope, scale)}
+    # forward was qs = rope(q_lin) * scale, k = rope(k_lin), v = heads(v_lin): back in the projections' layout, side
+    # by side as rows (BT, NH*hs + 2 NKV*hs)
+    d_rows, (dq_rows, dk_rows, dv_rows) = _rows_for(xp, p, "qkv", x.shape[0] * x.shape[1], dqs.dtype)
+    _queries_backward(xp, dqs, rope, scale, dq_rows)
     del dqs
-    rows["k"] = _keys_backward(xp, dk, rope)
+    _keys_backward(xp, dk, rope, dk_rows)
     del dk
-    rows["v"] = _values_backward(xp, dv)
+    _values_backward(xp, dv, dv_rows)
     del dv
     # forward was q_lin = x @ wq + bq (and likewise k, v): x receives the sum of the three paths
-    dx = _input_backward(x, p, rows, grads)  # (B, T, C)
+    dx = _input_backward(x, p, "qkv", d_rows, grads)  # (B, T, C)
     return dx, {name: grads[name] for name in p}
 
 
@@ -603,7 +631,8 @@ def flash_attention_backward(dy, cache):
 def flash_cross_attention_kv(p, memory, n_kv_heads):
     """The memory's keys and values, k = memory @ wk + bk and v = memory @ wv + bv split into heads, each
     (B, NKV, Tk, hs) and contiguous (the core's layout): npllm.layers.attention.cross_attention_kv's values, what a
-    decoder computes once per source sequence and passes to every step as memory_kv."""
+    decoder computes once per source sequence and passes to every step as memory_kv. Two separate products (not
+    _project_together), so that both implementations' memory_kv have the same bits and decode alike."""
     xp = get_array_module(memory)
     k = _heads(xp, _project(memory, p, "wk", "bk"), n_kv_heads)  # (B, NKV, Tk, hs): no RoPE on cross keys
     v = _heads(xp, _project(memory, p, "wv", "bv"), n_kv_heads)  # (B, NKV, Tk, hs)
@@ -663,8 +692,14 @@ def flash_cross_attention_backward(dy, cache):
                                       **cache["tiles"])
     del do
     # forward was q_lin = x @ wq + bq, qs = heads(q_lin) * scale; k_lin = memory @ wk + bk, v_lin = memory @ wv + bv
-    dx = _input_backward(x, p, {"q": _queries_backward(xp, dqs, None, scale)}, grads)  # (B, T, C)
+    dq_rows, (dq_block,) = _rows_for(xp, p, "q", x.shape[0] * x.shape[1], dqs.dtype)  # (BT, NH*hs)
+    _queries_backward(xp, dqs, None, scale, dq_block)
     del dqs
-    dmemory = _input_backward(memory, p, {"k": _values_backward(xp, dk), "v": _values_backward(xp, dv)},
-                              grads)  # (B, Tk, C)
+    dx = _input_backward(x, p, "q", dq_rows, grads)  # (B, T, C)
+    del dq_rows
+    dkv_rows, (dk_block, dv_block) = _rows_for(xp, p, "kv", memory.shape[0] * memory.shape[1], dk.dtype)
+    _values_backward(xp, dk, dk_block)  # no RoPE on cross keys: k = heads(k_lin), as v
+    _values_backward(xp, dv, dv_block)
+    del dk, dv
+    dmemory = _input_backward(memory, p, "kv", dkv_rows, grads)  # (B, Tk, C)
     return dx, dmemory, {name: grads[name] for name in p}
