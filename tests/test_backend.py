@@ -103,3 +103,22 @@ def test_scatter_add_sums_repeated_indices(backend):
     values = backend.asarray(np.arange(8.0).reshape(4, 2))
     scatter_add(backend, out, idx, values)
     np.testing.assert_array_equal(asnumpy(out), [[0, 0], [0 + 4 + 6, 1 + 5 + 7], [0, 0], [2, 3]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scatter_add_of_rows_has_the_bits_of_ufunc_at(dtype):
+    """The flat-index path for rows (an embedding's gradient) adds in np.add.at's order: the same bits, also onto a
+    non-zero out with many repeats, and a non-contiguous out takes np.add.at itself."""
+    rng = np.random.default_rng(0)
+    for vocab in (3, 50, 1000):
+        idx = rng.integers(0, vocab, 700)
+        values = rng.standard_normal((700, 33)).astype(dtype)
+        base = rng.standard_normal((vocab, 33)).astype(dtype)
+        want = base.copy()
+        np.add.at(want, idx, values)
+        got = base.copy()
+        scatter_add(np, got, idx, values)
+        assert np.array_equal(got, want)
+        got_t = np.asfortranarray(base)  # not C-contiguous
+        scatter_add(np, got_t, idx, values)
+        assert np.array_equal(got_t, want)

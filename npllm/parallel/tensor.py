@@ -115,7 +115,9 @@ def vocab_parallel_embedding_backward(dy, cache, tp):
     emb_cache, mine = cache
     xp = get_array_module(dy)
     dy_part = reduce_from_tp_backward(dy, tp)  # (B, T, C) identity
-    return embedding_backward(xp.where(mine[..., None], dy_part, 0), emb_cache)  # rows of others' tokens add 0
+    if tp.size > 1:  # one rank holds every token
+        dy_part = xp.where(mine[..., None], dy_part, 0)  # rows of others' tokens add 0
+    return embedding_backward(dy_part, emb_cache)
 
 
 # ----------------------------------------------------------------------------------------------------------
