@@ -16,13 +16,16 @@ the first step's losses must agree to 1e-5 relative (float32), else the run exit
 models is worthless. The GPT-2 side uses transformers' "gelu_pytorch_tanh" (torch's fused tanh-GELU; the same function
 as the "gelu_new" that config_to_hf writes, which HF computes in several eager ops), so PyTorch is not handicapped.
 
-Method. Every measurement is a fresh child process (this file with --child), npllm and PyTorch alternating (which
-goes first alternates between repeats), each: imports, the model and the batch, then one warm-up step and --steps
-timed steps; tok/s = steps * B * T / (time of the timed steps). Reported: the median and the best over --repeats
-children. OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS are set to --threads in both children, and
-torch.set_num_threads(--threads). The npllm child also gets OPENBLAS_THREAD_TIMEOUT=4 unless the environment sets
-it, as `python -m npllm.train` does (npllm/parallel/threads.py; torch's MKL does not read it). Other settings of the
-environment (OPENBLAS_CORETYPE, ...) pass through unchanged.
+Method. Every measurement is a fresh child process (this file with --child), npllm and PyTorch alternating (which goes
+first alternates between repeats), each: imports, the model and the batch, then one warm-up step and --steps timed
+steps; tok/s = steps * B * T / (time of the timed steps). Reported: the median and the best over --repeats children,
+and the median of the paired ratios (each repeat's npllm child over the PyTorch child run right before or after it:
+the two saw the same state of a machine whose speed drifts, so this ratio moves less between runs). OMP_NUM_THREADS,
+OPENBLAS_NUM_THREADS and MKL_NUM_THREADS are set to --threads in both children, and torch.set_num_threads(--threads).
+The npllm child also gets OPENBLAS_THREAD_TIMEOUT=4 unless the environment sets it, as `python -m npllm.train` does
+(npllm/parallel/threads.py; torch's MKL does not read it), and it calls npllm.allocator.keep_freed_memory() first, as
+the trainer does (malloc serves every array from its heap and keeps freed memory for the next step; unless the
+environment tunes malloc). Other settings of the environment (OPENBLAS_CORETYPE, ...) pass through unchanged.
 
 Peak memory, the same quantity on both sides: the growth of the process's resident set over the whole run of steps,
 VmHWM at the end minus VmRSS just before the warm-up step, after imports, parameters and the batch are in place and
@@ -337,19 +340,23 @@ def summarize(case: Case, runs: dict) -> dict:
                          peak=statistics.median(r["peak"] for r in rs), impl=rs[0]["impl"],
                          mfu=statistics.median(tok_s) * flops / sgemm)
     row["ratio"] = row["npllm"]["median"] / row["torch"]["median"]
+    # each repeat ran one child per side back to back: their ratio sees the same state of the machine (a shared VM
+    # whose speed drifts over minutes), so the median of these paired ratios moves less between runs
+    row["pairs"] = [n["tok_s"] / t["tok_s"] for n, t in zip(runs["npllm"], runs["torch"])]
+    row["paired"] = statistics.median(row["pairs"])
     row["loss_rel"] = rel_diff(*row["first"])
     return row
 
 
 TABLE_HEAD = ("| shape | npllm impl | npllm tok/s median (best) | PyTorch tok/s median (best) | npllm/PyTorch | "
-              "npllm peak MB | PyTorch peak MB | npllm MFU (sgemm GF/s) | PyTorch MFU (sgemm GF/s) | "
-              "first-step loss rel. diff | load |")
+              "paired ratio, median | npllm peak MB | PyTorch peak MB | npllm MFU (sgemm GF/s) | "
+              "PyTorch MFU (sgemm GF/s) | first-step loss rel. diff | load |")
 
 
 def table_row(name: str, r: dict, load_after: str) -> str:
     n, t = r["npllm"], r["torch"]
     return (f"| {name} | {n['impl']} | {n['median']:,.0f} ({n['best']:,.0f}) | {t['median']:,.0f} ({t['best']:,.0f}) | "
-            f"{r['ratio']:.3f} | {n['peak'] / 2**20:,.0f} | {t['peak'] / 2**20:,.0f} | "
+            f"{r['ratio']:.3f} | {r['paired']:.3f} | {n['peak'] / 2**20:,.0f} | {t['peak'] / 2**20:,.0f} | "
             f"{n['mfu']:.3f} ({n['sgemm'] / 1e9:.0f}) | {t['mfu']:.3f} ({t['sgemm'] / 1e9:.0f}) | "
             f"{r['loss_rel']:.1e} | {load_after} |")
 
@@ -413,7 +420,11 @@ def main(argv=None) -> int:
         print(f"  ratio {name}: npllm/PyTorch = {row['ratio']:.3f} (median tok/s {row['npllm']['median']:,.0f} / "
               f"{row['torch']['median']:,.0f}); peak MB npllm {row['npllm']['peak'] / 2**20:,.0f} PyTorch "
               f"{row['torch']['peak'] / 2**20:,.0f}; npllm MFU {row['npllm']['mfu']:.3f} of "
-              f"{row['npllm']['sgemm'] / 1e9:.0f} GFLOP/s sgemm; load {load()}", flush=True)
+              f"{row['npllm']['sgemm'] / 1e9:.0f} GFLOP/s sgemm; load {load()}")
+        tok_s = {side: ", ".join(f"{r['tok_s']:,.0f}" for r in rs) for side, rs in runs.items()}
+        pairs = ", ".join(f"{x:.3f}" for x in row["pairs"])
+        print(f"  children {name}: npllm tok/s {tok_s['npllm']}; PyTorch {tok_s['torch']}; paired ratios {pairs} "
+              f"(median {row['paired']:.3f})", flush=True)
 
     print()
     print(TABLE_HEAD)
