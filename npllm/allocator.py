@@ -2,13 +2,14 @@
 
 A step allocates and frees the same arrays every time: activations, their gradients, temporaries of a few MiB each,
 the (B*T, V) logits of tens of MiB. glibc's malloc by default serves large requests with fresh mmap'd pages, handed
-back to the OS when freed (the size cut-off moves with the program, M_MMAP_THRESHOLD), and returns freed memory at
-the top of its heap to the OS once more than 128 KiB of it is free (M_TRIM_THRESHOLD). So every step paid for the
-same memory again, in page faults and the kernel's zeroing of each page: measured on the GPT-2-shaped benchmark step
-(B=8, T=256, 2 cores), 45,000 page faults and 0.24 s of kernel time per ~1.1 s step, and the head's 64 MiB logits
-alone took 20-40 ms longer to compute into fresh pages than into reused ones. With the two settings here every array
-comes from malloc's heap and goes back to it, and the next step reuses it: ~60 faults and 0.06 s per step. The peak
-resident memory does not grow (the step reuses what it freed); the memory is only no longer returned between steps.
+back to the OS when freed (the size cut-off moves with the program, M_MMAP_THRESHOLD), and returns freed memory at the
+top of its heap to the OS once more than 128 KiB of it is free (M_TRIM_THRESHOLD). So every step paid for the same
+memory again, in page faults and the kernel's zeroing of each page: measured on the GPT-2-shaped benchmark step (B=8,
+T=256, 2 cores), 42,000-45,000 page faults and 0.20-0.27 s of kernel time per ~1.1 s step, and the head's 64 MiB
+logits alone took 20-40 ms longer to compute into fresh pages than into reused ones. With the two settings here every
+array comes from malloc's heap and goes back to it, and the next step reuses it: 0-1 faults and 0.02-0.03 s per step.
+The peak resident memory does not grow (the step reuses what it freed); the memory is only no longer returned between
+steps.
 
     M_MMAP_MAX        0: no request is served by mmap; all come from the heap (whose free space is reused)
     M_TRIM_THRESHOLD  1 GiB: up to that much free memory stays at the heap's top for the next step
