@@ -4,6 +4,7 @@ tokenizes the text once (``data_dir``) is in conftest.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import threading
@@ -162,3 +163,24 @@ def on_thread_ranks(size: int, fn) -> list:
     if errors:
         raise errors[0]
     return results
+
+
+
+def assert_fast_matches_reference(loss_and_grads, cfg, params):
+    """Run ``loss_and_grads(c)`` (a model's loss and gradients under the config c) with cfg's fast paths and with the
+    reference layers, in float64, and compare: a gradient for each of ``params`` on both sides, the loss to 1e-10
+    relative and each gradient to 1e-10 of its own largest entry, plus an absolute floor of 1e-14 of the model's
+    largest gradient. The two compute the same sums in different orders (tiles, online softmax, fused products: ~1e-15
+    per operation in float64); a gradient that is zero in exact math (e.g. the key bias, which shifts a query's scores
+    all alike) is rounding, ~1e-17, on both sides, hence the floor. Returns the reference config (for further
+    comparisons)."""
+    fast, reference = dataclasses.replace(cfg, impl="fast"), dataclasses.replace(cfg, impl="reference")
+    loss, grads = loss_and_grads(fast)
+    loss_ref, grads_ref = loss_and_grads(reference)
+    assert set(grads) == set(grads_ref) == set(params)
+    assert abs(loss - loss_ref) <= 1e-10 * abs(loss_ref)
+    largest = max(np.abs(g).max() for g in grads_ref.values())
+    for name in grads_ref:
+        bound = 1e-10 * np.abs(grads_ref[name]).max() + 1e-14 * largest
+        assert np.abs(grads[name] - grads_ref[name]).max() <= bound, name
+    return reference

@@ -44,7 +44,7 @@ from npllm.models import bert
 from npllm.optim import adamw_init, adamw_update
 from npllm.parallel.tensor import shard_params, unshard_params, vocab_parallel_cross_entropy_forward
 
-from tests.helpers import on_thread_ranks
+from tests.helpers import assert_fast_matches_reference, on_thread_ranks
 
 ORACLE_TOL = 1e-9
 
@@ -230,14 +230,8 @@ def test_fast_paths_are_the_reference_model_in_float64(T, dropout, data):
     batch = make_batch(cfg, [max(n, 1) for n in lengths], seed, T=T, pad_token=3)
     batch["key_mask"] = np.arange(T)[None, :] < np.array(lengths)[:, None]  # (B, T), a row may be all padding
     batch["targets"][~batch["key_mask"]] = IGNORE_INDEX
-    loss, grads = bert.batch_loss_and_grads(params, batch, cfg, dropout=DROPOUTS[dropout])
-    reference = dataclasses.replace(cfg, impl="reference")
-    loss_ref, grads_ref = bert.batch_loss_and_grads(params, batch, reference, dropout=DROPOUTS[dropout])
-    assert abs(loss - loss_ref) <= 1e-10 * abs(loss_ref)
-    largest = max(np.abs(g).max() for g in grads_ref.values())
-    for name in params:
-        bound = 1e-10 * np.abs(grads_ref[name]).max() + 1e-14 * largest
-        assert np.abs(grads[name] - grads_ref[name]).max() <= bound, name
+    reference = assert_fast_matches_reference(
+        lambda c: bert.batch_loss_and_grads(params, batch, c, dropout=DROPOUTS[dropout]), cfg, params)
     if dropout == "none":
         logits, logits_ref = bert.mlm_logits(params, batch, cfg), bert.mlm_logits(params, batch, reference)
         assert np.abs(logits - logits_ref).max() <= 1e-10 * np.abs(logits_ref).max()

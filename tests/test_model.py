@@ -21,6 +21,7 @@ from npllm.layers.loss import IGNORE_INDEX, cross_entropy_forward
 from npllm.models import flops_per_token, init_params, num_params, param_shapes, split_axes
 from npllm.models.decoder import forward, loss_and_grads, model_forward, param_specs
 from npllm.models.spec import initial_value
+from tests.helpers import assert_fast_matches_reference
 
 # (preset, fixed overrides): the two presets and the mixes between them
 VARIANTS = {
@@ -128,13 +129,7 @@ def test_fast_paths_are_the_reference_model_in_float64(variant, data, T):
     cfg = dataclasses.replace(cfg, max_seq_len=T, impl="fast")
     params = perturbed_params(cfg, seed)
     tokens, targets = batch(cfg, B, T, seed)
-    loss_fast, grads_fast = loss_and_grads(params, tokens, targets, cfg)
-    loss_ref, grads_ref = loss_and_grads(params, tokens, targets, dataclasses.replace(cfg, impl="reference"))
-    assert abs(loss_fast - loss_ref) <= 1e-10 * abs(loss_ref)
-    largest = max(np.abs(g).max() for g in grads_ref.values())
-    for name in params:
-        bound = 1e-10 * np.abs(grads_ref[name]).max() + 1e-14 * largest
-        assert np.abs(grads_fast[name] - grads_ref[name]).max() <= bound, name
+    assert_fast_matches_reference(lambda c: loss_and_grads(params, tokens, targets, c), cfg, params)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from npllm.parallel.tensor import (
     vocab_parallel_cross_entropy_forward,
 )
 
-from tests.helpers import on_thread_ranks
+from tests.helpers import assert_fast_matches_reference, on_thread_ranks
 
 ORACLE_TOL = 1e-9
 
@@ -391,14 +391,8 @@ def test_fast_paths_are_the_reference_model_in_float64(T, dropout, data):
     cfg = dataclasses.replace(cfg, impl="fast")
     params = perturbed_params(cfg, seed)
     batch = make_batch(cfg, src_lens, tgt_lens, seed)
-    loss_fast, grads_fast = s2s.batch_loss_and_grads(params, batch, cfg, dropout=DROPOUTS[dropout])
-    reference = dataclasses.replace(cfg, impl="reference")
-    loss_ref, grads_ref = s2s.batch_loss_and_grads(params, batch, reference, dropout=DROPOUTS[dropout])
-    assert abs(loss_fast - loss_ref) <= 1e-10 * abs(loss_ref)
-    largest = max(np.abs(g).max() for g in grads_ref.values())
-    for name in params:
-        bound = 1e-10 * np.abs(grads_ref[name]).max() + 1e-14 * largest
-        assert np.abs(grads_fast[name] - grads_ref[name]).max() <= bound, name
+    reference = assert_fast_matches_reference(
+        lambda c: s2s.batch_loss_and_grads(params, batch, c, dropout=DROPOUTS[dropout]), cfg, params)
     if dropout == "none":
         real = batch["tgt_mask"]
         logits, logits_ref = s2s.forward(params, batch, cfg), s2s.forward(params, batch, reference)
