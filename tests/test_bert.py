@@ -216,8 +216,8 @@ DROPOUTS = {"none": None, "hidden": Dropout(0.2, 0.0, seed=3, step=2, row_offset
 @settings(max_examples=4, deadline=None)
 @given(data=st.data())
 def test_fast_paths_are_the_reference_model_in_float64(T, dropout, data):
-    """Loss and every gradient of the fast paths (flash attention, norms, loss; the exact-GELU FFN is the reference's
-    own pair) against the reference layers; the bound as test_model.py's (the same sums in other orders: ~1e-15
+    """Loss and every gradient of the fast paths (flash attention, norms, the exact-GELU FFN, loss) against the
+    reference layers; the bound as test_model.py's (the same sums in other orders: ~1e-15
     relative; a key bias's gradient, zero in exact math, is rounding on both sides, hence the absolute floor)."""
     NH = data.draw(st.sampled_from([2, 4]), label="n_heads")
     cfg = tiny_config(vocab_size=13, dim=16, n_layers=data.draw(st.integers(1, 2), label="L"), n_heads=NH,

@@ -222,7 +222,7 @@ def make_mlp_params(rng, kind, C, F, bias, dtype=np.float64):
             for name, shape in shapes.items()}
 
 
-FAST_MLPS = ("gelu", "swiglu", "relu")  # gelu_erf's fast entry is the reference's own pair
+FAST_MLPS = ("gelu", "gelu_erf", "swiglu", "relu")
 lead_shapes = st.sampled_from([(1,), (1, 1), (7,), (2, 5), (3, 4), (13,)])
 
 
@@ -289,7 +289,7 @@ def test_mlp_float32_agrees_with_the_reference(kind):
     assert all(a.dtype == np.float32 for a in got.values())
 
 
-@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+@pytest.mark.parametrize("kind", ["gelu", "gelu_erf", "swiglu"])
 @pytest.mark.parametrize("bias", [False, True])
 @settings(max_examples=10, deadline=None)
 @given(lead=lead_shapes, C=st.integers(1, 5), F=st.integers(1, 7), seed=st.integers(0, 2**32 - 1))
@@ -312,7 +312,7 @@ DROPOUT_MLPS = ("gelu", "relu", "gelu_erf")  # the act() MLPs: dropout on their 
        seed=st.integers(0, 2**32 - 1))
 def test_mlp_hidden_dropout_matches_the_reference(backend, kind, bias, lead, C, F, rate, row_offset, col_offset, chunk,
                                                   threads, seed):
-    """The same mask bit for bit (a chunk of rows draws it at its global rows; F not a multiple of Philox's 8 lanes,
+    """The same mask bit for bit (F not a multiple of Philox's 8 lanes,
     column offsets inside a group of 8), outputs, caches and gradients as the reference's; the caches interchange."""
     rng = np.random.default_rng(seed)
     p = {n: backend.asarray(v) for n, v in make_mlp_params(rng, kind, C, F, bias).items()}
@@ -389,11 +389,41 @@ def test_gelu_far_in_its_tails_matches_the_reference_without_warnings(dtype):
     assert_close({"y": y, "t": t, "a": a}, {"y": y0, "t": t0, "a": a0}, tol, "gelu tails")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_erf_in_every_region_of_cody_has_the_reference_bits_without_warnings(dtype):
+    """Hidden units in each of Cody's three regions of erfc(-h / sqrt 2) (|h| / sqrt 2 <= 0.46875, <= 4, > 4, and past
+    26.543 where erfc underflows), mixed within one chunk, alone in a chunk, and a few among many: the fast exact GELU
+    runs a region's formula over whole chunks and keeps the region's values, or gathers a small region's elements;
+    forward and backward must have the reference's bits, and the formulas' overflows outside their regions must not
+    warn (a worker thread's warning would be an error here)."""
+    h_values = np.array([-1e4, -40.0, -37.5, -10.0, -5.7, -5.6, -3.0, -0.66, -0.6, -1e-3, 0.0, 1e-3, 0.6, 0.67, 3.0,
+                         5.6, 5.7, 10.0, 40.0, 1e4])
+    F = len(h_values)
+    p = {"w1": np.eye(F, dtype=dtype), "w2": np.eye(F, dtype=dtype)}
+    few = np.full(F, 0.01)
+    few[[3, 11]] = [3.0, -10.0]  # one element in the middle region, one in the large: gathered, not run densely
+    x = np.stack([h_values, -h_values, np.zeros(F), 0.5 * np.ones(F), few]).astype(dtype)  # (5, F): h = x
+    dy = np.ones_like(x)
+    with pool_settings(chunk_elements=F), warnings.catch_warnings():  # one row per chunk: rows 2 and 3 one region
+        warnings.simplefilter("error")
+        y, cache = fast_mlp.gelu_erf_forward(p, x)
+        dx, _ = fast_mlp.gelu_erf_backward(dy, cache)
+    y0, cache0 = ref_mlp.gelu_erf_forward(p, x)
+    dx0, _ = ref_mlp.gelu_erf_backward(dy, cache0)
+    for got, want in ((y, y0), (dx, dx0), (cache[2][1], cache0[2][1]), (cache[3], cache0[3])):
+        np.testing.assert_array_equal(got, want)
+    z = np.array([np.inf, -np.inf, np.nan, 30.0, -30.0, 4.5, 0.1], dtype=dtype)  # erfc's own edge cases
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fast_mlp._erfc_into(np, z, np.empty_like(z))
+    np.testing.assert_array_equal(got, ref_mlp.erfc(z))  # erfc(inf) = 0, erfc(-inf) = 2, NaN stays NaN
+
+
 def test_mlp_dispatch_and_unknown_kind():
     rng = np.random.default_rng(0)
     p = make_mlp_params(rng, "gelu", 3, 4, True)
     x = rng.standard_normal((2, 3))
-    y, _ = fast_mlp.mlp_forward("gelu_erf", p, x)  # the reference's own pair
+    y, _ = fast_mlp.mlp_forward("gelu_erf", p, x)
     np.testing.assert_array_equal(y, ref_mlp.gelu_erf_forward(p, x)[0])
     assert set(fast_mlp.MLP_KINDS) == set(ref_mlp.MLP_KINDS)
     with pytest.raises(ValueError, match="mlp='geglu' is not allowed"):

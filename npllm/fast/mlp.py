@@ -19,14 +19,20 @@ The fused formulas (same math as the reference, fewer operations; each line belo
               exactly, with NumPy's overflow warning silenced for that one call, in the chunk's own thread)
     gelu'     0.5 (1 + t) + 0.5 h (1 - t^2) K (1 + 3 A h^2) = (0.5 t + 0.5) (1 + K h (1 + 3 A h^2) (1 - t))
               (1 - t^2 = (1 - t)(1 + t) factored out: two operations fewer, and no cancellation in 1 - t*t at t ~ -1)
+    gelu_erf  Phi(h) = 0.5 erfc(-h / sqrt 2) by the reference's Cody evaluation, a = h Phi(h), and
+              gelu_erf' = Phi(h) + h exp(-h^2 / 2) / sqrt(2 pi): the reference's operations in its order (its bits).
+              The reference gathers each of Cody's three regions with a boolean index (~70 ns per element here, most
+              of it the boolean gathers and scatters); a chunk instead runs the formula of a region holding a
+              quarter of its elements or more over all of them and keeps the region's values by a bitwise select
+              (_put), and gathers a smaller region by integer index. A formula outside its region may overflow:
+              those values are dropped, with NumPy's warnings silenced for those calls.
     swiglu    the reference's operations in the reference's order (bit-identical outputs and dh1, dh3)
     relu      a = max(h, 0) written over h (the cache keeps a only); dh = da * [a > 0]
-GELU with erf ("gelu_erf") has no fast path here: MLP_KINDS maps it to the reference functions.
 
-Hidden dropout (gelu, relu; keyword arguments dropout_rate, dropout_key, row_offset, col_offset as the reference's):
-ad = dropout(a) with the reference's mask, bit for bit: npllm.layers.dropout.keep_mask drawn per chunk of the leading
-(batch) axis at that chunk's global rows (a mask element depends only on its own coordinates), on the pool's
-threads, and applied in the same pass. The cache is the reference's (p, x, saved, a, (mask, scale)).
+Hidden dropout (gelu, gelu_erf, relu; keyword arguments dropout_rate, dropout_key, row_offset, col_offset as the
+reference's):
+ad = dropout(a) with the reference's mask, bit for bit (npllm.layers.dropout.keep_mask, drawn in the calling thread),
+applied chunk by chunk on the pool. The cache is the reference's (p, x, saved, a, (mask, scale)).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from ..backend import get_array_module
 from ..checks import check_number
 from ..layers import mlp as reference
 from ..layers.dropout import keep_mask
-from ..layers.mlp import GELU_A, GELU_K
+from ..layers.mlp import (ERF_SMALL, ERFC_ZERO_FROM, GELU_A, GELU_K, INV_SQRT2, INV_SQRT_2PI, erf_small,
+                          erfc_large, erfc_middle)
 from .pool import map_rows, sum_parts
 
 GELU_KA = GELU_K * GELU_A  # K A: u = h (K + K A h^2)
@@ -62,24 +69,20 @@ def _rows(a):
 
 
 def _dropout_forward(xp, a, dropout_rate, dropout_key, row_offset, col_offset):
-    """ad = a * mask * scale, npllm.layers.dropout.dropout_forward(a, ...) bit for bit, the mask drawn and applied
-    chunk by chunk of a's leading axis (its rows b) on the pool: rows [b0, b1) draw keep_mask at global rows
-    row_offset + b0 ... Returns ad (same shape as a) and the reference's dropout cache (mask, scale)."""
+    """ad = a * mask * scale, npllm.layers.dropout.dropout_forward(a, ...) bit for bit: the reference's keep_mask drawn
+    in this thread, then applied chunk by chunk on the pool. Returns ad (same shape as a) and the reference's dropout
+    cache (mask, scale).
+
+    The mask is drawn in one call, not per chunk on the pool: Philox is ~60 NumPy operations of ~10 us each per pass
+    of keep_mask's counters, and two threads running operations that short mostly wait for each other's hand-offs
+    of the GIL. On the 2-core machine of benchmarks/RESULTS.md the mask of a (16, 64, 512) array took 23 ms drawn
+    per chunk on two threads and 17 ms in one call; per chunk on one thread it was no faster than one call."""
     if dropout_key is None:
         raise ValueError(f"dropout_rate={dropout_rate!r} needs a dropout_key (npllm.layers.dropout.dropout_key)")
     rate = check_number("dropout_rate", dropout_rate, 0.0, 1.0, high_open=True)
     scale = 1.0 / (1.0 - rate)
-    mask = xp.empty(a.shape, dtype=bool)  # (..., F)
-    ad = xp.empty_like(a)  # (..., F)
-
-    def rows(r):
-        mask[r] = keep_mask(a[r].shape, rate, dropout_key, xp, row_offset=row_offset + r.start,
-                            col_offset=col_offset)
-        xp.multiply(a[r], mask[r], out=ad[r])
-        ad[r] *= scale  # (a * mask) * scale, the reference's order
-
-    map_rows(rows, a.shape[0], math.prod(a.shape[1:]), xp=xp)
-    return ad, (mask, scale)  # keep the boolean mask (1 byte per element), as the reference
+    mask = keep_mask(a.shape, rate, dropout_key, xp, row_offset=row_offset, col_offset=col_offset)  # (..., F) bool
+    return _dropped(xp, a, mask, scale), (mask, scale)  # keep the boolean mask (1 byte per element), as the reference
 
 
 def _dropped(xp, a, mask, scale):
@@ -148,24 +151,12 @@ def gelu_backward(dy, cache):
     """forward was a = 0.5 h (1 + t), t = tanh(u), u = K (h + A h^3), y = a @ w2 + b2, h = x @ w1 + b1, so
     da = dy @ w2.T, dh = da * (0.5 t + 0.5) (1 + K h (1 + 3 A h^2) (1 - t)), dx = dh @ w1.T; with hidden dropout
     y = ad @ w2 + b2, ad = a * mask * scale, and da = (dy @ w2.T) * mask * scale."""
-    p, x, (h, t), a = cache[:4]
-    mask, scale = cache[4] if len(cache) > 4 else (None, None)
+    p, _, (h, t), _ = cache[:4]
     xp = get_array_module(dy)
-    C, F = p["w1"].shape
-    dy2 = dy.reshape(-1, C)  # (N, C)
-    grads = {"w2": _rows(_dropped(xp, a, mask, scale)).T @ dy2}  # (F, C)
-    if "b2" in p:
-        grads["b2"] = dy2.sum(axis=0)  # (C,)
-    dh = dy @ p["w2"].T  # (..., F) da, turned into dh in place below
-    h2, t2, dh2 = _rows(h), _rows(t), _rows(dh)  # (N, F) views
-    mask2 = None if mask is None else _rows(mask)  # (N, F)
-    with_b1 = "b1" in p
+    h2, t2 = _rows(h), _rows(t)  # (N, F) views
 
-    def rows(r):
-        hr, tr, gr = h2[r], t2[r], dh2[r]
-        if mask2 is not None:  # forward was ad = a * mask * scale
-            gr *= mask2[r]
-            gr *= scale
+    def times_derivative(r, gr):
+        hr, tr = h2[r], t2[r]
         w = xp.empty_like(hr)  # (n, F) act'(h), built up in place
         s = xp.empty_like(hr)  # (n, F) scratch
         xp.multiply(hr, hr, out=w)  # h^2
@@ -179,6 +170,33 @@ def gelu_backward(dy, cache):
         s += 0.5  # 0.5 (1 + t)
         w *= s  # act'(h)
         gr *= w  # dh = da * act'(h)
+
+    return _act_mlp_backward(dy, cache, times_derivative)
+
+
+def _act_mlp_backward(dy, cache, times_derivative):
+    """The backward of y = dropout(a) @ w2 + b2, a = act(h), h = x @ w1 + b1 (gelu, gelu_erf, relu), from the
+    reference's cache (p, x, saved, a[, (mask, scale)]). times_derivative(r, gr) multiplies gr, the rows r of da
+    (after the dropout mask), by act'(h) there, in place; the bias gradient's partial sums come from the same pass."""
+    p, x, _, a = cache[:4]
+    mask, scale = cache[4] if len(cache) > 4 else (None, None)
+    xp = get_array_module(dy)
+    C, F = p["w1"].shape
+    dy2 = dy.reshape(-1, C)  # (N, C)
+    grads = {"w2": _rows(_dropped(xp, a, mask, scale)).T @ dy2}  # (F, C)
+    if "b2" in p:
+        grads["b2"] = dy2.sum(axis=0)  # (C,)
+    dh = dy @ p["w2"].T  # (..., F) da, turned into dh in place below
+    dh2 = _rows(dh)  # (N, F)
+    mask2 = None if mask is None else _rows(mask)  # (N, F)
+    with_b1 = "b1" in p
+
+    def rows(r):
+        gr = dh2[r]
+        if mask2 is not None:  # forward was ad = a * mask * scale
+            gr *= mask2[r]
+            gr *= scale
+        times_derivative(r, gr)  # dh = da * act'(h)
         return gr.sum(axis=0) if with_b1 else None  # (F,) this chunk's part of db1
 
     parts = map_rows(rows, dh2.shape[0], F, xp=xp)
@@ -187,6 +205,109 @@ def gelu_backward(dy, cache):
         grads["b1"] = sum_parts(xp, parts, F, dh2.dtype)  # (F,)
     dx = dh @ p["w1"].T  # (..., C)
     return dx, {name: grads[name] for name in p}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GELU (exact, with erf)
+
+
+def _put(dest, values, mask):
+    """dest = values where mask, else dest (in place), by the bits: dest ^= (values ^ dest) & m with m all ones where
+    mask. The same result as np.copyto(dest, values, where=mask), ~4x faster on a random mask (np.where and copyto
+    take ~5 ns per element there, the three bitwise operations ~1)."""
+    bits = np.dtype(f"u{dest.dtype.itemsize}")
+    m = np.negative(mask.view(np.uint8).astype(bits))  # 0 or all ones
+    d = dest.view(bits)
+    diff = np.bitwise_xor(values.view(bits), d)
+    diff &= m
+    d ^= diff
+    return dest
+
+
+def _region_into(out, region, values_of, y, z):
+    """out = values_of(y, z) inside region, out unchanged elsewhere; values_of is one of Cody's region formulas,
+    elementwise, so any subset of elements gets the same bits. A region of a quarter of the chunk or more: the
+    formula over the whole chunk, then _put (no gather: np.where and boolean indexing take ~5-15 ns per element on a
+    random mask); a smaller one: its elements gathered by integer index (np.take, ~1-2 ns per element) and put back."""
+    idx = np.flatnonzero(region)
+    if 4 * idx.size >= region.size:
+        _put(out, values_of(y, z), region)
+    elif idx.size:
+        flat = out.reshape(-1)
+        flat[idx] = values_of(np.take(y, idx), np.take(z, idx))
+
+
+def _erfc_small(y, z):
+    return 1.0 - erf_small(y, z)  # erfc = 1 - erf where |z| <= ERF_SMALL
+
+
+def _erfc_middle(y, z):
+    e = erfc_middle(y)  # erfc(|z|)
+    return _put(e, 2.0 - e, z < 0)  # erfc(-y) = 2 - erfc(y): erf_from_erfc's np.where, by the bits
+
+
+def _erfc_large(y, z):
+    e = np.where(y < ERFC_ZERO_FROM, erfc_large(y), 0.0)  # erfc(|z|), 0 where it underflows
+    return _put(e, 2.0 - e, z < 0)
+
+
+def _erfc_into(xp, z, out):
+    """out = erfc(z) for a contiguous chunk z (NumPy: npllm.layers.mlp.erfc bit for bit; CuPy: its erfc), region by
+    region of Cody's (_region_into)."""
+    if xp is not np:
+        out[...] = reference.erfc(z)
+        return out
+    y = np.abs(z)
+    out[...] = z  # NaN stays NaN (in no region), as the reference's
+    with np.errstate(all="ignore"):  # a formula outside its region may overflow or divide by 0: dropped there
+        _region_into(out, y <= ERF_SMALL, _erfc_small, y, z)
+        _region_into(out, (y > ERF_SMALL) & (y <= 4.0), _erfc_middle, y, z)
+        _region_into(out, y > 4.0, _erfc_large, y, z)
+    return out
+
+
+def gelu_erf_forward(p, x, *, dropout_rate=0.0, dropout_key=None, row_offset=0, col_offset=0):
+    """y = dropout(h Phi(h)) @ w2 + b2, h = x @ w1 + b1, Phi(h) = 0.5 erfc(-h / sqrt 2) (BERT's exact GELU). p and the
+    hidden dropout as gelu_forward. Cache: h, Phi(h) and gelu(h) (and the dropout mask), as the reference's."""
+    xp = get_array_module(x)
+    h = x @ p["w1"]  # (..., F) fresh; + b1 in place, chunk by chunk
+    cdf = xp.empty_like(h)  # (..., F) Phi(h)
+    a = xp.empty_like(h)  # (..., F) gelu(h)
+    h2, cdf2, a2 = _rows(h), _rows(cdf), _rows(a)  # (N, F) views
+    b1 = p.get("b1")
+
+    def rows(r):
+        hr, cr = h2[r], cdf2[r]
+        if b1 is not None:
+            hr += b1  # h = x @ w1 + b1
+        _erfc_into(xp, -INV_SQRT2 * hr, cr)  # erfc(-h / sqrt 2)
+        cr *= 0.5  # Phi(h)
+        xp.multiply(hr, cr, out=a2[r])  # a = h Phi(h)
+
+    map_rows(rows, h2.shape[0], h2.shape[1], xp=xp)
+    y, drop = _output(xp, p, a, dropout_rate, dropout_key, row_offset, col_offset)  # (..., C)
+    cache = (p, x, (h, cdf), a)  # the reference's cache: keep h and Phi(h)
+    return y, cache if drop is None else (*cache, drop)
+
+
+def gelu_erf_backward(dy, cache):
+    """forward was a = h Phi(h), y = a @ w2 + b2, h = x @ w1 + b1, so
+    da = dy @ w2.T, dh = da * (Phi(h) + h exp(-h^2 / 2) / sqrt(2 pi)), dx = dh @ w1.T (hidden dropout as gelu's)."""
+    _, _, (h, cdf), _ = cache[:4]
+    xp = get_array_module(dy)
+    h2, cdf2 = _rows(h), _rows(cdf)  # (N, F) views
+
+    def times_derivative(r, gr):
+        hr = h2[r]
+        w = xp.multiply(hr, -0.5)  # (n, F) -h / 2, built up to act'(h) in place
+        w *= hr  # -h^2 / 2
+        xp.exp(w, out=w)
+        w *= INV_SQRT_2PI  # phi(h)
+        w *= hr  # h phi(h)
+        w += cdf2[r]  # act'(h) = Phi(h) + h phi(h)
+        gr *= w  # dh = da * act'(h)
+
+    return _act_mlp_backward(dy, cache, times_derivative)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,39 +413,18 @@ def relu_forward(p, x, *, dropout_rate=0.0, dropout_key=None, row_offset=0, col_
 def relu_backward(dy, cache):
     """forward was a = max(h, 0), y = a @ w2 + b2, h = x @ w1 + b1, so
     da = dy @ w2.T, dh = da * [a > 0], dx = dh @ w1.T; with hidden dropout as gelu_backward."""
-    p, x, _, a = cache[:4]
-    mask, scale = cache[4] if len(cache) > 4 else (None, None)
-    xp = get_array_module(dy)
-    C, F = p["w1"].shape
-    dy2 = dy.reshape(-1, C)  # (N, C)
-    grads = {"w2": _rows(_dropped(xp, a, mask, scale)).T @ dy2}  # (F, C)
-    if "b2" in p:
-        grads["b2"] = dy2.sum(axis=0)  # (C,)
-    dh = dy @ p["w2"].T  # (..., F) da, turned into dh in place below
-    a2, dh2 = _rows(a), _rows(dh)  # (N, F)
-    mask2 = None if mask is None else _rows(mask)  # (N, F)
-    with_b1 = "b1" in p
+    a2 = _rows(cache[3])  # (N, F)
 
-    def rows(r):
-        gr = dh2[r]
-        if mask2 is not None:  # forward was ad = a * mask * scale
-            gr *= mask2[r]
-            gr *= scale
+    def times_derivative(r, gr):
         gr *= a2[r] > 0  # dh = da * [h > 0]
-        return gr.sum(axis=0) if with_b1 else None  # (F,)
 
-    parts = map_rows(rows, dh2.shape[0], F, xp=xp)
-    grads["w1"] = x.reshape(-1, C).T @ dh2  # (C, F)
-    if with_b1:
-        grads["b1"] = sum_parts(xp, parts, F, dh2.dtype)  # (F,)
-    dx = dh @ p["w1"].T  # (..., C)
-    return dx, {name: grads[name] for name in p}
+    return _act_mlp_backward(dy, cache, times_derivative)
 
 
-MLP_KINDS = {  # the config's ``mlp`` field -> (forward, backward); gelu_erf is the reference's own pair
+MLP_KINDS = {  # the config's ``mlp`` field -> (forward, backward)
     "swiglu": (swiglu_forward, swiglu_backward),
     "gelu": (gelu_forward, gelu_backward),
-    "gelu_erf": (reference.gelu_erf_forward, reference.gelu_erf_backward),
+    "gelu_erf": (gelu_erf_forward, gelu_erf_backward),
     "relu": (relu_forward, relu_backward),
 }
 

@@ -49,46 +49,59 @@ def _exp_minus_square(y):
     return np.exp(-y16 * y16) * np.exp(-(y - y16) * (y + y16))  # (...)
 
 
+def erf_small(y, z):
+    """erf(z) where y = |z| <= ERF_SMALL: z R1(z^2) (Cody's first region; sign included)."""
+    ysq = y * y
+    num, den = ERF_A[4] * ysq, ysq
+    for a, b in zip(ERF_A[:3], ERF_B[:3]):
+        num, den = (num + a) * ysq, (den + b) * ysq
+    return z * (num + ERF_A[3]) / (den + ERF_B[3])
+
+
+def erfc_middle(y):
+    """erfc(y) for ERF_SMALL < y <= 4: exp(-y^2) R2(y) (the second region)."""
+    num, den = ERF_C[8] * y, y
+    for c, d in zip(ERF_C[:7], ERF_D[:7]):
+        num, den = (num + c) * y, (den + d) * y
+    return _exp_minus_square(y) * (num + ERF_C[7]) / (den + ERF_D[7])
+
+
+def erfc_large(y):
+    """erfc(y) for 4 < y < ERFC_ZERO_FROM: exp(-y^2) / y (1/sqrt(pi) - R3(1/y^2) / y^2) (the third region)."""
+    inv_sq = 1.0 / (y * y)
+    num, den = ERF_P[5] * inv_sq, inv_sq
+    for p_, q_ in zip(ERF_P[:4], ERF_Q[:4]):
+        num, den = (num + p_) * inv_sq, (den + q_) * inv_sq
+    r3 = inv_sq * (num + ERF_P[4]) / (den + ERF_Q[4])
+    return _exp_minus_square(y) * (INV_SQRT_PI - r3) / y
+
+
+def erf_from_erfc(e, negative, complement):
+    """erfc(z) (complement) or erf(z) from e = erfc(|z|) and negative = z < 0: erfc(-y) = 2 - erfc(y); erf(y) =
+    1 - erfc(y), written (0.5 - e) + 0.5 as Cody does, and erf(-y) = -erf(y)."""
+    if complement:
+        return np.where(negative, 2.0 - e, e)
+    one_minus = (0.5 - e) + 0.5
+    return np.where(negative, -one_minus, one_minus)
+
+
 def _calerf(z, complement):
-    """erf(z) (complement False) or erfc(z) (True) of a NumPy array, by Cody's three rational approximations."""
+    """erf(z) (complement False) or erfc(z) (True) of a NumPy array, by Cody's three rational approximations, each
+    evaluated on the elements of its region."""
     y = np.abs(z)  # (...)
     small = y <= ERF_SMALL  # (...) erf is computed directly here
     middle = (y > ERF_SMALL) & (y <= 4.0)  # (...) erfc(|z|) from here on
     large = y > 4.0  # (...)
     out = np.array(z, dtype=np.result_type(z, np.float32), copy=True)  # (...); NaN stays NaN (in no region)
 
-    ys = y[small]
-    ysq = ys * ys
-    num, den = ERF_A[4] * ysq, ysq
-    for a, b in zip(ERF_A[:3], ERF_B[:3]):
-        num, den = (num + a) * ysq, (den + b) * ysq
-    erf_small = z[small] * (num + ERF_A[3]) / (den + ERF_B[3])  # erf(z), sign included
-    out[small] = 1.0 - erf_small if complement else erf_small
-
-    ym = y[middle]
-    num, den = ERF_C[8] * ym, ym
-    for c, d in zip(ERF_C[:7], ERF_D[:7]):
-        num, den = (num + c) * ym, (den + d) * ym
-    erfc_middle = _exp_minus_square(ym) * (num + ERF_C[7]) / (den + ERF_D[7])  # erfc(|z|)
-
+    erf_s = erf_small(y[small], z[small])  # erf(z), sign included
+    out[small] = 1.0 - erf_s if complement else erf_s
+    out[middle] = erf_from_erfc(erfc_middle(y[middle]), z[middle] < 0, complement)
     yl = y[large]
-    erfc_large = np.zeros_like(yl)  # erfc(|z|); 0 where it underflows
+    e = np.zeros_like(yl)  # erfc(|z|); 0 where it underflows
     finite = yl < ERFC_ZERO_FROM
-    yf = yl[finite]
-    inv_sq = 1.0 / (yf * yf)
-    num, den = ERF_P[5] * inv_sq, inv_sq
-    for p_, q_ in zip(ERF_P[:4], ERF_Q[:4]):
-        num, den = (num + p_) * inv_sq, (den + q_) * inv_sq
-    r3 = inv_sq * (num + ERF_P[4]) / (den + ERF_Q[4])
-    erfc_large[finite] = _exp_minus_square(yf) * (INV_SQRT_PI - r3) / yf
-
-    for region, e in ((middle, erfc_middle), (large, erfc_large)):
-        negative = z[region] < 0
-        if complement:  # erfc(-y) = 2 - erfc(y)
-            out[region] = np.where(negative, 2.0 - e, e)
-        else:  # erf(y) = 1 - erfc(y), written (0.5 - e) + 0.5 as Cody does; erf(-y) = -erf(y)
-            one_minus = (0.5 - e) + 0.5
-            out[region] = np.where(negative, -one_minus, one_minus)
+    e[finite] = erfc_large(yl[finite])
+    out[large] = erf_from_erfc(e, z[large] < 0, complement)
     return out
 
 
