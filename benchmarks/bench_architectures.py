@@ -14,8 +14,9 @@ The dropout rows:
     no-attn        hidden dropout 0.1, attention dropout 0: the fast side runs flash attention too
     none           no dropout at all
 Each row times ``repeats`` steps of each implementation, alternating (reference, fast, reference, ...) after one
-untimed warm-up step each, and prints the median step time and fast / reference. --blas_threads sets
-OMP/OPENBLAS/MKL_NUM_THREADS in a fresh process (default: the environment's).
+untimed warm-up step each, in a process set up as the trainer's (npllm.allocator.keep_freed_memory), and prints
+the median step time and fast / reference. --blas_threads sets OMP/OPENBLAS/MKL_NUM_THREADS in a fresh process
+(default: the environment's).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def make_batch(cfg, B: int, rng) -> dict:
 
 def run(presets, B: int, repeats: int, modes):
     """Yields one dict per (preset, dropout mode): the median step times of both implementations."""
+    from npllm.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as `python -m npllm.train` does: freed memory stays in the heap for the next step
     from npllm.config import get_preset
     from npllm.layers.dropout import Dropout
     from npllm.models import accumulate_loss_and_grads, init_params, split_axes
