@@ -114,21 +114,36 @@ def _output(xp, p, a, dropout_rate, dropout_key, row_offset, col_offset):
 # GELU (tanh approximation)
 
 
-def gelu_forward(p, x, *, dropout_rate=0.0, dropout_key=None, row_offset=0, col_offset=0):
-    """y = dropout(gelu_tanh(x @ w1 + b1)) @ w2 + b2.  p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with
-    bias. dropout_*, row_offset, col_offset: the hidden dropout, as the reference's (off by default).
-    Cache: h, tanh(.) and gelu(h) (and the dropout mask), as the reference's."""
+def _act_mlp_forward(p, x, activation_rows, dropout_rate, dropout_key, row_offset, col_offset):
+    """y = dropout(act(h)) @ w2 + b2, h = x @ w1 + b1, for the GELUs: per chunk of rows the bias is added to h in
+    place, then activation_rows(hr, sr, ar) writes what act' needs into sr and act(h) into ar. Returns y and the
+    reference's cache (p, x, (h, saved), a[, (mask, scale)])."""
     xp = get_array_module(x)
     h = x @ p["w1"]  # (..., F) fresh; + b1 in place, chunk by chunk
-    t = xp.empty_like(h)  # (..., F) tanh(u)
-    a = xp.empty_like(h)  # (..., F) gelu(h)
-    h2, t2, a2 = _rows(h), _rows(t), _rows(a)  # (N, F) views
+    saved = xp.empty_like(h)  # (..., F) what act' needs besides h
+    a = xp.empty_like(h)  # (..., F) act(h)
+    h2, s2, a2 = _rows(h), _rows(saved), _rows(a)  # (N, F) views
     b1 = p.get("b1")
 
     def rows(r):
-        hr, tr, ar = h2[r], t2[r], a2[r]
+        hr = h2[r]
         if b1 is not None:
             hr += b1  # h = x @ w1 + b1
+        activation_rows(hr, s2[r], a2[r])
+
+    map_rows(rows, h2.shape[0], h2.shape[1], xp=xp)
+    y, drop = _output(xp, p, a, dropout_rate, dropout_key, row_offset, col_offset)  # (..., C)
+    cache = (p, x, (h, saved), a)
+    return y, cache if drop is None else (*cache, drop)
+
+
+def gelu_forward(p, x, *, dropout_rate=0.0, dropout_key=None, row_offset=0, col_offset=0):
+    """y = dropout(gelu_tanh(x @ w1 + b1)) @ w2 + b2.  p = {"w1": (C, F), "w2": (F, C)}, and "b1" (F,), "b2" (C,) with
+    bias. dropout_*, row_offset, col_offset: the hidden dropout, as the reference's (off by default).
+    Cache: h, tanh(.) and gelu(h) (and the dropout mask), as the reference's (tanh(u): the costly part of act')."""
+    xp = get_array_module(x)
+
+    def gelu_rows(hr, tr, ar):  # tr: tanh(u), ar: gelu(h)
         xp.multiply(hr, hr, out=tr)  # h^2
         tr *= -2.0 * GELU_KA  # -2 K A h^2
         tr -= 2.0 * GELU_K  # -2 K (1 + A h^2)
@@ -141,10 +156,7 @@ def gelu_forward(p, x, *, dropout_rate=0.0, dropout_key=None, row_offset=0, col_
         tr *= 2.0
         tr -= 1.0  # t = 2 s - 1 = tanh(u)
 
-    map_rows(rows, h2.shape[0], h2.shape[1], xp=xp)
-    y, drop = _output(xp, p, a, dropout_rate, dropout_key, row_offset, col_offset)  # (..., C)
-    cache = (p, x, (h, t), a)  # the reference's cache: keep h and tanh(u) (the costly part of act')
-    return y, cache if drop is None else (*cache, drop)
+    return _act_mlp_forward(p, x, gelu_rows, dropout_rate, dropout_key, row_offset, col_offset)
 
 
 def gelu_backward(dy, cache):
@@ -270,24 +282,13 @@ def gelu_erf_forward(p, x, *, dropout_rate=0.0, dropout_key=None, row_offset=0, 
     """y = dropout(h Phi(h)) @ w2 + b2, h = x @ w1 + b1, Phi(h) = 0.5 erfc(-h / sqrt 2) (BERT's exact GELU). p and the
     hidden dropout as gelu_forward. Cache: h, Phi(h) and gelu(h) (and the dropout mask), as the reference's."""
     xp = get_array_module(x)
-    h = x @ p["w1"]  # (..., F) fresh; + b1 in place, chunk by chunk
-    cdf = xp.empty_like(h)  # (..., F) Phi(h)
-    a = xp.empty_like(h)  # (..., F) gelu(h)
-    h2, cdf2, a2 = _rows(h), _rows(cdf), _rows(a)  # (N, F) views
-    b1 = p.get("b1")
 
-    def rows(r):
-        hr, cr = h2[r], cdf2[r]
-        if b1 is not None:
-            hr += b1  # h = x @ w1 + b1
+    def gelu_erf_rows(hr, cr, ar):  # cr: Phi(h), ar: gelu(h)
         _erfc_into(xp, -INV_SQRT2 * hr, cr)  # erfc(-h / sqrt 2)
         cr *= 0.5  # Phi(h)
-        xp.multiply(hr, cr, out=a2[r])  # a = h Phi(h)
+        xp.multiply(hr, cr, out=ar)  # a = h Phi(h)
 
-    map_rows(rows, h2.shape[0], h2.shape[1], xp=xp)
-    y, drop = _output(xp, p, a, dropout_rate, dropout_key, row_offset, col_offset)  # (..., C)
-    cache = (p, x, (h, cdf), a)  # the reference's cache: keep h and Phi(h)
-    return y, cache if drop is None else (*cache, drop)
+    return _act_mlp_forward(p, x, gelu_erf_rows, dropout_rate, dropout_key, row_offset, col_offset)
 
 
 def gelu_erf_backward(dy, cache):
