@@ -241,12 +241,12 @@ def _region_into(out, region, values_of, y, z):
     elementwise, so any subset of elements gets the same bits. A region of a quarter of the chunk or more: the
     formula over the whole chunk, then _put (no gather: np.where and boolean indexing take ~5-15 ns per element on a
     random mask); a smaller one: its elements gathered by integer index (np.take, ~1-2 ns per element) and put back."""
-    idx = np.flatnonzero(region)
-    if 4 * idx.size >= region.size:
+    count = np.count_nonzero(region)  # the indices themselves only where they are used
+    if 4 * count >= region.size:
         _put(out, values_of(y, z), region)
-    elif idx.size:
-        flat = out.reshape(-1)
-        flat[idx] = values_of(np.take(y, idx), np.take(z, idx))
+    elif count:
+        idx = np.flatnonzero(region)
+        out.reshape(-1)[idx] = values_of(np.take(y, idx), np.take(z, idx))
 
 
 def _erfc_small(y, z):
