@@ -68,7 +68,8 @@ def test_missing_term_transposed_matrix_and_zeroed_gradient_are_caught(backend, 
     assert max(check_layer(linear_forward, linear_backward, p_lin, x).values()) < 1e-8
     assert check_layer(linear_forward, linear_backward_transposed, p_lin, x)["x"] > 0.5
     forgot = check_layer(linear_forward, linear_backward_forgets_bias, p_lin, x)
-    assert forgot["b"] == 1.0 and forgot["w"] < 1e-8
+    # 1 less the differences' rounding bound (~1e-9 of the gradient here)
+    assert forgot["b"] == pytest.approx(1.0, abs=1e-8) and forgot["w"] < 1e-8
 
 
 def test_a_truly_zero_gradient_reports_zero(backend):
@@ -78,6 +79,25 @@ def test_a_truly_zero_gradient_reports_zero(backend):
     errors = check_gradients(lambda: float((x * x).sum() + 0.0 * z.sum()), {"x": x, "z": z},
                              {"x": 2 * x, "z": backend.zeros(3)})
     assert errors == {"x": pytest.approx(0.0, abs=1e-9), "z": 0.0}
+
+
+@pytest.mark.parametrize("order", [2, 4])
+def test_a_gradient_below_the_rounding_floor_is_checked_to_the_floor_and_no_further(order):
+    # f = 1e3 + 1e-6 sum(x^2): the gradient, 2e-6 x, is 1e-9 of f, so the differences' rounding error (~eps 1e3 / h
+    # = 2e-8 at h = 1e-5) swamps it: the raw comparison reads as a relative error near 1 for the right gradient.
+    x = np.random.default_rng(7).standard_normal(6)
+
+    def f():
+        return float(1e3 + 1e-6 * (x * x).sum())
+
+    right = {"x": 2e-6 * x}
+    assert check_gradients(f, {"x": x}, right, order=order, f_ulps=0)["x"] > 1e-3
+    assert check_gradients(f, {"x": x}, right, order=order)["x"] == 0.0
+
+    def g():  # at a gradient the differences can resolve, a wrong one is caught in full: 1e-1 x against 2e-1 x
+        return float(1e3 + 1e-1 * (x * x).sum())
+
+    assert 0.49 < check_gradients(g, {"x": x}, {"x": 1e-1 * x}, order=order)["x"] <= 0.5
 
 
 def test_the_five_point_stencil_has_fourth_order_truncation():
@@ -136,4 +156,9 @@ def test_relative_error_definition():
     assert relative_error(np.array([1.0]), np.array([2.0])) == 0.5
     assert relative_error(np.array([1e-9]), np.array([-1e-9])) == 0.0  # both below zero_tol: zero on both sides
     assert relative_error(np.array([1e-9]), np.array([-1e-9]), zero_tol=1e-10) == 2.0
+    # only the part of ||a - n|| beyond the numerical side's rounding bound counts
+    assert relative_error(np.array([3.0, 4.0]), np.array([3.0, 4.5]), noise=0.5) == 0.0
+    assert relative_error(np.array([3.0, 4.0]), np.array([3.0, 4.5]), noise=[0.3, 0.4]) == 0.0
+    assert relative_error(np.array([3.0, 4.0]), np.array([3.0, 4.5]), noise=0.2) == pytest.approx(
+        (0.5 - 0.2 * np.sqrt(2)) / np.hypot(3.0, 4.5))
     assert DEFAULT_STEP == 1e-5
