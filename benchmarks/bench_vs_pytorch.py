@@ -4,6 +4,7 @@
     python benchmarks/bench_vs_pytorch.py --quick            # a 1-minute smoke run (two shapes, 1 repeat, 1 step)
     python benchmarks/bench_vs_pytorch.py --threads 1 --shapes llama-8x256 gpt2-8x256 --repeats 5
     python benchmarks/bench_vs_pytorch.py --impl reference   # npllm's plain layers even once the fast paths exist
+    python benchmarks/bench_vs_pytorch.py --ranks 1          # npllm as one process only (no mpirun layout)
 
 One step is the trainer's (npllm/train.py): forward + backward (``accumulate_loss_and_grads``), the global-norm clip
 (``reduce_and_clip``, max norm 1) and AdamW (``apply_update`` with the trainer's ``ops(cfg).adamw_update``: lr 3e-4,
@@ -38,6 +39,18 @@ MFU: npllm's model FLOPs per second (``flops_per_token``: matmuls, forward + bac
 of npllm.metrics.measure_peak_flops (a 1024 x 1024 NumPy matmul, best of 8) measured in the same child after the
 steps; the PyTorch column is the same against a 1024 x 1024 torch.mm in its child.
 
+npllm's layouts (--ranks). Each shape runs npllm as one process of --threads threads (BLAS and npllm's own thread
+pools), and, by default when mpirun and mpi4py are installed (npllm's mpi extra), also as ``mpirun -n R`` with
+R = --threads, each rank one thread: data parallel, as ``mpirun -n 2 python -m npllm.train`` on a 2-core laptop.
+Rank r takes rows [r B / R, (r + 1) B / R) of the same batch, the gradients are averaged over the ranks before the
+clip (``reduce_and_clip``), and every rank runs the same AdamW, so the step is the one-process step up to the order of
+sums; the loss printed is the batch's (the mean of the ranks' means, each over B T / R tokens). Its tok/s counts the
+whole batch over the slowest rank's time, its peak memory is the sum of the ranks' peaks, its sgemm rate the sum of
+the ranks' one-thread rates measured side by side. Why it exists: NumPy releases the GIL inside each operation, but a
+thread needs the GIL back between operations, and at the 10-300 us operations of a 2-core step two threads ran the
+elementwise work ~1.4x faster than one, not 2x (benchmarks/RESULTS.md); ranks share no GIL. A shape whose B the
+ranks cannot split (B=1) runs as one process only. Both layouts are compared with the same PyTorch children.
+
 --impl selects npllm's implementation (fast: the fast paths of npllm/fast, reference: the plain layers), passed to
 npllm as the ModelConfig field ``impl``. A checkout whose ModelConfig has no such field has only the reference
 layers; the output then says "reference ran" whatever was asked. Each row of the table names what ran.
@@ -53,10 +66,12 @@ import ctypes
 import dataclasses
 import datetime
 import glob
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -184,7 +199,9 @@ def npllm_functions():
     return init_params, split_axes, loss_and_grads
 
 
-def npllm_child(case: Case, steps: int, impl: str) -> dict:
+def npllm_child(case: Case, steps: int, impl: str, ranks: int = 1) -> dict:
+    """One npllm child; ranks > 1: this is one rank of ``mpirun -n ranks`` (data parallel, see the module's
+    docstring), and only rank 0 returns the result (the job's), the others None."""
     try:  # what `python -m npllm.train` does first (npllm/allocator.py); a checkout before it has no such module
         from npllm.allocator import keep_freed_memory
     except ImportError:
@@ -193,13 +210,17 @@ def npllm_child(case: Case, steps: int, impl: str) -> dict:
         keep_freed_memory()
     init_params, split_axes, loss_and_grads = npllm_functions()
     from npllm.metrics import measure_peak_flops
-    from npllm.parallel.comm import one_process_comm
+    from npllm.parallel.comm import make_comm, one_process_comm
     from npllm.parallel.data import apply_update, init_optimizer, reduce_and_clip
 
     cfg, ran = npllm_impl(model_config(case), impl)
     params = init_params(cfg, seed=SEED)
+    comm, axes = (one_process_comm() if ranks == 1 else make_comm(1, use_mpi=True)), split_axes(cfg)
+    dp, rank = comm.dp.size, comm.dp.rank
+    if dp != ranks:
+        raise RuntimeError(f"the npllm child expected {ranks} ranks and found {dp}")
     x, y = batch(cfg, case.B, case.T)
-    comm, axes = one_process_comm(), split_axes(cfg)
+    x, y = x[rank * case.B // dp:(rank + 1) * case.B // dp], y[rank * case.B // dp:(rank + 1) * case.B // dp]
     try:  # the trainer's AdamW: the implementation's own (npllm/train.py passes ops(cfg).adamw_update)
         from npllm.models import ops
         update = {"update": ops(cfg).adamw_update}
@@ -211,12 +232,19 @@ def npllm_child(case: Case, steps: int, impl: str) -> dict:
         grads, _, _ = reduce_and_clip(grads, axes, comm, zero=0, max_norm=MAX_NORM)  # one global norm
         apply_update(params, grads, state, comm, zero=0, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
                      weight_decay=WEIGHT_DECAY, **update)  # AdamW, in place
-        return float(loss)
+        return comm.dp.allreduce_scalar(float(loss)) / dp  # the batch's loss: every rank has B / dp of its rows
 
     base = start_peak_window()
     state = init_optimizer(params, comm, 0)
-    return dict(measure_steps(step, steps), base=base, peak=status_kib("VmHWM") * 1024 - base,
-                sgemm=measure_peak_flops(np, np.float32), impl=ran, blas=numpy_blas())
+    out = measure_steps(step, steps)
+    peak = status_kib("VmHWM") * 1024 - base
+    comm.world.barrier()  # the ranks measure sgemm side by side: the machine's rate with every rank busy
+    sgemm = measure_peak_flops(np, np.float32)
+    total = comm.world.allreduce_scalar
+    out = dict(out, seconds=total(out["seconds"], "max"), base=total(base), peak=total(peak), sgemm=total(sgemm),
+               impl=ran if ranks == 1 else f"{ran}, {ranks} ranks", blas=numpy_blas(),
+               rows=int(total(len(x))), rows_per_rank=int(total(len(x), "max")))  # the batch's split
+    return out if rank == 0 else None
 
 
 def measure_steps(step, steps: int) -> dict:
@@ -295,14 +323,30 @@ def torch_child(case: Case, steps: int, threads: int) -> dict:
 # the parent: children, the table
 
 
-def run_child(side: str, case: Case, steps: int, threads: int, impl: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
+def find_mpirun() -> str | None:
+    """mpirun next to this Python (the mpich wheel of npllm's mpi extra puts it there), else on PATH, else None."""
+    beside = Path(sys.executable).parent / "mpirun"
+    return str(beside) if beside.exists() else shutil.which("mpirun")
+
+
+def npllm_side(ranks: int) -> str:
+    return "npllm" if ranks == 1 else f"npllm {ranks} ranks"
+
+
+def run_child(side: str, case: Case, steps: int, threads: int, impl: str, ranks: int = 1) -> dict:
+    """One child: ``side`` "npllm" or "torch" with ``threads`` threads; "npllm" with ranks > 1: ``mpirun -n ranks``
+    children of threads // ranks threads each."""
+    per_rank = threads // ranks
+    env = dict(os.environ, OMP_NUM_THREADS=str(per_rank), OPENBLAS_NUM_THREADS=str(per_rank),
+               MKL_NUM_THREADS=str(per_rank))
     if side == "npllm":  # what `python -m npllm.train` sets before NumPy loads (unless the user set it)
         stop_idle_blas_spinning(env)
-    spec = json.dumps(dict(side=side, case=case.name, steps=steps, threads=threads, impl=impl))
-    out = subprocess.run([sys.executable, __file__, "--child", spec], env=env, capture_output=True, text=True,
-                         check=False)
+    spec = json.dumps(dict(side=side, case=case.name, steps=steps, threads=per_rank, impl=impl, ranks=ranks))
+    command = [sys.executable, __file__, "--child", spec]
+    if ranks > 1:
+        command = [find_mpirun(), "-n", str(ranks), *command]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    side = npllm_side(ranks) if side == "npllm" else side
     if out.returncode != 0:
         raise RuntimeError(f"{side} child for {case.name} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -371,6 +415,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, help="children per side and shape (default 5; --quick 1)")
     parser.add_argument("--steps", type=int, help="timed steps per child (default: per shape, 2-3; --quick 1)")
     parser.add_argument("--impl", choices=("fast", "reference"), default="fast", help="npllm's implementation")
+    parser.add_argument("--ranks", type=int, nargs="+",
+                        help="npllm's layouts: 1 = one process of --threads threads, R > 1 = mpirun -n R of "
+                             "--threads / R threads each, data parallel (default: 1 and --threads, when mpirun and "
+                             "mpi4py are installed)")
     parser.add_argument("--quick", action="store_true", help="a 1-minute smoke run: 2 shapes, 1 repeat, 1 step")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -378,10 +426,11 @@ def main(argv=None) -> int:
         spec = json.loads(args.child)
         case = CASES[spec["case"]]
         if spec["side"] == "npllm":
-            result = npllm_child(case, spec["steps"], spec["impl"])
+            result = npllm_child(case, spec["steps"], spec["impl"], spec.get("ranks", 1))
         else:
             result = torch_child(case, spec["steps"], spec["threads"])
-        print(json.dumps(result))
+        if result is not None:  # ranks > 1: rank 0 prints the job's result
+            print(json.dumps(result))
         return 0
     for name in ("threads", "repeats", "steps"):
         value = getattr(args, name)
@@ -389,6 +438,14 @@ def main(argv=None) -> int:
             parser.error(f"--{name}={value} is not allowed; use an integer >= 1")
     shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     repeats = args.repeats or (1 if args.quick else REPEATS)
+    mpi = find_mpirun() is not None and importlib.util.find_spec("mpi4py") is not None
+    ranks_list = args.ranks or ([1, args.threads] if args.threads > 1 and mpi else [1])
+    for ranks in ranks_list:
+        if ranks < 1 or args.threads % ranks:
+            parser.error(f"--ranks={ranks} is not allowed with --threads={args.threads}: use a divisor of --threads "
+                         f"(each rank runs --threads / ranks threads)")
+        if ranks > 1 and not mpi:
+            parser.error(f"--ranks={ranks} needs mpirun and mpi4py: pip install 'npllm[mpi]'")
 
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')} | {cpu_model()}, "
           f"{os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable) | Python {platform.python_version()} | "
@@ -406,28 +463,43 @@ def main(argv=None) -> int:
     for name in shapes:
         case = CASES[name]
         steps = args.steps or (1 if args.quick else case.steps)
-        runs = {"npllm": [], "torch": []}
+        layouts = [r for r in ranks_list if case.B % r == 0]  # data parallel splits the batch's rows
+        for ranks in sorted(set(ranks_list) - set(layouts)):
+            print(f"{name}: B={case.B} rows cannot be split over {ranks} ranks; {npllm_side(ranks)} not run")
+        sides = [npllm_side(r) for r in layouts] + ["torch"]
+        runs = {side: [] for side in sides}
         for r in range(repeats):
-            for side in (("npllm", "torch") if r % 2 == 0 else ("torch", "npllm")):
-                runs[side].append(run_child(side, case, steps, args.threads, args.impl))
-        row = rows[name] = summarize(case, runs)
-        row["load"] = load().split("/")[0]
-        ok = row["loss_rel"] <= LOSS_RTOL
-        if not ok:
-            failed.append(name)
-        print(f"{name}: B={case.B} T={case.T}, {steps} timed step(s) | npllm ({row['npllm']['impl']} ran, "
-              f"--impl {args.impl}) vs PyTorch ({row['torch']['impl']})")
-        print(f"  loss check {name}: first step npllm {row['first'][0]:.6f} PyTorch {row['first'][1]:.6f} rel. diff "
-              f"{row['loss_rel']:.1e} ({'ok' if ok else 'MISMATCH'}, <= {LOSS_RTOL:g}); after {steps + 1} steps "
-              f"npllm {row['last'][0]:.6f} PyTorch {row['last'][1]:.6f} rel. diff {rel_diff(*row['last']):.1e}")
-        print(f"  ratio {name}: npllm/PyTorch = {row['ratio']:.3f} (median tok/s {row['npllm']['median']:,.0f} / "
-              f"{row['torch']['median']:,.0f}); peak MB npllm {row['npllm']['peak'] / 2**20:,.0f} PyTorch "
-              f"{row['torch']['peak'] / 2**20:,.0f}; npllm MFU {row['npllm']['mfu']:.3f} of "
-              f"{row['npllm']['sgemm'] / 1e9:.0f} GFLOP/s sgemm; load {load()}")
-        tok_s = {side: ", ".join(f"{r['tok_s']:,.0f}" for r in rs) for side, rs in runs.items()}
-        pairs = ", ".join(f"{x:.3f}" for x in row["pairs"])
-        print(f"  children {name}: npllm tok/s {tok_s['npllm']}; PyTorch {tok_s['torch']}; paired ratios {pairs} "
-              f"(median {row['paired']:.3f})", flush=True)
+            for side in (sides if r % 2 == 0 else sides[::-1]):
+                ranks = layouts[sides.index(side)] if side != "torch" else 1
+                runs[side].append(run_child("torch" if side == "torch" else "npllm", case, steps, args.threads,
+                                            args.impl, ranks))
+        for ranks in layouts:
+            side = npllm_side(ranks)
+            label = name if ranks == 1 else f"{name}, {ranks} ranks"
+            row = rows[label] = summarize(case, {"npllm": runs[side], "torch": runs["torch"]})
+            row["load"] = load().split("/")[0]
+            ok = row["loss_rel"] <= LOSS_RTOL
+            if not ok:
+                failed.append(label)
+            print(f"{label}: B={case.B} T={case.T}, {steps} timed step(s) | npllm ({row['npllm']['impl']} ran, "
+                  f"--impl {args.impl}) vs PyTorch ({row['torch']['impl']})")
+            if ranks > 1:
+                first = runs[side][0]
+                print(f"  layout {label}: {ranks} ranks x {first['rows_per_rank']} rows of B={case.B} "
+                      f"({first['rows']} rows in all), {args.threads // ranks} thread(s) each")
+            print(f"  loss check {label}: first step npllm {row['first'][0]:.6f} PyTorch {row['first'][1]:.6f} rel. "
+                  f"diff {row['loss_rel']:.1e} ({'ok' if ok else 'MISMATCH'}, <= {LOSS_RTOL:g}); after {steps + 1} "
+                  f"steps npllm {row['last'][0]:.6f} PyTorch {row['last'][1]:.6f} rel. diff "
+                  f"{rel_diff(*row['last']):.1e}")
+            print(f"  ratio {label}: npllm/PyTorch = {row['ratio']:.3f} (median tok/s {row['npllm']['median']:,.0f} / "
+                  f"{row['torch']['median']:,.0f}); peak MB npllm {row['npllm']['peak'] / 2**20:,.0f} PyTorch "
+                  f"{row['torch']['peak'] / 2**20:,.0f}; npllm MFU {row['npllm']['mfu']:.3f} of "
+                  f"{row['npllm']['sgemm'] / 1e9:.0f} GFLOP/s sgemm; load {load()}")
+            tok_s = {s_: ", ".join(f"{r['tok_s']:,.0f}" for r in rs) for s_, rs in (("npllm", runs[side]),
+                                                                                    ("torch", runs["torch"]))}
+            pairs = ", ".join(f"{x:.3f}" for x in row["pairs"])
+            print(f"  children {label}: npllm tok/s {tok_s['npllm']}; PyTorch {tok_s['torch']}; paired ratios "
+                  f"{pairs} (median {row['paired']:.3f})", flush=True)
 
     print()
     print(TABLE_HEAD)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.mpi_scripts.mpi_common import find_mpirun
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_pytorch.py"
 
 pytestmark = pytest.mark.skipif(
@@ -40,7 +42,30 @@ def test_quick_toy_losses_agree_and_ratio_printed():
     assert re.search(r"^\| toy-llama \|", out.stdout, re.MULTILINE), out.stdout  # the table's row
 
 
+@pytest.mark.mpi
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or find_mpirun() is None,
+                    reason="needs mpirun and mpi4py (npllm's mpi extra) for the data-parallel layout")
+def test_two_ranks_layout_trains_the_same_batch():
+    """--ranks 2: npllm under mpirun -n 2, each rank half of the batch's rows: the batch's first-step loss is
+    PyTorch's (the mean of the two ranks' means), the reported layout names the ranks, and so does the table row."""
+    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--shapes", "toy-gpt2", "--threads", "2",
+                          "--ranks", "2"], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    check = re.search(r"loss check toy-gpt2, 2 ranks: first step npllm (\S+) PyTorch (\S+) rel\. diff (\S+) \(ok",
+                      out.stdout)
+    assert check, out.stdout
+    npllm_loss, torch_loss, rel = map(float, check.groups())
+    assert abs(npllm_loss - torch_loss) <= 1e-5 * abs(torch_loss) + 1e-6 and rel <= 1e-5
+    assert 5.0 < npllm_loss < 6.0
+    assert "layout toy-gpt2, 2 ranks: 2 ranks x 1 rows of B=2 (2 rows in all), 1 thread(s) each" in out.stdout
+    assert re.search(r"^\| toy-gpt2, 2 ranks \| fast, 2 ranks \|", out.stdout, re.MULTILINE), out.stdout
+    assert not re.search(r"^\| toy-gpt2 \|", out.stdout, re.MULTILINE)  # --ranks 2 alone: no one-process row
+
+
 def test_bad_option_is_refused():
     out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--repeats", "0"], capture_output=True,
                          text=True, timeout=60, check=False)
     assert out.returncode == 2 and "--repeats=0 is not allowed" in out.stderr
+    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "2", "--ranks", "3"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2 and "--ranks=3 is not allowed with --threads=2: use a divisor of --threads" in out.stderr
