@@ -39,6 +39,7 @@ def test_local_comm_collectives_return_their_input():
         assert np.shares_memory(y, x)  # no copy
         np.testing.assert_array_equal(y.reshape(x.shape), x)
     assert comm.allreduce_scalar(2.5) == 2.5
+    assert comm.allreduce_in_place(x) is x
 
 
 def test_mappings_on_one_rank_are_identities():
@@ -184,6 +185,9 @@ def test_collectives_under_mpirun_4_ranks_tp2(tmp_path):
         np.testing.assert_array_equal(got["world_max"], xs[-1])
         assert got["world_sum_f32"].dtype == np.float32
         np.testing.assert_array_equal(got["world_sum_f32"], sum(xs).astype(np.float32))
+        assert got["world_sum_in_place"].dtype == np.float32
+        np.testing.assert_array_equal(got["world_sum_in_place"], sum(xs).astype(np.float32))
+        assert got["in_place_same_array_strided_refused"].tolist() == [True, True]
         assert float(got["world_scalar"]) == sum(k + 0.5 for k in range(world))
         group = range(dp_rank * tp, dp_rank * tp + tp)  # my tp group
         np.testing.assert_array_equal(got["tp_sum"], sum(xs[k] for k in group))

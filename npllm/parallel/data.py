@@ -77,7 +77,7 @@ def dp_allreduce_grads(grads: dict, dp) -> dict:
     """
     if dp.size == 1:
         return grads
-    flat = dp.allreduce(flatten(grads, grads))  # (N,) sum over dp ranks
+    flat = dp.allreduce_in_place(flatten(grads, grads))  # (N,) sum over dp ranks, in the fresh flat buffer
     flat /= dp.size  # mean
     return unflatten(flat, {name: g.shape for name, g in grads.items()})
 

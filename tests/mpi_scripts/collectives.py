@@ -31,12 +31,21 @@ def main():
     r = comm.world.rank
     x = np.arange(6, dtype=np.float64).reshape(2, 3) + 10 * r  # (2, 3) rank-dependent
     counts = [k + 1 for k in range(comm.world.size)]  # rank k contributes / receives k+1 elements
+    summed = x.astype(np.float32)  # a fresh buffer, summed in place: the result is that very array
+    same_array = comm.world.allreduce_in_place(summed) is summed
+    try:
+        comm.world.allreduce_in_place(np.zeros((3, 2)).T)
+        strided_refused = False
+    except ValueError as e:
+        strided_refused = "needs a C-contiguous array" in str(e)
     out = {
         "ranks": np.array([comm.world.rank, comm.world.size, comm.tp.rank, comm.tp.size, comm.dp.rank, comm.dp.size]),
         "world_sum": comm.world.allreduce(x),
         "world_max": comm.world.allreduce(x, op="max"),
         "world_sum_f32": comm.world.allreduce(x.astype(np.float32)),
         "world_scalar": np.array(comm.world.allreduce_scalar(r + 0.5)),
+        "world_sum_in_place": summed,
+        "in_place_same_array_strided_refused": np.array([same_array, strided_refused]),
         "tp_sum": comm.tp.allreduce(x),
         "dp_sum": comm.dp.allreduce(x),
         "world_gather_last": comm.world.allgather(x, axis=-1),
