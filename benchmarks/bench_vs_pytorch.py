@@ -1,6 +1,6 @@
 """Tokens/s and peak memory of one full training step: npllm against PyTorch eager on the same model and weights.
 
-    python benchmarks/bench_vs_pytorch.py                    # every shape, 2 threads, 5 repeats (~7 minutes)
+    python benchmarks/bench_vs_pytorch.py                    # every shape, both layouts, 2 threads, 5 repeats (~11 min)
     python benchmarks/bench_vs_pytorch.py --quick            # a 1-minute smoke run (two shapes, 1 repeat, 1 step)
     python benchmarks/bench_vs_pytorch.py --threads 1 --shapes llama-8x256 gpt2-8x256 --repeats 5
     python benchmarks/bench_vs_pytorch.py --impl reference   # npllm's plain layers even once the fast paths exist
@@ -120,7 +120,7 @@ QUICK_SHAPES = ["llama-8x256", "gpt2-8x256"]
 MEMORY_CHECK = ("llama-8x256", "llama-1x2048")  # the same B*T, T = 256 and 2048
 MEMORY_TARGET = 1.3
 # Children per side and shape. On the shared 2-core VM of benchmarks/RESULTS.md one child's tok/s moved by up to 30%
-# within a run; 5 (up from 3) steadies the medians at ~7 minutes for the default shapes.
+# within a run; 5 (up from 3) steadies the medians at ~7 minutes for the default shapes (~11 with the ranks layout).
 REPEATS = 5
 
 
