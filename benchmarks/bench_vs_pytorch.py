@@ -71,7 +71,6 @@ import json
 import os
 import platform
 import statistics
-import shutil
 import subprocess
 import sys
 import time
@@ -83,6 +82,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import numpy as np  # noqa: E402 (after the sys.path line)
 
+from npllm.parallel.comm import find_mpirun  # noqa: E402
 from npllm.parallel.threads import IDLE_SPIN_EXPONENT, IDLE_SPIN_VAR, stop_idle_blas_spinning  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -219,8 +219,8 @@ def npllm_child(case: Case, steps: int, impl: str, ranks: int = 1) -> dict:
     dp, rank = comm.dp.size, comm.dp.rank
     if dp != ranks:
         raise RuntimeError(f"the npllm child expected {ranks} ranks and found {dp}")
-    x, y = batch(cfg, case.B, case.T)
-    x, y = x[rank * case.B // dp:(rank + 1) * case.B // dp], y[rank * case.B // dp:(rank + 1) * case.B // dp]
+    rows = slice(rank * case.B // dp, (rank + 1) * case.B // dp)  # this rank's rows of the batch
+    x, y = (a[rows] for a in batch(cfg, case.B, case.T))  # (B / dp, T) each
     try:  # the trainer's AdamW: the implementation's own (npllm/train.py passes ops(cfg).adamw_update)
         from npllm.models import ops
         update = {"update": ops(cfg).adamw_update}
@@ -321,12 +321,6 @@ def torch_child(case: Case, steps: int, threads: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # the parent: children, the table
-
-
-def find_mpirun() -> str | None:
-    """mpirun next to this Python (the mpich wheel of npllm's mpi extra puts it there), else on PATH, else None."""
-    beside = Path(sys.executable).parent / "mpirun"
-    return str(beside) if beside.exists() else shutil.which("mpirun")
 
 
 def npllm_side(ranks: int) -> str:
@@ -466,13 +460,12 @@ def main(argv=None) -> int:
         layouts = [r for r in ranks_list if case.B % r == 0]  # data parallel splits the batch's rows
         for ranks in sorted(set(ranks_list) - set(layouts)):
             print(f"{name}: B={case.B} rows cannot be split over {ranks} ranks; {npllm_side(ranks)} not run")
-        sides = [npllm_side(r) for r in layouts] + ["torch"]
+        sides = {npllm_side(r): ("npllm", r) for r in layouts} | {"torch": ("torch", 1)}  # name: (child, ranks)
         runs = {side: [] for side in sides}
         for r in range(repeats):
-            for side in (sides if r % 2 == 0 else sides[::-1]):
-                ranks = layouts[sides.index(side)] if side != "torch" else 1
-                runs[side].append(run_child("torch" if side == "torch" else "npllm", case, steps, args.threads,
-                                            args.impl, ranks))
+            for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                child, ranks = sides[side]
+                runs[side].append(run_child(child, case, steps, args.threads, args.impl, ranks))
         for ranks in layouts:
             side = npllm_side(ranks)
             label = name if ranks == 1 else f"{name}, {ranks} ranks"

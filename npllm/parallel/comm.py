@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -214,6 +216,14 @@ def launched_by_mpirun(environ=None) -> bool:
     """True when a launcher (mpirun / mpiexec / srun with PMI) started this process."""
     environ = os.environ if environ is None else environ
     return any(var in environ for var in LAUNCHER_VARS)
+
+
+def find_mpirun() -> str | None:
+    """mpirun next to this Python (the mpich wheel of npllm's mpi extra installs it there), else on PATH, else None."""
+    beside = Path(sys.executable).parent / "mpirun"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("mpirun")
 
 
 def check_tp(tp, world_size: int) -> int:

@@ -7,7 +7,6 @@ and ``CONFIGS`` / ``global_batch`` to recompute on one process what the ranks co
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from npllm.config import ModelConfig
+from npllm.parallel.comm import find_mpirun  # noqa: F401 (the tests import it from here too)
 
 SCRIPTS = Path(__file__).resolve().parent
 NO_MPIRUN = "mpirun not found next to sys.executable or on PATH (pip install mpich)"  # the tests' skip reason
@@ -89,14 +89,6 @@ def load_npz(path) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------
 # launching
-
-
-def find_mpirun() -> str | None:
-    """mpirun next to this Python (the mpich wheel installs it there), else on PATH, else None."""
-    beside = Path(sys.executable).parent / "mpirun"
-    if beside.exists():
-        return str(beside)
-    return shutil.which("mpirun")
 
 
 def run_mpi(n: int, script: str, *args: str, timeout: float = 120, check: bool = True):
