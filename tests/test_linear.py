@@ -44,3 +44,20 @@ def test_backward_returns_fresh_arrays():
     for out in (dx, grads["w"], grads["b"]):
         for given_array in (dy, x, p["w"], p["b"]):
             assert not np.shares_memory(out, given_array)
+
+
+def test_weight_gradient_of_a_transposed_weight_is_laid_out_like_the_weight(backend):
+    # the tied head: w = tok_emb.T (a transposed view). dw = x.T @ dy as always, but its memory is laid out like w,
+    # so that dw.T is contiguous like tok_emb and the model's tok_emb gradient sum reads both terms in memory order
+    rng = np.random.default_rng(2)
+    table = backend.asarray(rng.standard_normal((7, 4)))  # (V, C) like tok_emb
+    x, dy = backend.asarray(rng.standard_normal((2, 3, 4))), backend.asarray(rng.standard_normal((2, 3, 7)))
+    _, cache = linear_forward({"w": table.T}, x)  # (C, V) view
+    _, grads = linear_backward(dy, cache)
+    expected = np.einsum("btc,btv->cv", asnumpy(x), asnumpy(dy))  # (C, V)
+    np.testing.assert_allclose(asnumpy(grads["w"]), expected, rtol=1e-12, atol=1e-12)
+    assert grads["w"].T.flags.c_contiguous
+    _, cache = linear_forward({"w": backend.asarray(np.ascontiguousarray(asnumpy(table).T))}, x)  # a plain weight
+    _, grads = linear_backward(dy, cache)
+    np.testing.assert_allclose(asnumpy(grads["w"]), expected, rtol=1e-12, atol=1e-12)
+    assert grads["w"].flags.c_contiguous

@@ -20,7 +20,10 @@ def linear_backward(dy, cache):
     dx = dy @ w.T  # (..., Cin)
     x2 = x.reshape(-1, w.shape[0])  # (N, Cin) with N = all leading dims
     dy2 = dy.reshape(-1, w.shape[1])  # (N, Cout)
-    grads = {"w": x2.T @ dy2}  # (Cin, Cout)
+    if w.flags.f_contiguous and not w.flags.c_contiguous:  # w is a transposed view (a tied head's tok_emb.T)
+        grads = {"w": (dy2.T @ x2).T}  # (Cin, Cout), laid out like w: its transpose is contiguous like the table
+    else:
+        grads = {"w": x2.T @ dy2}  # (Cin, Cout)
     if "b" in p:
         grads["b"] = dy2.sum(axis=0)  # (Cout,)
     return dx, grads
