@@ -15,6 +15,7 @@ for those the floor of the bound is 1e-4 of the layer's largest gradient entry, 
 """
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from npllm.fast.attention import (
     flash_cross_attention_forward,
     flash_cross_attention_kv,
 )
+from npllm.parallel.cores import blas_thread_control, one_core
 from npllm.layers.attention import (
     attention_backward,
     attention_forward,
@@ -426,10 +428,10 @@ def test_huge_scores_stay_finite():
     assert_agree({"x": dx, **grads}, {"x": dx_ref, **grads_ref}, "huge scores backward", floor=1.0)
 
 
-@pytest.mark.skipif(fast._blas_threads is None, reason="BLAS is not an OpenBLAS whose thread count we can read")
+@pytest.mark.skipif(blas_thread_control() is None, reason="BLAS is not an OpenBLAS whose thread count we can read")
 def test_blas_keeps_its_thread_count():
     # the core runs BLAS on one thread while its own threads work, and must give the count back, also on an error
-    get = fast._blas_threads[0]
+    get = blas_thread_control()[0]
     before = get()
     rng = np.random.default_rng(0)
     qg, k = rng.standard_normal((2, 1, 2, 40, 4)), rng.standard_normal((2, 1, 40, 4))
@@ -442,6 +444,17 @@ def test_blas_keeps_its_thread_count():
     with pytest.raises(RuntimeError, match="chunk"):
         fast._run_over_slices(np, failing_chunk, 2, 10**9, 2)
     assert get() == before
+
+
+def test_the_core_runs_in_the_calling_thread_inside_a_one_core_thread():
+    # a row group side by side with others (npllm.parallel.cores.one_core) has one core: the core splits nothing
+    assert fast.default_threads() >= 1
+    with one_core():
+        assert fast.default_threads() == 1
+        seen = []
+        fast._run_over_slices(np, lambda lo, hi: seen.append((lo, hi, threading.get_ident())), 4, 10**9, 2)
+    me = threading.get_ident()
+    assert seen == [(0, 2, me), (2, 4, me)]  # even when a caller asks for 2 threads: one after the other, here
 
 
 def test_bad_arguments_are_one_line_errors():

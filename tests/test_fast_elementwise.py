@@ -187,18 +187,6 @@ def test_nested_map_rows_runs_serially_without_deadlock():
         assert all(pool.map_rows(outer, 16, 1))
 
 
-def test_default_threads_divides_the_cores_by_the_ranks_on_this_node(monkeypatch):
-    monkeypatch.setattr(pool, "available_cores", lambda: 8)
-    monkeypatch.delenv("MPI_LOCALNRANKS", raising=False)
-    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
-    monkeypatch.delenv("PMI_SIZE", raising=False)
-    assert pool.default_threads() == 8
-    monkeypatch.setenv("MPI_LOCALNRANKS", "3")
-    assert pool.default_threads() == 2
-    monkeypatch.setenv("MPI_LOCALNRANKS", "16")
-    assert pool.default_threads() == 1
-
-
 def test_sum_parts_adds_in_row_order_and_gives_zeros_without_rows():
     parts = [np.array([1e16, 1.0]), np.array([-1e16, 1.0]), np.array([1.0, 1.0])]
     np.testing.assert_array_equal(pool.sum_parts(np, parts, 2, np.float64), [1.0, 3.0])  # ((a + b) + c)

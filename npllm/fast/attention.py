@@ -31,16 +31,14 @@ group without a copy, and the sum over those G heads in dk, dv is the matrix pro
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
+import functools
 import itertools
 import math
 import numbers
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 from ..backend import get_array_module
-from ..parallel.threads import available_cores, ranks_on_this_node
+from ..parallel.cores import on_one_core, side_by_side, threads_beside_blas
+from ..parallel.cores import default_threads as cores_default_threads
 
 # Default tile sizes, chosen by measurement (benchmarks/bench_attention.py --tune; float32, NH=4, hs=64, 2 cores).
 # A query tile cut by the causal diagonal wastes about half of its last key tile, q_tile^2 / 2 scores, so the waste
@@ -63,91 +61,17 @@ def default_q_tile(T: int) -> int:
 MIN_WORK_FOR_THREADS = 1 << 18
 
 
-def _find_blas_thread_control():
-    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None (another BLAS, or not Linux).
-
-    Looked up in the shared objects of this process (/proc/self/maps). OpenBLAS keeps one thread count for the whole
-    process: even its openblas_set_num_threads_local sets that one count in a pthreads build (measured: a pool
-    thread's call made the main thread's BLAS single-threaded), so the core changes it only around its own
-    parallel section (_blas_on_one_thread).
-    """
-    import ctypes
-
-    names = (("openblas_get_num_threads", "openblas_set_num_threads"),
-             ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-             ("openblas_get_num_threads64_", "openblas_set_num_threads64_"))
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
-        for path in paths:
-            lib = ctypes.CDLL(path)
-            for get_name, set_name in names:
-                get, set_ = getattr(lib, get_name, None), getattr(lib, set_name, None)
-                if get is not None and set_ is not None:
-                    get.argtypes, get.restype = [], ctypes.c_int
-                    set_.argtypes, set_.restype = [ctypes.c_int], None
-                    return get, set_
-    except OSError:
-        pass
-    return None
-
-
-_blas_threads = _find_blas_thread_control()
-
-
-@contextlib.contextmanager
-def _blas_on_one_thread():
-    """Run BLAS on one thread inside the block, and on as many as before after it.
-
-    Inside, the core's own threads call BLAS side by side; each call starting BLAS's threads on top of them
-    oversubscribes the cores (measured on 2 cores: 10-50x slower). The calling thread only waits meanwhile, and
-    nothing else in npllm calls BLAS from another thread, so no other computation sees the change.
-    """
-    if _blas_threads is None or _blas_threads[0]() == 1:
-        yield
-        return
-    get, set_ = _blas_threads
-    before = get()
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(before)
-
-
-def _blas_threads_from_environment():
-    """The BLAS thread count the environment fixed (OPENBLAS/OMP/MKL_NUM_THREADS), or None."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        value = os.environ.get(var, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return None
-
-
 def default_threads() -> int:
-    """Threads for the core: this process's share of the node's cores, max(1, cores // MPI ranks on this node);
-    divided by the BLAS threads each call may start where BLAS's thread count cannot be set (not OpenBLAS)."""
-    share = max(1, available_cores() // ranks_on_this_node(os.environ))
-    if _blas_threads is not None:
-        return share
-    return max(1, share // (_blas_threads_from_environment() or share))
-
-
-_pool = None  # created on first use, grown when a call asks for more threads
-_pool_size = 0
-
-
-def _executor(n):
-    global _pool, _pool_size
-    if _pool is None or _pool_size < n:
-        if _pool is not None:
-            _pool.shutdown(wait=True)
-        _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="npllm-attention"), n
-    return _pool
+    """Threads for the core: this process's share of the node's cores (npllm.parallel.cores.default_threads), fewer
+    where BLAS's thread count cannot be set (threads_beside_blas); 1 in a thread that does one core's work."""
+    if on_one_core():
+        return 1
+    return threads_beside_blas(cores_default_threads())
 
 
 def _run_over_slices(xp, fn, S, work, threads):
-    """fn(lo, hi) over the slices [0, S), split into contiguous chunks run on up to ``threads`` threads.
+    """fn(lo, hi) over the slices [0, S), split into contiguous chunks run side by side on up to ``threads`` threads
+    (npllm.parallel.cores.side_by_side: BLAS on one thread meanwhile).
 
     The chunks touch disjoint slices of every output, so no two threads write the same memory. NumPy releases the GIL
     inside BLAS and its ufuncs, which is where the time goes. (CuPy: one thread; the GPU runs the work.)
@@ -157,11 +81,7 @@ def _run_over_slices(xp, fn, S, work, threads):
         fn(0, S)
         return
     bounds = [S * c // n for c in range(n + 1)]
-    with _blas_on_one_thread():
-        futures = [_executor(n).submit(fn, lo, hi) for lo, hi in itertools.pairwise(bounds)]
-        concurrent.futures.wait(futures)  # every chunk has ended before BLAS gets its threads back
-    for f in futures:
-        f.result()  # re-raises a worker's exception here
+    side_by_side([functools.partial(fn, lo, hi) for lo, hi in itertools.pairwise(bounds)], threads=n)
 
 
 def _positive_int(name, value, default):
@@ -400,9 +320,12 @@ def _project_together(xp, x, p, names):
     widths = [p["w" + n].shape[1] for n in names]
     starts = [sum(widths[:i]) for i in range(len(names) + 1)]
     blocks = [y[..., a:b] for a, b in zip(starts, starts[1:])]  # (B, T, H*hs) views
-    for n, block in zip(names, blocks):
-        if "b" + n in p:
-            block += p["b" + n]
+    if all("b" + n in p for n in names):  # the biases side by side: one pass over y, not one per strided block
+        y += xp.concatenate([p["b" + n] for n in names])
+    else:
+        for n, block in zip(names, blocks):
+            if "b" + n in p:
+                block += p["b" + n]
     return blocks
 
 
@@ -552,12 +475,13 @@ def _input_backward(inp, p, names, d_rows, grads):
     B, T, C = inp.shape
     w = xp.concatenate([p["w" + n] for n in names], axis=1)  # (C, sum of H*hs)
     dw = inp.reshape(B * T, C).T @ d_rows  # (C, sum of H*hs)
+    db = d_rows.sum(axis=0) if any("b" + n in p for n in names) else None  # (sum of H*hs,) in one pass
     start = 0
     for n in names:
         width = p["w" + n].shape[1]
         grads["w" + n] = xp.ascontiguousarray(dw[:, start:start + width])  # (C, H*hs)
         if "b" + n in p:
-            grads["b" + n] = d_rows[:, start:start + width].sum(axis=0)  # (H*hs,)
+            grads["b" + n] = db[start:start + width].copy()  # (H*hs,)
         start += width
     return (d_rows @ w.T).reshape(B, T, C)  # (B, T, C)
 

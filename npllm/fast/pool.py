@@ -21,19 +21,20 @@ results in that order therefore gives the same bits with 1 thread, 2 threads or 
 
 Thread count: the cores this process may run on (its CPU affinity) divided by the MPI ranks on this node, at least 1.
 Below MIN_PARALLEL_ELEMENTS elements in all, the chunks run in the calling thread: a hand-off to the pool costs
-more than it saves there. A ``map_rows`` called from inside a chunk (nested) also runs in its own thread.
+more than it saves there. A ``map_rows`` called from inside a chunk (nested), or from a thread that does one core's
+work (``npllm.parallel.cores.one_core``: the row groups of a batch run side by side), also runs in its own thread.
 For CuPy arrays (``xp`` not NumPy) ``fn`` is called once over all rows: the GPU does the parallel work.
 """
 
 from __future__ import annotations
 
-import os
+import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..parallel.threads import available_cores, ranks_on_this_node
+from ..parallel.cores import default_threads, mark_one_core_thread, on_one_core, one_core
 
 # Elements per chunk. Measured with benchmarks/bench_elementwise.py --tune (float32, the profile's shapes): 64K and
 # 128K were the fastest or within noise of it for every fast path, 4K-16K were 10-60% slower (each chunk costs 5-15
@@ -54,16 +55,6 @@ THREADS: int | None = None
 _pool: ThreadPoolExecutor | None = None  # created on first use, grown when a call asks for more threads
 _pool_size = 0
 _pool_lock = threading.Lock()
-_state = threading.local()  # .in_chunk: this thread is running chunks of a map_rows (nested calls run serially)
-
-
-def default_threads() -> int:
-    """This process's share of the node's cores: max(1, cores it may use // MPI ranks on this node)."""
-    return max(1, available_cores() // ranks_on_this_node(os.environ))
-
-
-def _mark_pool_thread():
-    _state.in_chunk = True  # a pool thread only ever runs chunks
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
@@ -72,7 +63,7 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         if _pool is None or _pool_size < workers:
             old = _pool
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npllm-rows",
-                                       initializer=_mark_pool_thread)
+                                       initializer=mark_one_core_thread)  # it only ever runs chunks
             _pool_size = workers
             if old is not None:
                 old.shutdown(wait=False)  # its running work finishes; new work goes to the larger pool
@@ -106,7 +97,7 @@ def map_rows(fn, n_rows: int, row_size: int, *, xp=np, threads: int | None = Non
     if threads is None:
         threads = THREADS if THREADS is not None else default_threads()
     n = min(threads, len(chunks))
-    if n <= 1 or n_rows * row_size < MIN_PARALLEL_ELEMENTS or getattr(_state, "in_chunk", False):
+    if n <= 1 or n_rows * row_size < MIN_PARALLEL_ELEMENTS or on_one_core():
         return [fn(rows) for rows in chunks]
 
     results = [None] * len(chunks)
@@ -133,13 +124,10 @@ def map_rows(fn, n_rows: int, row_size: int, *, xp=np, threads: int | None = Non
                         cond.notify_all()  # the caller may be waiting for exactly this
 
     executor = _executor(n - 1)
-    for _ in range(n - 1):
-        executor.submit(work)  # a worker that starts late finds no chunk left and returns at once
-    _state.in_chunk = True
-    try:
+    for _ in range(n - 1):  # a worker that starts late finds no chunk left and returns at once
+        executor.submit(contextvars.copy_context().run, work)  # in this thread's context: its np.errstate holds
+    with one_core():  # chunks that call map_rows themselves run it serially
         work()
-    finally:
-        _state.in_chunk = False
     with cond:  # wait for the chunks other threads took, not for threads that never got to take one
         cond.wait_for(lambda: progress["done"] == progress["next"])
     if errors:
