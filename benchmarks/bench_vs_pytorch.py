@@ -185,18 +185,31 @@ def npllm_impl(cfg, requested: str):
 
 
 def npllm_functions():
-    """(init_params, split_axes, loss_and_grads(params, tokens, targets, cfg, tp)) of the npllm in this checkout."""
+    """(init_params, split_axes, loss_and_grads(params, tokens, targets, cfg, tp), row_groups(rows, tp)) of the npllm
+    in this checkout; row_groups: how many groups of rows the trainer runs side by side by default (1 before there
+    were any)."""
     try:  # the architecture-dispatching functions of npllm.models (the models/ refactor)
         from npllm.models import accumulate_loss_and_grads, init_params, split_axes
-
-        def loss_and_grads(params, x, y, cfg, tp):
-            return accumulate_loss_and_grads(params, {"tokens": x, "targets": y}, cfg, 1, tp=tp)
     except ImportError:  # before it: the decoder's own
         from npllm.models.decoder import accumulate_loss_and_grads, init_params, split_axes
 
         def loss_and_grads(params, x, y, cfg, tp):
             return accumulate_loss_and_grads(params, x, y, cfg, 1, tp=tp)
-    return init_params, split_axes, loss_and_grads
+        return init_params, split_axes, loss_and_grads, lambda rows, tp: 1
+    try:  # the trainer's default: the batch's rows in groups side by side, one per core
+        from npllm.models import default_row_groups
+    except ImportError:
+        def row_groups(rows, tp):
+            return 1
+    else:
+        def row_groups(rows, tp):
+            return default_row_groups(rows, "cpu", tp.size)
+
+    def loss_and_grads(params, x, y, cfg, tp):
+        groups = row_groups(len(x), tp)
+        keywords = {"row_groups": groups} if groups > 1 else {}
+        return accumulate_loss_and_grads(params, {"tokens": x, "targets": y}, cfg, 1, tp=tp, **keywords)
+    return init_params, split_axes, loss_and_grads, row_groups
 
 
 def npllm_child(case: Case, steps: int, impl: str, ranks: int = 1) -> dict:
@@ -208,7 +221,7 @@ def npllm_child(case: Case, steps: int, impl: str, ranks: int = 1) -> dict:
         pass
     else:
         keep_freed_memory()
-    init_params, split_axes, loss_and_grads = npllm_functions()
+    init_params, split_axes, loss_and_grads, row_groups = npllm_functions()
     from npllm.metrics import measure_peak_flops
     from npllm.parallel.comm import make_comm, one_process_comm
     from npllm.parallel.data import apply_update, init_optimizer, reduce_and_clip
@@ -221,6 +234,7 @@ def npllm_child(case: Case, steps: int, impl: str, ranks: int = 1) -> dict:
         raise RuntimeError(f"the npllm child expected {ranks} ranks and found {dp}")
     rows = slice(rank * case.B // dp, (rank + 1) * case.B // dp)  # this rank's rows of the batch
     x, y = (a[rows] for a in batch(cfg, case.B, case.T))  # (B / dp, T) each
+    groups = row_groups(len(x), comm.tp)  # this process's rows in groups side by side (the trainer's default)
     try:  # the trainer's AdamW: the implementation's own (npllm/train.py passes ops(cfg).adamw_update)
         from npllm.models import ops
         update = {"update": ops(cfg).adamw_update}
@@ -242,7 +256,8 @@ def npllm_child(case: Case, steps: int, impl: str, ranks: int = 1) -> dict:
     sgemm = measure_peak_flops(np, np.float32)
     total = comm.world.allreduce_scalar
     out = dict(out, seconds=total(out["seconds"], "max"), base=total(base), peak=total(peak), sgemm=total(sgemm),
-               impl=ran if ranks == 1 else f"{ran}, {ranks} ranks", blas=numpy_blas(),
+               impl=", ".join([ran] + [f"{ranks} ranks"] * (ranks > 1) + [f"{groups} row groups"] * (groups > 1)),
+               blas=numpy_blas(),
                rows=int(total(len(x))), rows_per_rank=int(total(len(x), "max")))  # the batch's split
     return out if rank == 0 else None
 

@@ -398,6 +398,8 @@ class TrainConfig:
     steps: int = 300  # optimizer steps of the whole run (a resumed run continues up to this)
     batch_size: int = 16  # sequences per optimizer step (on each data-parallel rank)
     micro_batches: int = 1  # split each batch into this many forward/backward passes, gradients summed
+    row_groups: int | None = None  # cut each micro-batch's rows into this many groups run side by side, one per core
+    # (their gradients summed in row order); None: one per core of this process, at most the rows (1 on a GPU, tp > 1)
     seq_len: int = 128  # T: tokens per training sequence (at most, and by default capped at, the max_seq_len)
     lr: float = 1e-3  # peak learning rate
     min_lr: float | None = None  # learning rate at the end of the cosine decay; None: a tenth of lr
@@ -449,6 +451,10 @@ class TrainConfig:
             raise ValueError(f"--sft={self.sft} and --data={self.data} are two kinds of training data; give one")
         if self.batch_size % self.micro_batches:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by micro_batches={self.micro_batches}")
+        check_int("row_groups", self.row_groups, optional=True)
+        if self.row_groups is not None and self.row_groups > self.batch_size // self.micro_batches:
+            raise ValueError(f"row_groups={self.row_groups} is more than the {self.batch_size // self.micro_batches} "
+                             f"rows of a micro-batch (batch_size / micro_batches); use at most that many")
         if self.warmup > self.decay_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be <= lr_decay_steps={self.decay_steps}")
 

@@ -36,6 +36,11 @@ run's dtype; every count is this rank's shard: NH_tp = NH / tp, NKV_tp = NKV / t
                                                        AdamW scratch)))
 tests/test_memory.py measures the peak of real steps with tracemalloc and compares it with this sum.
 
+Row groups (--row_groups; npllm/models/__init__.py) run side by side: a micro-batch's groups hold their caches and
+temporaries at the same time, which add up to those of the micro-batch's B rows (below), and each group makes its
+own set of gradients (the first becomes the running sum): row_groups sets, one more after the first micro-batch.
+That is the default, one group per core; with more groups than cores fewer run at once and hold less.
+
 The activation caches, per layer, for a batch of B sequences of T tokens (B = batch_size / micro_batches), read off
 ``npllm/layers`` and ``npllm/fast`` (cfg.impl; the reference attention's own comment: "keep x, q, k, v (after
 RoPE), P and o_merged"; the flash attention keeps the row logsumexp L instead of P):
@@ -73,7 +78,7 @@ import numpy as np
 
 from .config import ModelConfig, TrainConfig
 from .fast.attention import K_TILE, default_q_tile
-from .models import flops_per_token, num_params, param_shapes, param_shard_shapes, split_axes
+from .models import default_row_groups, flops_per_token, num_params, param_shapes, param_shard_shapes, split_axes
 from .optim import moment_dtype
 from .parallel.data import dp_partition
 
@@ -173,6 +178,7 @@ class MemoryPlan:
     dtype: str
     batch_size: int  # rows per dp rank per step
     micro_batches: int
+    row_groups: int  # groups of a micro-batch's rows run side by side (npllm.models.accumulate_loss_and_grads)
     seq_len: int
     params_per_rank: int  # elements of this rank's shards
     replicated_per_rank: int  # elements of the tensors every tp rank holds whole
@@ -206,7 +212,7 @@ class MemoryPlan:
 
 
 def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, zero: int = 0, dtype: str = "float32",
-                batch_size: int, seq_len: int, micro_batches: int = 1) -> MemoryPlan:
+                batch_size: int, seq_len: int, micro_batches: int = 1, row_groups: int = 1) -> MemoryPlan:
     """The MemoryPlan of training ``cfg`` with tp x dp ranks, from shapes alone (nothing is allocated)."""
     if cfg.arch != "decoder":  # the activation counts above are the decoder's layers
         raise ValueError(f"--dry_run plans the decoder's memory only (npllm/memory.py); arch={cfg.arch!r} has no "
@@ -235,8 +241,9 @@ def plan_memory(cfg: ModelConfig, *, tp: int = 1, dp: int = 1, zero: int = 0, dt
         comm = max(grads + owned * s, weights + owned * s)
     return MemoryPlan(
         cfg=cfg, tp=tp, dp=dp, zero=zero, dtype=str(np.dtype(dtype)), batch_size=batch_size,
-        micro_batches=micro_batches, seq_len=seq_len, params_per_rank=P_tp, replicated_per_rank=replicated,
-        owned_per_rank=owned, weights=weights, gradients=grads * (2 if micro_batches > 1 else 1),
+        micro_batches=micro_batches, row_groups=row_groups, seq_len=seq_len, params_per_rank=P_tp,
+        replicated_per_rank=replicated, owned_per_rank=owned, weights=weights,
+        gradients=grads * (row_groups if micro_batches == 1 else row_groups + 1),
         moments=2 * owned * s_moment, activations=activation_bytes(cfg, B, seq_len, tp, s),
         recomputed=recomputed_bytes(cfg, B, seq_len, tp, s),
         working=working_bytes(cfg, B, seq_len, tp, s), comm_buffers=comm,
@@ -252,6 +259,15 @@ def default_device_memory_gib(device: str, ranks_on_machine: int) -> tuple[float
         return CUDA_DEVICE_MEMORY_GIB, "the default for --device cuda: an 80 GB A100 / H100"
     ram = machine_ram_bytes() / GIB
     return ram / ranks_on_machine, f"this machine's {ram:.1f} GiB of RAM shared by {ranks_on_machine} rank(s)"
+
+
+def _gradient_sets(micro_batches: int, row_groups: int) -> str:
+    """What the gradients line counts: each row group's gradients (the first becomes the running sum), and after
+    the first micro-batch the running sum beside them."""
+    if micro_batches == 1:
+        return f"one set per row group ({row_groups} side by side)" if row_groups > 1 else ""
+    per = f"{row_groups} row groups'" if row_groups > 1 else "one micro-batch's"
+    return f"running sum + {per}"
 
 
 def _row(label: str, n: int, note: str = "") -> str:
@@ -273,12 +289,13 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) 
         f"dry run: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), ffn {cfg.ffn_dim}, "
         f"vocab {cfg.vocab_size} | tp={plan.tp} x dp={plan.dp} = {ranks} ranks, zero={plan.zero} | {plan.dtype} | "
         f"{plan.batch_size} x {T} tokens per dp rank"
-        + (f" in {plan.micro_batches} micro-batches" if plan.micro_batches > 1 else ""),
+        + (f" in {plan.micro_batches} micro-batches" if plan.micro_batches > 1 else "")
+        + (f", rows in {plan.row_groups} groups side by side" if plan.row_groups > 1 else ""),
         f"parameters: {plan.params_total:,} in all | {plan.params_per_rank:,} per rank "
         f"({plan.replicated_per_rank:,} of them replicated on every tp rank)",
         "bytes per rank (nothing allocated; npllm/memory.py says what each line counts):",
         _row("weights", plan.weights),
-        _row("gradients", plan.gradients, "running sum + one micro-batch's" if plan.micro_batches > 1 else ""),
+        _row("gradients", plan.gradients, _gradient_sets(plan.micro_batches, plan.row_groups)),
         _row("AdamW moments", plan.moments, f"m and v of {plan.owned_per_rank:,} parameters"
              + (" (this rank's ZeRO-1 share)" if plan.zero == 1 else "")),
         _row("activations", plan.activations, f"kept for backward, B={B} T={T}: {kept} "
@@ -309,8 +326,10 @@ def format_plan(plan: MemoryPlan, device_memory_gib: float, memory_source: str) 
 def dry_run_report(cfg: ModelConfig, tc: TrainConfig, world_size: int = 1) -> str:
     """The text of ``python -m npllm.train --dry_run``: what one rank of this run would hold, from shapes alone."""
     dp = tc.dp if tc.dp is not None else max(1, world_size // tc.tp)
+    rows = tc.batch_size // tc.micro_batches
     plan = plan_memory(cfg, tp=tc.tp, dp=dp, zero=tc.zero, dtype=tc.dtype, batch_size=tc.batch_size,
-                       seq_len=tc.seq_len, micro_batches=tc.micro_batches)
+                       seq_len=tc.seq_len, micro_batches=tc.micro_batches,
+                       row_groups=tc.row_groups or default_row_groups(rows, tc.device, tc.tp))
     if tc.device_memory_gb is not None:
         memory, source = tc.device_memory_gb, "--device_memory_gb"
     else:

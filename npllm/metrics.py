@@ -139,12 +139,14 @@ def validation_metrics(params: dict, cfg: ModelConfig, batches: list[dict], tc: 
     return dict(val_loss=loss, val_ppl=perplexity(loss), val_bpb=bpb)
 
 
-def start_lines(cfg, tc, data, comm, params_on_rank: int, peak: float, start: str | None = None) -> list[str]:
-    """The first lines of a run's log: the model, the data, the device, the layout, the vocabulary's padding, and
-    ``start`` (where a resumed or initialised run starts from)."""
+def start_lines(cfg, tc, data, comm, params_on_rank: int, peak: float, start: str | None = None,
+                row_groups: int = 1) -> list[str]:
+    """The first lines of a run's log: the model, the data, the device (and the row groups run side by side), the
+    layout, the vocabulary's padding, and ``start`` (where a resumed or initialised run starts from)."""
+    groups = f" | rows in {row_groups} groups side by side" if row_groups > 1 else ""
     lines = [f"model: {num_params(cfg):,} parameters ({cfg.n_layers} layers, dim {cfg.dim}, vocab "
              f"{cfg.vocab_size}) | data: {data.dir} ({len(data.train):,} train / {len(data.val):,} val {data.unit}) | "
-             f"device {tc.device} {tc.dtype} | peak {peak / 1e12:.3f} TFLOP/s "
+             f"device {tc.device} {tc.dtype}{groups} | peak {peak / 1e12:.3f} TFLOP/s "
              f"({'given' if tc.peak_tflops else 'measured'}{', all ranks' if comm.world.size > 1 else ''})"]
     if comm.world.size > 1:
         lines.append(f"parallel: {comm.world.size} ranks = tp {comm.tp.size} x dp {comm.dp.size}, zero={tc.zero} | "

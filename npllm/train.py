@@ -12,7 +12,8 @@
 Every field of ModelConfig and TrainConfig (npllm/config.py) is an option ``--name=value``. One step:
 
     batch = sampler.next_batch()                                            # {"tokens", "targets"}: (B, T) each
-    loss, grads = accumulate_loss_and_grads(params, batch, cfg, micro_batches, tp=comm.tp)  # forward + backward
+    loss, grads = accumulate_loss_and_grads(params, batch, cfg, micro_batches, tp=comm.tp,
+                                            row_groups=row_groups)  # forward + backward, groups side by side
     grads, norm, _ = reduce_and_clip(grads, axes, comm, zero=zero, max_norm=grad_clip)      # one global norm
     apply_update(params, grads, opt_state, comm, zero=zero, lr=lr_at(step), ...)          # AdamW, in place
 
@@ -53,7 +54,9 @@ from .metrics import (
     MetricsLog, format_line, measure_peak_flops, peak_rss_bytes, plot_losses, read_metrics,
     remove_stale_temp_files, start_lines, validation_metrics, write_metrics,
 )
-from .models import accumulate_loss_and_grads, flops_per_token, init_params, ops, split_axes, tp_split_sizes
+from .models import (
+    accumulate_loss_and_grads, default_row_groups, flops_per_token, init_params, ops, split_axes, tp_split_sizes,
+)
 from .optim import lr_at
 from .parallel.comm import (
     ErrorVote, Terminated, end_job_on_signals, one_process_comm, run_comm, run_main,
@@ -222,7 +225,9 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
     start = (f"resumed from step {start_step} in {tc.out_dir}" if resumed is not None else None if initial is None
              else f"initialised from {tc.init_from} (its step {0 if initial.meta is None else initial.meta.step}); "
                   f"a fresh optimizer, step 0")
-    for line in start_lines(cfg, tc, data, comm, sum(p.size for p in params.values()), peak, start):
+    # each micro-batch's rows in groups whose forward/backward run side by side, one per core (npllm/models)
+    row_groups = tc.row_groups or default_row_groups(tc.batch_size // tc.micro_batches, tc.device, comm.tp.size)
+    for line in start_lines(cfg, tc, data, comm, sum(p.size for p in params.values()), peak, start, row_groups):
         log(line)
 
     # 4. the loop
@@ -247,7 +252,8 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
             batch = {key: xp.asarray(value) for key, value in batch.items()}
             dropout = None if not (cfg.dropout or cfg.attn_dropout) else Dropout(
                 cfg.dropout, cfg.attn_dropout, tc.seed, step, row_offset=comm.dp.rank * tc.batch_size)
-            loss, grads = accumulate_loss_and_grads(params, batch, cfg, tc.micro_batches, tp=comm.tp, dropout=dropout)
+            loss, grads = accumulate_loss_and_grads(params, batch, cfg, tc.micro_batches, tp=comm.tp, dropout=dropout,
+                                                    row_groups=row_groups)
             loss, grads = global_batch_mean(loss, grads, n_targets, comm.dp)
             grads, norm, _ = reduce_and_clip(grads, axes, comm, zero=tc.zero, max_norm=tc.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank: all stop together

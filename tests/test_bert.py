@@ -285,6 +285,10 @@ def test_row_chunks_under_dropout_equal_the_whole_batch():
     loss3, grads3 = accumulate_loss_and_grads(params, batch, cfg, micro_batches=3, dropout=dropout)
     assert abs(loss3 - loss) <= 1e-13 * loss
     assert_grads_close(grads3, grads, 1e-12)
+    # row groups side by side (threads) take their rows' offsets the same way
+    loss2, grads2 = accumulate_loss_and_grads(params, batch, cfg, micro_batches=1, row_groups=2, dropout=dropout)
+    assert abs(loss2 - loss) <= 1e-13 * loss
+    assert_grads_close(grads2, grads, 1e-12)
     logits_rows, _ = bert.model_forward(params, {k: v[2:] for k, v in batch.items()}, cfg, dropout=dropout.rows(2))
     logits_all, _ = bert.model_forward(params, batch, cfg, dropout=dropout)
     assert rel_max(logits_rows, logits_all[2:]) <= 1e-13

@@ -121,6 +121,9 @@ def test_every_model_field_parses_from_its_own_text():
     (dict(seed=-1), r"seed=-1 is not allowed; use an integer >= 0"),
     (dict(zero=2), r"zero=2 is not allowed; choose one of: 0, 1"),
     (dict(steps=1.5), r"steps=1.5 is not allowed; use a positive integer"),
+    (dict(row_groups=0), r"row_groups=0 is not allowed; use a positive integer or None"),
+    (dict(batch_size=8, micro_batches=4, row_groups=3),
+     r"row_groups=3 is more than the 2 rows of a micro-batch \(batch_size / micro_batches\); use at most that many"),
 ])
 def test_train_config_checks_every_hyperparameter_once_where_it_enters(overrides, message):
     with pytest.raises(ValueError, match=message):

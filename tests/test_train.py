@@ -105,22 +105,68 @@ def test_micro_batches_give_the_loss_and_grads_of_the_whole_batch(data_dir):
             assert err <= 1e-12, f"micro_batches={micro_batches}: {name} relative error {err:.2e}"
 
 
-def test_trainer_with_micro_batches_matches_one_batch_in_float64(data_dir, tmp_path):
-    for k in (1, 2):
-        run_main(*tiny(data_dir, tmp_path / f"mb{k}", "--dtype=float64", f"--micro_batches={k}", "--steps=4",
-                       "--eval_interval=2"))
-    one, two = read_metrics(tmp_path / "mb1"), read_metrics(tmp_path / "mb2")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(5))
-    for a, b in zip(one, two):
-        for key in ("loss", "grad_norm", "val_loss"):
-            if key in a:
-                assert abs(a[key] - b[key]) <= 1e-12 * abs(a[key]), (a["step"], key, a[key], b[key])
-        assert a.get("lr") == b.get("lr")
+def test_row_groups_give_the_loss_and_grads_of_the_whole_batch(data_dir):
+    # groups of rows side by side (each on one core), alone and inside micro-batches, in float64: the sum of the
+    # groups' weighted means is the batch's mean up to rounding (a row with no counted target included)
+    cfg = get_preset("nano", n_layers=1, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=VOCAB)
+    params = init_params(cfg, seed=3, dtype=np.float64)
+    x, y = BatchSampler(load_tokens(data_dir / "train.bin"), batch_size=7, seq_len=16, seed=1).next()  # (B, T)
+    y[2] = -100  # IGNORE_INDEX: this row counts nothing
+    loss_1, grads_1 = accumulate_loss_and_grads(params, {"tokens": x, "targets": y}, cfg, 1)
+    for micro_batches, row_groups in ((1, 2), (1, 3), (1, 7), (2, 2), (3, 2)):
+        loss_k, grads_k = accumulate_loss_and_grads(params, {"tokens": x, "targets": y}, cfg, micro_batches,
+                                                    row_groups=row_groups)
+        assert abs(loss_k - loss_1) <= 1e-12 * abs(loss_1), (micro_batches, row_groups)
+        assert list(grads_k) == list(grads_1)
+        for name, g in grads_1.items():
+            err = np.max(np.abs(grads_k[name] - g)) / np.max(np.abs(g))
+            assert err <= 1e-12, f"micro_batches={micro_batches} row_groups={row_groups}: {name} error {err:.2e}"
+
+
+def test_row_groups_side_by_side_give_the_bits_of_one_after_the_other(data_dir, monkeypatch):
+    # float32. Groups run side by side on 2 threads (BLAS on one thread each) must give the bits of the same groups
+    # run one after the other with BLAS on one thread: no thread reads what another writes. (With BLAS on more
+    # threads its sums may round differently, as anywhere in npllm: OpenBLAS splits some products by thread.)
+    import npllm.parallel.cores as cores
+
+    cfg = get_preset("nano", n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=VOCAB)
+    params = init_params(cfg, seed=4)
+    x, y = BatchSampler(load_tokens(data_dir / "train.bin"), batch_size=6, seq_len=32, seed=2).next()  # (B, T)
+    batch = {"tokens": x, "targets": y}
+    runs = []
+    for threads in (2, 1, 2):
+        monkeypatch.setattr(cores, "default_threads", lambda threads=threads: threads)
+        with cores.blas_on_one_thread():
+            runs.append(accumulate_loss_and_grads(params, batch, cfg, 1, row_groups=3))
+    for loss, grads in runs[1:]:
+        assert loss == runs[0][0]
+        for name, g in grads.items():
+            np.testing.assert_array_equal(g, runs[0][1][name], err_msg=name)
+    whole_loss, whole_grads = accumulate_loss_and_grads(params, batch, cfg, 1)
+    assert abs(whole_loss - runs[0][0]) <= 1e-6 * whole_loss  # and they are the batch's, up to float32 rounding
+    for name, g in whole_grads.items():
+        assert np.max(np.abs(runs[0][1][name] - g)) <= 1e-4 * np.max(np.abs(g)), name
+
+
+def test_trainer_with_micro_batches_or_row_groups_matches_one_batch_in_float64(data_dir, tmp_path):
+    runs = {"mb1": ("--micro_batches=1", "--row_groups=1"), "mb2": ("--micro_batches=2", "--row_groups=1"),
+            "rg2": ("--micro_batches=1", "--row_groups=2"), "mb2rg2": ("--micro_batches=2", "--row_groups=2")}
+    for name, options in runs.items():
+        run_main(*tiny(data_dir, tmp_path / name, "--dtype=float64", *options, "--steps=4", "--eval_interval=2"))
+    one = read_metrics(tmp_path / "mb1")
     params_1, _, _ = load_checkpoint(tmp_path / "mb1")
-    params_2, _, _ = load_checkpoint(tmp_path / "mb2")
-    for name, p in params_1.items():
-        assert p.dtype == np.float64
-        np.testing.assert_allclose(params_2[name], p, rtol=0, atol=1e-12, err_msg=name)
+    for name in ("mb2", "rg2", "mb2rg2"):
+        other = read_metrics(tmp_path / name)
+        assert [r["step"] for r in one] == [r["step"] for r in other] == list(range(5))
+        for a, b in zip(one, other):
+            for key in ("loss", "grad_norm", "val_loss"):
+                if key in a:
+                    assert abs(a[key] - b[key]) <= 1e-12 * abs(a[key]), (name, a["step"], key, a[key], b[key])
+            assert a.get("lr") == b.get("lr")
+        params_k, _, _ = load_checkpoint(tmp_path / name)
+        for key, p in params_1.items():
+            assert p.dtype == np.float64
+            np.testing.assert_allclose(params_k[key], p, rtol=0, atol=1e-12, err_msg=f"{name} {key}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..layers.loss import IGNORE_INDEX
+from ..checks import check_int
+from ..parallel.cores import default_threads, side_by_side
 from ..parallel.tensor import check_tp_divides
 from .ops import ops  # noqa: F401  (the trainer's AdamW follows cfg.impl)
 from .spec import count_of, init_from_specs, shapes_of, shard_shapes_of, split_axes_of
@@ -95,33 +97,65 @@ def batch_loss(params: dict, batch: dict, cfg, tp=None) -> float:
     return architecture(cfg).batch_loss(params, batch, cfg, tp=tp)
 
 
-def accumulate_loss_and_grads(params: dict, batch: dict, cfg, micro_batches: int = 1, tp=None, dropout=None):
-    """``batch_loss_and_grads`` over a batch split into ``micro_batches`` row chunks, one forward/backward at a time.
+def default_row_groups(rows: int, device: str = "cpu", tp_size: int = 1) -> int:
+    """The row groups ``accumulate_loss_and_grads`` runs side by side when the trainer is given none: one per core of
+    this process's share (npllm.parallel.cores.default_threads), at most ``rows`` (a micro-batch's rows); 1 on a GPU
+    (it runs one computation at a time anyway) and under tensor parallelism (each group's collectives would have to
+    keep one order across the ranks' threads)."""
+    if device != "cpu" or tp_size > 1:
+        return 1
+    return max(1, min(rows, default_threads()))
 
-    Each chunk's mean loss (and gradient) is weighted by its share of the batch's counted targets, so the sum equals
-    the mean over the whole batch (up to float rounding) while only one chunk's activations are alive at once.
+
+def accumulate_loss_and_grads(params: dict, batch: dict, cfg, micro_batches: int = 1, tp=None, dropout=None,
+                              row_groups: int = 1):
+    """``batch_loss_and_grads`` over a batch split into ``micro_batches`` row chunks, one after the other, each cut
+    again into ``row_groups`` groups of rows whose forward/backward passes run side by side, each on one core of this
+    process (npllm.parallel.cores.side_by_side; one after the other where there is one core, on a GPU and under
+    tensor parallelism).
+
+    Each group's mean loss (and gradient) is weighted by its share of the batch's counted targets and the groups are
+    added in row order, so the sum equals the mean over the whole batch (up to float rounding). The groups are fixed
+    by micro_batches and row_groups, whichever threads run them; what a thread count can change is BLAS's own
+    (side by side, BLAS runs on one thread per group), whose sums OpenBLAS may split differently, as anywhere in
+    npllm. Only one micro-batch's activations are alive at once (its groups' together).
     """
+    check_int("micro_batches", micro_batches)
+    check_int("row_groups", row_groups)
     targets = batch["targets"]
     B = targets.shape[0]
     xp = get_array_module(next(iter(params.values())))
     n_total = int((targets != IGNORE_INDEX).sum())
-    if micro_batches == 1 or n_total == 0:
+    if micro_batches * row_groups == 1 or n_total == 0:
         return batch_loss_and_grads(params, batch, cfg, tp=tp, dropout=dropout)
+    side_by_side_threads = None if xp is np and (tp is None or tp.size == 1) else 1
+
+    def group(rows):
+        """The task of one group of rows: (its counted targets, (loss, grads)), or None without a target."""
+        def run():
+            part = {key: value[xp.asarray(rows)] for key, value in batch.items()}  # (B_group, ...) each
+            n_part = int((part["targets"] != IGNORE_INDEX).sum())
+            if n_part == 0:
+                return None  # no target in this group: it adds nothing to the mean
+            part_dropout = None if dropout is None else dropout.rows(int(rows[0]))  # the group's global rows
+            return n_part, batch_loss_and_grads(params, part, cfg, tp=tp, dropout=part_dropout)
+        return run
+
     loss, grads = 0.0, None
-    for rows in np.array_split(np.arange(B), micro_batches):
-        rows = xp.asarray(rows)
-        chunk = {key: value[rows] for key, value in batch.items()}  # (B_chunk, ...) each
-        n_chunk = int((chunk["targets"] != IGNORE_INDEX).sum())
-        if n_chunk == 0:
-            continue  # no target in this chunk: it adds nothing to the mean
-        weight = n_chunk / n_total
-        chunk_dropout = None if dropout is None else dropout.rows(int(rows[0]))  # the chunk's global rows
-        chunk_loss, chunk_grads = batch_loss_and_grads(params, chunk, cfg, tp=tp, dropout=chunk_dropout)
-        loss += weight * chunk_loss
-        if grads is None:
-            grads = {name: weight * g for name, g in chunk_grads.items()}
-        else:
-            for name, g in chunk_grads.items():
-                grads[name] += weight * g  # the micro-batch sum
-        del chunk_grads  # freed before the next micro-batch's backward makes new ones: 2 sets of grads alive, not 3
+    for chunk in np.array_split(np.arange(B), micro_batches):
+        tasks = [group(rows) for rows in np.array_split(chunk, row_groups) if len(rows)]
+        for result in side_by_side(tasks, threads=side_by_side_threads):
+            if result is None:
+                continue
+            n_part, (part_loss, part_grads) = result
+            weight = n_part / n_total
+            loss += weight * part_loss
+            if grads is None:
+                for g in part_grads.values():
+                    g *= weight  # the group's own fresh arrays become the running sum
+                grads = part_grads
+            else:
+                for name, g in part_grads.items():
+                    grads[name] += weight * g  # the sum over groups, in row order
+            del part_grads, result  # freed as soon as added
     return loss, grads
