@@ -1,6 +1,8 @@
 """Parallel training under mpirun: data parallel, ZeRO-1 optimizer sharding, Megatron tensor parallel.
 
     threads.py    limit_blas_threads(): call before the first `import numpy` of an MPI rank
+    cores.py      this process's cores at run time: BLAS on one thread for a block, one-core threads, side_by_side
+                  (the row groups of a batch, the flash core's slices)
     comm.py       LocalComm / MPIComm collectives, make_comm(tp) -> ParallelComm(world, tp, dp), run_main, the
                   job-wide abort on an error or a signal
     mappings.py   copy_to_tp (f) / reduce_from_tp (g) as forward/backward pairs
