@@ -39,17 +39,20 @@ MFU: npllm's model FLOPs per second (``flops_per_token``: matmuls, forward + bac
 of npllm.metrics.measure_peak_flops (a 1024 x 1024 NumPy matmul, best of 8) measured in the same child after the
 steps; the PyTorch column is the same against a 1024 x 1024 torch.mm in its child.
 
-npllm's layouts (--ranks). Each shape runs npllm as one process of --threads threads (BLAS and npllm's own thread
-pools), and, by default when mpirun and mpi4py are installed (npllm's mpi extra), also as ``mpirun -n R`` with
-R = --threads, each rank one thread: data parallel, as ``mpirun -n 2 python -m npllm.train`` on a 2-core laptop.
-Rank r takes rows [r B / R, (r + 1) B / R) of the same batch, the gradients are averaged over the ranks before the
-clip (``reduce_and_clip``), and every rank runs the same AdamW, so the step is the one-process step up to the order of
-sums; the loss printed is the batch's (the mean of the ranks' means, each over B T / R tokens). Its tok/s counts the
-whole batch over the slowest rank's time, its peak memory is the sum of the ranks' peaks, its sgemm rate the sum of
-the ranks' one-thread rates measured side by side. Why it exists: NumPy releases the GIL inside each operation, but a
-thread needs the GIL back between operations, and at the 10-300 us operations of a 2-core step two threads ran the
-elementwise work ~1.4x faster than one, not 2x (benchmarks/RESULTS.md); ranks share no GIL. A shape whose B the
-ranks cannot split (B=1) runs as one process only. Both layouts are compared with the same PyTorch children.
+npllm's layouts (--ranks). Each shape runs npllm as one process of --threads threads, as ``python -m npllm.train``
+runs it: the batch's rows cut into the trainer's default row groups (one per thread, at most B; B=1: one) whose
+forward/backward passes run side by side with BLAS on one thread each, and the rest of the step (clip, AdamW) on
+BLAS's and npllm's own thread pools. By default when mpirun and mpi4py are installed (npllm's mpi extra), it also runs
+as ``mpirun -n R`` with R = --threads, each rank one thread: data parallel, as ``mpirun -n 2 python -m npllm.train``
+on a 2-core laptop. Rank r takes rows [r B / R, (r + 1) B / R) of the same batch, the gradients are averaged over the
+ranks before the clip (``reduce_and_clip``), and every rank runs the same AdamW, so the step is the one-process step
+up to the order of sums; the loss printed is the batch's (the mean of the ranks' means, each over B T / R tokens). Its
+tok/s counts the whole batch over the slowest rank's time, its peak memory is the sum of the ranks' peaks, its sgemm
+rate the sum of the ranks' one-thread rates measured side by side. Why it exists: NumPy releases the GIL inside each
+operation, but a thread needs the GIL back between operations, and at the 10-300 us operations of a 2-core step two
+threads ran the elementwise work ~1.4x faster than one, not 2x (benchmarks/RESULTS.md); ranks share no GIL, and whole
+passes side by side (the row groups) meet at it only between their operations. A shape whose B the ranks cannot split
+(B=1) runs as one process only. Both layouts are compared with the same PyTorch children.
 
 --impl selects npllm's implementation (fast: the fast paths of npllm/fast, reference: the plain layers), passed to
 npllm as the ModelConfig field ``impl``. A checkout whose ModelConfig has no such field has only the reference
