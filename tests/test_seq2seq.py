@@ -348,6 +348,10 @@ def test_dropout_rate_zero_is_no_dropout_bit_for_bit_and_rows_split_like_one_pro
     two = accumulate_loss_and_grads(params, batch, drop, 2, dropout=Dropout(0.2, 0.3, seed=1, step=1))
     assert abs(one[0] - two[0]) <= 1e-12 * abs(one[0])  # the same sums in another order: rounding only
     assert all(np.allclose(one[1][n], two[1][n], rtol=1e-10, atol=1e-14) for n in params)
+    groups = accumulate_loss_and_grads(params, batch, drop, 1, dropout=Dropout(0.2, 0.3, seed=1, step=1),
+                                       row_groups=3)  # rows side by side on threads: the same global rows
+    assert abs(one[0] - groups[0]) <= 1e-12 * abs(one[0])
+    assert all(np.allclose(one[1][n], groups[1][n], rtol=1e-10, atol=1e-14) for n in params)
 
 
 # ----------------------------------------------------------------------------------------------------------------

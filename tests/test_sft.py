@@ -219,11 +219,12 @@ def test_sft_loss_and_grads_equal_the_response_only_loss_computed_directly(tok):
         err = np.max(np.abs(grads[name] - g)) / np.max(np.abs(g))
         assert err <= 1e-12, f"{name}: relative error {err:.2e}"
     # records have different numbers of counted targets (3, 5, ...): micro-batches must weight by them
-    for micro_batches in (2, 4):
-        loss_k, grads_k = accumulate_loss_and_grads(params, {"tokens": x, "targets": y}, cfg, micro_batches)
+    for micro_batches, row_groups in ((2, 1), (4, 1), (1, 2), (2, 2)):  # and so must row groups
+        loss_k, grads_k = accumulate_loss_and_grads(params, {"tokens": x, "targets": y}, cfg, micro_batches,
+                                                    row_groups=row_groups)
         assert abs(loss_k - loss) <= 1e-12 * abs(loss)
         for name, g in grads.items():
-            assert np.max(np.abs(grads_k[name] - g)) <= 1e-12 * np.max(np.abs(g)), (micro_batches, name)
+            assert np.max(np.abs(grads_k[name] - g)) <= 1e-12 * np.max(np.abs(g)), (micro_batches, row_groups, name)
 
 
 # ----------------------------------------------------------------------------------------------------------

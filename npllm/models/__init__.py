@@ -144,7 +144,9 @@ def accumulate_loss_and_grads(params: dict, batch: dict, cfg, micro_batches: int
     loss, grads = 0.0, None
     for chunk in np.array_split(np.arange(B), micro_batches):
         tasks = [group(rows) for rows in np.array_split(chunk, row_groups) if len(rows)]
-        for result in side_by_side(tasks, threads=side_by_side_threads):
+        results = side_by_side(tasks, threads=side_by_side_threads)
+        while results:
+            result = results.pop(0)
             if result is None:
                 continue
             n_part, (part_loss, part_grads) = result
@@ -157,5 +159,5 @@ def accumulate_loss_and_grads(params: dict, batch: dict, cfg, micro_batches: int
             else:
                 for name, g in part_grads.items():
                     grads[name] += weight * g  # the sum over groups, in row order
-            del part_grads, result  # freed as soon as added
+            del part_grads, result  # this group's own gradients are freed once added
     return loss, grads
