@@ -1,4 +1,5 @@
-"""One shared thread pool for row-chunked elementwise work (the fused layers of npllm/fast run on it).
+"""Row-chunked elementwise work on npllm's worker threads (npllm.parallel.cores.executor): the fused layers of
+npllm/fast run on it.
 
 NumPy releases the GIL inside a ufunc's inner loop, so Python threads that each run ufuncs on their own rows of an
 array use several cores. ``map_rows(fn, n_rows, row_size)`` cuts the rows [0, n_rows) into contiguous chunks of
@@ -30,11 +31,10 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..parallel.cores import default_threads, mark_one_core_thread, on_one_core, one_core
+from ..parallel.cores import default_threads, executor, on_one_core, one_core
 
 # Elements per chunk. Measured with benchmarks/bench_elementwise.py --tune (float32, the profile's shapes): 64K and
 # 128K were the fastest or within noise of it for every fast path, 4K-16K were 10-60% slower (each chunk costs 5-15
@@ -51,24 +51,6 @@ MIN_PARALLEL_ELEMENTS = 2 * CHUNK_ELEMENTS
 
 # The thread count when a call gives none; None: default_threads(). Benchmarks and tests set it.
 THREADS: int | None = None
-
-_pool: ThreadPoolExecutor | None = None  # created on first use, grown when a call asks for more threads
-_pool_size = 0
-_pool_lock = threading.Lock()
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size < workers:
-            old = _pool
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npllm-rows",
-                                       initializer=mark_one_core_thread)  # it only ever runs chunks
-            _pool_size = workers
-            if old is not None:
-                old.shutdown(wait=False)  # its running work finishes; new work goes to the larger pool
-        return _pool
-
 
 def chunk_rows(row_size: int) -> int:
     """Rows per chunk for rows of ``row_size`` elements: CHUNK_ELEMENTS // row_size, at least 1."""
@@ -123,9 +105,9 @@ def map_rows(fn, n_rows: int, row_size: int, *, xp=np, threads: int | None = Non
                     if progress["done"] == progress["next"]:
                         cond.notify_all()  # the caller may be waiting for exactly this
 
-    executor = _executor(n - 1)
+    pool = executor(n - 1)
     for _ in range(n - 1):  # a worker that starts late finds no chunk left and returns at once
-        executor.submit(contextvars.copy_context().run, work)  # in this thread's context: its np.errstate holds
+        pool.submit(contextvars.copy_context().run, work)  # in this thread's context: its np.errstate holds
     with one_core():  # chunks that call map_rows themselves run it serially
         work()
     with cond:  # wait for the chunks other threads took, not for threads that never got to take one

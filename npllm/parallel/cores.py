@@ -160,20 +160,24 @@ def one_core():
         _state.one_core = before
 
 
-_pool: ThreadPoolExecutor | None = None
+_pool: ThreadPoolExecutor | None = None  # created on first use, grown when a call asks for more threads
 _pool_size = 0
 _pool_lock = threading.Lock()
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
+def executor(workers: int) -> ThreadPoolExecutor:
+    """The one pool of worker threads of npllm (side_by_side's, npllm.fast.pool's), with at least ``workers``
+    threads. Each of them only ever does one core's work (marked for life), so nothing running in it submits to it
+    again: no task waits for a thread that one of its own kind holds."""
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None or _pool_size < workers:
             old = _pool
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npllm-side-by-side")
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npllm-worker",
+                                       initializer=mark_one_core_thread)
             _pool_size = workers
             if old is not None:
-                old.shutdown(wait=False)
+                old.shutdown(wait=False)  # its running work finishes; new work goes to the larger pool
         return _pool
 
 
@@ -216,7 +220,7 @@ def side_by_side(tasks, threads: int | None = None) -> list:
     with blas_on_one_thread():
         # each thread works in a copy of this thread's context: NumPy's errstate (np.errstate is a context variable)
         # and whatever else the caller set hold in the tasks as they would here
-        futures = [_executor(n - 1).submit(contextvars.copy_context().run, work) for _ in range(n - 1)]
+        futures = [executor(n - 1).submit(contextvars.copy_context().run, work) for _ in range(n - 1)]
         work()
         for f in futures:
             f.result()  # every task has ended before BLAS gets its threads back
