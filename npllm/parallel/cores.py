@@ -188,9 +188,11 @@ def side_by_side(tasks, threads: int | None = None) -> list:
     Each task sees this thread's context variables (NumPy's errstate among them: a task warns where this thread
     would). threads: default ``default_threads()``; fewer where BLAS's thread count cannot be set
     (threads_beside_blas).
-    With one thread (or one task, or inside a one_core thread) the tasks run here, one after the other, as they
-    would anyway: what a task computes never depends on the thread count. An exception raised by a task is raised
-    here (the first in task order) after every started task has ended; no task starts after a failure.
+    With one thread (or one task, or inside a one_core thread) the tasks run here, one after the other, BLAS and
+    npllm's pools as this thread has them. A task computes the same thing on any thread; only BLAS's thread count,
+    which can change how OpenBLAS splits (and so rounds) a product, differs between the two ways. An exception
+    raised by a task is raised here (the first in task order) after every started task has ended; no task starts
+    after a failure.
     """
     tasks = list(tasks)
     threads = threads_beside_blas(default_threads() if threads is None else threads)
