@@ -24,6 +24,7 @@ from .files import atomic_write
 from .layers.loss import IGNORE_INDEX
 from .models import batch_loss, num_params
 from .parallel.comm import LocalComm
+from .parallel.cores import side_by_side
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -98,26 +99,40 @@ def plot_losses(out_dir) -> Path | None:
 
 
 def validation_loss(params: dict, cfg: ModelConfig, batches: list[dict], tc: TrainConfig, xp, comm=None,
-                    token_bytes=None):
+                    token_bytes=None, row_groups: int = 1):
     """Mean loss over the counted targets of ``batches`` (``npllm.batches.validation_batches``), forward only; with
     the tokenizer's ``token_bytes`` table, (loss, bits per byte) instead: the summed -log2 p over the bytes the
     targets stand for.
 
     comm: a parallel run's ParallelComm; each batch is then a global batch of dp * batch_size rows, each dp rank
     scores its rows, and each batch's sum of losses is all-reduced over dp before the batches are added in order:
-    one process's number (to rounding).
+    one process's number (to rounding). row_groups: a batch's rows in this many groups whose forward passes run side
+    by side, one per core (the trainer's --row_groups, as its training steps; npllm.parallel.cores.side_by_side).
     """
     tp, dp = (LocalComm(), LocalComm()) if comm is None else (comm.tp, comm.dp)
     mine = slice(dp.rank * tc.batch_size, (dp.rank + 1) * tc.batch_size)  # this dp rank's rows of each batch
     sums, counts = np.zeros(len(batches)), np.zeros(len(batches))  # (n_batches,) loss * n and n of this rank's rows
     n_bytes = np.zeros(len(batches))  # (n_batches,) the bytes this rank's counted targets stand for
+    threads = None if xp is np and tp.size == 1 else 1  # one after the other on a GPU and under tp (collectives)
+
+    def loss_sum(part):
+        """The task of one group of rows: the sum of its counted targets' losses (0 without any)."""
+        def run():
+            n = int((part["targets"] != IGNORE_INDEX).sum())
+            if n == 0:
+                return 0.0
+            return batch_loss(params, {key: xp.asarray(value) for key, value in part.items()}, cfg, tp=tp) * n
+        return run
+
     for i, batch in enumerate(batches):
         rows = {key: value[mine] for key, value in batch.items()}  # (B, ...) each; a short last batch may leave none
         if len(rows["targets"]) == 0:
             continue
-        loss = batch_loss(params, {key: xp.asarray(value) for key, value in rows.items()}, cfg, tp=tp)
+        groups = [g for g in np.array_split(np.arange(len(rows["targets"])), row_groups) if len(g)]
+        parts = [{key: value[g] for key, value in rows.items()} for g in groups]
+        sums[i] = sum(side_by_side([loss_sum(part) for part in parts], threads=threads))  # added in row order
         counted = rows["targets"][rows["targets"] != IGNORE_INDEX]  # (n,) weight each batch by its counted targets
-        sums[i], counts[i] = loss * len(counted), len(counted)
+        counts[i] = len(counted)
         if token_bytes is not None:
             n_bytes[i] = token_bytes[counted].sum()
     sums, counts = dp.allreduce(sums), dp.allreduce(counts)  # (n_batches,) each: the whole global batches
@@ -129,13 +144,13 @@ def validation_loss(params: dict, cfg: ModelConfig, batches: list[dict], tc: Tra
 
 
 def validation_metrics(params: dict, cfg: ModelConfig, batches: list[dict], tc: TrainConfig, xp, comm,
-                       token_bytes) -> dict:
+                       token_bytes, row_groups: int = 1) -> dict:
     """{"val_loss", "val_ppl", "val_bpb"} of ``validation_loss`` (bits per byte from the tokenizer's table; none
     without one)."""
     if token_bytes is None:
-        loss = validation_loss(params, cfg, batches, tc, xp, comm)
+        loss = validation_loss(params, cfg, batches, tc, xp, comm, row_groups=row_groups)
         return dict(val_loss=loss, val_ppl=perplexity(loss))
-    loss, bpb = validation_loss(params, cfg, batches, tc, xp, comm, token_bytes)
+    loss, bpb = validation_loss(params, cfg, batches, tc, xp, comm, token_bytes, row_groups=row_groups)
     return dict(val_loss=loss, val_ppl=perplexity(loss), val_bpb=bpb)
 
 

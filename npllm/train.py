@@ -240,7 +240,7 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
     history, metrics = [], MetricsLog(out_dir, enabled=main_rank)
     try:
         if start_step == 0:  # the untrained model's validation loss: the baseline every later eval compares to
-            m = dict(step=0, **validation_metrics(params, cfg, val_batches, tc, xp, comm, token_bytes))
+            m = dict(step=0, **validation_metrics(params, cfg, val_batches, tc, xp, comm, token_bytes, row_groups))
             metrics.write(m)
             history.append(m)
             log(format_line(m, tc.steps))
@@ -268,7 +268,7 @@ def run_training(cfg: ModelConfig, tc: TrainConfig, resumed: Resumed | None, log
             m = dict(step=done, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_step / dt,
                      mfu=step_flops / dt / peak)
             if done % tc.eval_interval == 0 or done == tc.steps:
-                m.update(validation_metrics(params, cfg, val_batches, tc, xp, comm, token_bytes))
+                m.update(validation_metrics(params, cfg, val_batches, tc, xp, comm, token_bytes, row_groups))
             metrics.write(m)
             history.append(m)
             if progress is not None:

@@ -27,7 +27,7 @@ from npllm.config import ModelConfig, TrainConfig, get_preset
 from npllm.data import BatchSampler, load_tokens
 from npllm.models import accumulate_loss_and_grads, flops_per_token, init_params
 from npllm.config import parse_options
-from npllm.metrics import read_metrics
+from npllm.metrics import read_metrics, validation_loss
 from npllm.train import main
 
 from tests.helpers import (
@@ -121,6 +121,13 @@ def test_row_groups_give_the_loss_and_grads_of_the_whole_batch(data_dir):
         for name, g in grads_1.items():
             err = np.max(np.abs(grads_k[name] - g)) / np.max(np.abs(g))
             assert err <= 1e-12, f"micro_batches={micro_batches} row_groups={row_groups}: {name} error {err:.2e}"
+    # validation scores a batch's rows in the same groups side by side: the same mean (and a row of no target counts
+    # nothing, in a group of its own too)
+    batches = [{"tokens": x, "targets": y}, {"tokens": x[::-1].copy(), "targets": y[::-1].copy()}]
+    tc = TrainConfig(batch_size=7, dtype="float64")
+    val_1 = validation_loss(params, cfg, batches, tc, np)
+    for row_groups in (2, 3, 7):
+        assert abs(validation_loss(params, cfg, batches, tc, np, row_groups=row_groups) - val_1) <= 1e-12 * val_1
 
 
 def test_row_groups_side_by_side_give_the_bits_of_one_after_the_other(data_dir, monkeypatch):
