@@ -1,4 +1,4 @@
-"""Row-chunked elementwise work on npllm's worker threads (npllm.parallel.cores.executor): the fused layers of
+"""Row-chunked elementwise work on npllm's worker threads (npllm.parallel.cores.side_by_side): the fused layers of
 npllm/fast run on it.
 
 NumPy releases the GIL inside a ufunc's inner loop, so Python threads that each run ufuncs on their own rows of an
@@ -29,12 +29,11 @@ For CuPy arrays (``xp`` not NumPy) ``fn`` is called once over all rows: the GPU 
 
 from __future__ import annotations
 
-import contextvars
-import threading
+import functools
 
 import numpy as np
 
-from ..parallel.cores import default_threads, executor, on_one_core, one_core
+from ..parallel.cores import default_threads, on_one_core, side_by_side
 
 # Elements per chunk. Measured with benchmarks/bench_elementwise.py --tune (float32, the profile's shapes): 64K and
 # 128K were the fastest or within noise of it for every fast path, 4K-16K were 10-60% slower (each chunk costs 5-15
@@ -69,9 +68,10 @@ def map_rows(fn, n_rows: int, row_size: int, *, xp=np, threads: int | None = Non
     n_rows: rows of the work; row_size: elements per row (what a chunk's size is measured in); xp: the array module
     of the data (CuPy: one call fn(slice(0, n_rows))); threads: the most threads to use, this one included (default:
     THREADS, or ``default_threads()`` when that is None). Returns fn's results in row order. An exception raised by
-    fn in any chunk is raised here (the first one), after every started chunk has finished; no chunk starts after a
-    failure. The call returns as soon as every chunk is done: it never waits for a pool thread that was too late
-    (on a busy machine) to take a chunk, so a loaded machine costs at most the serial time, not a scheduling delay.
+    fn in any chunk is raised here (the first in row order), after every started chunk has finished; no chunk
+    starts after a failure. The call returns as soon as every chunk is done: it never waits for a pool thread that
+    was too late (on a busy machine) to take a chunk, so a loaded machine costs at most the serial time, not a
+    scheduling delay.
     """
     if xp is not np:
         return [fn(slice(0, n_rows))]
@@ -82,39 +82,8 @@ def map_rows(fn, n_rows: int, row_size: int, *, xp=np, threads: int | None = Non
     if n <= 1 or n_rows * row_size < MIN_PARALLEL_ELEMENTS or on_one_core():
         return [fn(rows) for rows in chunks]
 
-    results = [None] * len(chunks)
-    cond = threading.Condition()
-    progress = {"next": 0, "done": 0}  # chunks handed out / finished (under cond)
-    errors = []  # exceptions raised by fn (under cond); the first one is raised to the caller
-
-    def work():
-        while True:
-            with cond:
-                if errors or progress["next"] == len(chunks):
-                    return
-                i = progress["next"]
-                progress["next"] += 1
-            try:
-                results[i] = fn(chunks[i])
-            except BaseException as e:  # noqa: BLE001 - handed to the caller below
-                with cond:
-                    errors.append(e)
-            finally:
-                with cond:
-                    progress["done"] += 1
-                    if progress["done"] == progress["next"]:
-                        cond.notify_all()  # the caller may be waiting for exactly this
-
-    pool = executor(n - 1)
-    for _ in range(n - 1):  # a worker that starts late finds no chunk left and returns at once
-        pool.submit(contextvars.copy_context().run, work)  # in this thread's context: its np.errstate holds
-    with one_core():  # chunks that call map_rows themselves run it serially
-        work()
-    with cond:  # wait for the chunks other threads took, not for threads that never got to take one
-        cond.wait_for(lambda: progress["done"] == progress["next"])
-    if errors:
-        raise errors[0]
-    return results
+    # ufuncs only, no BLAS: the chunks go to npllm's worker threads as side_by_side's tasks
+    return side_by_side([functools.partial(fn, rows) for rows in chunks], threads=n, calls_blas=False)
 
 
 def sum_parts(xp, parts: list, width: int, dtype):

@@ -181,34 +181,36 @@ def executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def side_by_side(tasks, threads: int | None = None) -> list:
-    """[task() for task in tasks], up to ``threads`` at a time (this thread included), each in ``one_core()`` and
-    with BLAS on one thread; returns the results in task order.
+def side_by_side(tasks, threads: int | None = None, *, calls_blas: bool = True) -> list:
+    """[task() for task in tasks], up to ``threads`` at a time (this thread included), each in ``one_core()``;
+    returns the results in task order.
 
-    Each task sees this thread's context variables (NumPy's errstate among them: a task warns where this thread
-    would). threads: default ``default_threads()``; fewer where BLAS's thread count cannot be set
-    (threads_beside_blas).
+    calls_blas: the tasks call BLAS, which then runs on one thread meanwhile (blas_on_one_thread), and where BLAS's
+    thread count cannot be set fewer tasks run at once (threads_beside_blas); False for tasks of ufuncs only
+    (npllm.fast.pool's row chunks). Each task sees this thread's context variables (NumPy's errstate among them: a
+    task warns where this thread would). threads: default ``default_threads()``.
     With one thread (or one task, or inside a one_core thread) the tasks run here, one after the other, BLAS and
     npllm's pools as this thread has them. A task computes the same thing on any thread; only BLAS's thread count,
     which can change how OpenBLAS splits (and so rounds) a product, differs between the two ways. An exception
     raised by a task is raised here (the first in task order) after every started task has ended; no task starts
-    after a failure.
+    after a failure. The call returns as soon as every task is done: it never waits for a worker thread that was
+    too late (on a busy machine) to take a task, so a loaded machine costs at most the serial time.
     """
     tasks = list(tasks)
-    threads = threads_beside_blas(default_threads() if threads is None else threads)
-    n = min(threads, len(tasks))
+    threads = default_threads() if threads is None else threads
+    n = min(threads_beside_blas(threads) if calls_blas else threads, len(tasks))
     if n <= 1 or on_one_core():
         return [task() for task in tasks]
 
     results = [None] * len(tasks)
-    errors = {}  # task index -> exception
-    lock = threading.Lock()
-    progress = {"next": 0}
+    cond = threading.Condition()
+    progress = {"next": 0, "done": 0}  # tasks handed out / finished (under cond)
+    errors = {}  # task index -> exception (under cond)
 
     def work():
-        with one_core():
+        with one_core():  # a task that would split its work again runs it serially
             while True:
-                with lock:
+                with cond:
                     if errors or progress["next"] == len(tasks):
                         return
                     i = progress["next"]
@@ -216,16 +218,22 @@ def side_by_side(tasks, threads: int | None = None) -> list:
                 try:
                     results[i] = tasks[i]()
                 except BaseException as e:  # noqa: BLE001 - raised to the caller below
-                    with lock:
+                    with cond:
                         errors[i] = e
+                finally:
+                    with cond:
+                        progress["done"] += 1
+                        if progress["done"] == progress["next"]:
+                            cond.notify_all()  # the caller may be waiting for exactly this
 
-    with blas_on_one_thread():
-        # each thread works in a copy of this thread's context: NumPy's errstate (np.errstate is a context variable)
-        # and whatever else the caller set hold in the tasks as they would here
-        futures = [executor(n - 1).submit(contextvars.copy_context().run, work) for _ in range(n - 1)]
+    with blas_on_one_thread() if calls_blas else contextlib.nullcontext():
+        pool = executor(n - 1)
+        for _ in range(n - 1):  # a worker that starts late finds no task left and returns at once, calling nothing
+            # in a copy of this thread's context: NumPy's errstate (a context variable) holds in the tasks
+            pool.submit(contextvars.copy_context().run, work)
         work()
-        for f in futures:
-            f.result()  # every task has ended before BLAS gets its threads back
+        with cond:  # every task taken has ended (before BLAS gets its threads back); late workers are not waited for
+            cond.wait_for(lambda: progress["done"] == progress["next"])
     if errors:
         raise errors[min(errors)]
     return results
