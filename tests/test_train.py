@@ -267,13 +267,13 @@ def trained_run(data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", ["unknown preset", "unknown option", "wrong type", "bare word", "seq_len",
-                                  "vocab mismatch", "missing data dir", "no meta.json", "bad magic", "zero tokens",
+                                  "row_groups", "vocab mismatch", "missing data dir", "no meta.json", "bad magic", "zero tokens",
                                   "truncated shard", "corrupt meta.json", "corrupt tokenizer"])
 def test_bad_input_exits_with_one_clear_line(data_dir, tmp_path, case):
     data = data_dir
     extra, fragments = [], []
-    if case not in ("unknown preset", "unknown option", "wrong type", "bare word", "seq_len", "vocab mismatch",
-                    "missing data dir"):  # the cases that damage a copy of the data
+    if case not in ("unknown preset", "unknown option", "wrong type", "bare word", "seq_len", "row_groups",
+                    "vocab mismatch", "missing data dir"):  # the cases that damage a copy of the data
         data = tmp_path / "data"
         shutil.copytree(data_dir, data)
     if case == "unknown preset":
@@ -286,6 +286,8 @@ def test_bad_input_exits_with_one_clear_line(data_dir, tmp_path, case):
         extra, fragments = ["steps=3"], ["'steps=3'", "--name=value"]
     elif case == "seq_len":
         extra, fragments = ["--seq_len=300"], ["seq_len=300", "max_seq_len=256"]
+    elif case == "row_groups":  # more groups than a micro-batch has rows (B=4 in 2 micro-batches: 2 rows)
+        extra, fragments = ["--micro_batches=2", "--row_groups=3"], ["row_groups=3", "2 rows of a micro-batch"]
     elif case == "vocab mismatch":  # fewer rows than tokens (a larger model vocabulary is padding: allowed)
         extra, fragments = ["--vocab_size=300"], ["300", str(VOCAB), "too few rows"]
     elif case == "missing data dir":
