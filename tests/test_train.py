@@ -267,8 +267,8 @@ def trained_run(data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", ["unknown preset", "unknown option", "wrong type", "bare word", "seq_len",
-                                  "row_groups", "vocab mismatch", "missing data dir", "no meta.json", "bad magic", "zero tokens",
-                                  "truncated shard", "corrupt meta.json", "corrupt tokenizer"])
+                                  "row_groups", "vocab mismatch", "missing data dir", "no meta.json", "bad magic",
+                                  "zero tokens", "truncated shard", "corrupt meta.json", "corrupt tokenizer"])
 def test_bad_input_exits_with_one_clear_line(data_dir, tmp_path, case):
     data = data_dir
     extra, fragments = [], []
