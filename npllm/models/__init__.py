@@ -131,14 +131,20 @@ def accumulate_loss_and_grads(params: dict, batch: dict, cfg, micro_batches: int
     side_by_side_threads = None if xp is np and (tp is None or tp.size == 1) else 1
 
     def group(rows):
-        """The task of one group of rows: (its counted targets, (loss, grads)), or None without a target."""
+        """The task of one group of rows: (its weight, its loss, its gradients times the weight), or None without a
+        target. The weight is the group's share of the batch's counted targets; the gradients are scaled in the
+        group's own thread, side by side with the other groups."""
         def run():
             part = {key: value[xp.asarray(rows)] for key, value in batch.items()}  # (B_group, ...) each
             n_part = int((part["targets"] != IGNORE_INDEX).sum())
             if n_part == 0:
                 return None  # no target in this group: it adds nothing to the mean
             part_dropout = None if dropout is None else dropout.rows(int(rows[0]))  # the group's global rows
-            return n_part, batch_loss_and_grads(params, part, cfg, tp=tp, dropout=part_dropout)
+            part_loss, part_grads = batch_loss_and_grads(params, part, cfg, tp=tp, dropout=part_dropout)
+            weight = n_part / n_total
+            for g in part_grads.values():
+                g *= weight  # the group's own fresh arrays
+            return weight, part_loss, part_grads
         return run
 
     loss, grads = 0.0, None
@@ -149,15 +155,12 @@ def accumulate_loss_and_grads(params: dict, batch: dict, cfg, micro_batches: int
             result = results.pop(0)
             if result is None:
                 continue
-            n_part, (part_loss, part_grads) = result
-            weight = n_part / n_total
+            weight, part_loss, part_grads = result
             loss += weight * part_loss
             if grads is None:
-                for g in part_grads.values():
-                    g *= weight  # the group's own fresh arrays become the running sum
-                grads = part_grads
+                grads = part_grads  # the first group's weighted gradients become the running sum
             else:
                 for name, g in part_grads.items():
-                    grads[name] += weight * g  # the sum over groups, in row order
+                    grads[name] += g  # the sum over groups, in row order
             del part_grads, result  # this group's own gradients are freed once added
     return loss, grads
