@@ -21,19 +21,24 @@ Method. Every measurement is a fresh child process (this file with --child), npl
 first alternates between repeats), each: imports, the model and the batch, then one warm-up step and --steps timed
 steps; tok/s = steps * B * T / (time of the timed steps). Reported: the median and the best over --repeats children,
 and the median of the paired ratios (each repeat's npllm child over the PyTorch child run right before or after it:
-the two saw the same state of a machine whose speed drifts, so this ratio moves less between runs). OMP_NUM_THREADS,
+the two saw the same state of a machine whose speed drifts, so this ratio moves less between runs). Also each child's
+fastest timed step (B * T / its time): another process slowing the machine for a second only ever adds time, so the
+fastest of a child's steps is the one least disturbed; the "fastest-step ratio" is the median of npllm's children's
+fastest-step tok/s over the median of PyTorch's. OMP_NUM_THREADS,
 OPENBLAS_NUM_THREADS and MKL_NUM_THREADS are set to --threads in both children, and torch.set_num_threads(--threads).
 The npllm child also gets OPENBLAS_THREAD_TIMEOUT=4 unless the environment sets it, as `python -m npllm.train` does
 (npllm/parallel/threads.py; torch's MKL does not read it), and it calls npllm.allocator.keep_freed_memory() first, as
-the trainer does (malloc serves every array from its heap and keeps freed memory for the next step; unless the
-environment tunes malloc). Other settings of the environment (OPENBLAS_CORETYPE, ...) pass through unchanged.
+the trainer does (malloc serves every array from its heap, one arena for all threads, and keeps freed memory for
+the next step; unless the environment tunes malloc). Other settings of the environment (OPENBLAS_CORETYPE, ...)
+pass through unchanged.
 
 Peak memory, the same quantity on both sides: the growth of the process's resident set over the whole run of steps,
 VmHWM at the end minus VmRSS just before the warm-up step, after imports, parameters and the batch are in place and
 malloc_trim has returned free heap pages (the peak is reset to the current resident set through
 /proc/self/clear_refs first). It counts everything a training step adds to the weights: the gradients, AdamW's two
 moments (npllm allocates them before the warm-up step, torch during it), activations, temporaries, and the libraries'
-working memory. glibc's allocator runs with its defaults on both sides.
+working memory. glibc's allocator runs with its defaults in the PyTorch child and with keep_freed_memory's settings in
+npllm's (above).
 
 MFU: npllm's model FLOPs per second (``flops_per_token``: matmuls, forward + backward) over the float32 sgemm rate
 of npllm.metrics.measure_peak_flops (a 1024 x 1024 NumPy matmul, best of 8) measured in the same child after the
@@ -267,10 +272,12 @@ def npllm_child(case: Case, steps: int, impl: str, ranks: int = 1) -> dict:
 
 def measure_steps(step, steps: int) -> dict:
     first = step()  # warm-up; its loss is the one both sides must agree on
-    losses, start = [], time.perf_counter()
+    losses, times, start = [], [], time.perf_counter()
     for _ in range(steps):
+        before = time.perf_counter()
         losses.append(step())
-    return dict(seconds=time.perf_counter() - start, first_loss=first, last_loss=losses[-1])
+        times.append(time.perf_counter() - before)
+    return dict(seconds=time.perf_counter() - start, fastest=min(times), first_loss=first, last_loss=losses[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,6 +370,7 @@ def run_child(side: str, case: Case, steps: int, threads: int, impl: str, ranks:
         raise RuntimeError(f"{side} child for {case.name} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["tok_s"] = steps * case.B * case.T / result["seconds"]
+    result["tok_s_fastest"] = case.B * case.T / result["fastest"]  # the child's fastest timed step
     return result
 
 
@@ -397,8 +405,10 @@ def summarize(case: Case, runs: dict) -> dict:
         sgemm = statistics.median(r["sgemm"] for r in rs)
         row[side] = dict(median=statistics.median(tok_s), best=max(tok_s), sgemm=sgemm,
                          peak=statistics.median(r["peak"] for r in rs), impl=rs[0]["impl"],
-                         mfu=statistics.median(tok_s) * flops / sgemm)
+                         mfu=statistics.median(tok_s) * flops / sgemm,
+                         fastest=statistics.median(r["tok_s_fastest"] for r in rs))
     row["ratio"] = row["npllm"]["median"] / row["torch"]["median"]
+    row["fastest_ratio"] = row["npllm"]["fastest"] / row["torch"]["fastest"]
     # each repeat ran one child per side back to back: their ratio sees the same state of the machine (a shared VM
     # whose speed drifts over minutes), so the median of these paired ratios moves less between runs
     row["pairs"] = [n["tok_s"] / t["tok_s"] for n, t in zip(runs["npllm"], runs["torch"])]
@@ -408,14 +418,15 @@ def summarize(case: Case, runs: dict) -> dict:
 
 
 TABLE_HEAD = ("| shape | npllm impl | npllm tok/s median (best) | PyTorch tok/s median (best) | npllm/PyTorch | "
-              "paired ratio, median | npllm peak MB | PyTorch peak MB | npllm MFU (sgemm GF/s) | "
+              "paired ratio, median | fastest-step ratio | npllm peak MB | PyTorch peak MB | npllm MFU (sgemm GF/s) | "
               "PyTorch MFU (sgemm GF/s) | first-step loss rel. diff | load |")
 
 
 def table_row(name: str, r: dict, load_after: str) -> str:
     n, t = r["npllm"], r["torch"]
     return (f"| {name} | {n['impl']} | {n['median']:,.0f} ({n['best']:,.0f}) | {t['median']:,.0f} ({t['best']:,.0f}) | "
-            f"{r['ratio']:.3f} | {r['paired']:.3f} | {n['peak'] / 2**20:,.0f} | {t['peak'] / 2**20:,.0f} | "
+            f"{r['ratio']:.3f} | {r['paired']:.3f} | {r['fastest_ratio']:.3f} | {n['peak'] / 2**20:,.0f} | "
+            f"{t['peak'] / 2**20:,.0f} | "
             f"{n['mfu']:.3f} ({n['sgemm'] / 1e9:.0f}) | {t['mfu']:.3f} ({t['sgemm'] / 1e9:.0f}) | "
             f"{r['loss_rel']:.1e} | {load_after} |")
 
@@ -510,7 +521,11 @@ def main(argv=None) -> int:
                                                                                     ("torch", runs["torch"]))}
             pairs = ", ".join(f"{x:.3f}" for x in row["pairs"])
             print(f"  children {label}: npllm tok/s {tok_s['npllm']}; PyTorch {tok_s['torch']}; paired ratios "
-                  f"{pairs} (median {row['paired']:.3f})", flush=True)
+                  f"{pairs} (median {row['paired']:.3f})")
+            fastest = {s_: ", ".join(f"{r['tok_s_fastest']:,.0f}" for r in rs) for s_, rs in (("npllm", runs[side]),
+                                                                                             ("torch", runs["torch"]))}
+            print(f"  fastest step {label}: npllm tok/s {fastest['npllm']}; PyTorch {fastest['torch']}; ratio of the "
+                  f"medians {row['fastest_ratio']:.3f}", flush=True)
 
     print()
     print(TABLE_HEAD)

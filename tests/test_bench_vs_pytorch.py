@@ -40,6 +40,17 @@ def test_quick_toy_losses_agree_and_ratio_printed():
     ratio = re.search(r"ratio toy-llama: npllm/PyTorch = (\d+\.\d+)", out.stdout)
     assert ratio and float(ratio.group(1)) > 0, out.stdout
     assert re.search(r"^\| toy-llama \|", out.stdout, re.MULTILINE), out.stdout  # the table's row
+    # each child's fastest timed step is no slower than its mean step; the table row has the header's columns
+    children = re.search(r"children toy-llama: npllm tok/s (\S+); PyTorch (\S+);", out.stdout)
+    fastest = re.search(r"fastest step toy-llama: npllm tok/s (\S+); PyTorch (\S+); ratio of the medians (\S+)",
+                        out.stdout)
+    assert children and fastest, out.stdout
+    for mean_tok_s, fastest_tok_s in zip(children.groups(), fastest.groups()):
+        assert float(fastest_tok_s.replace(",", "")) >= float(mean_tok_s.replace(",", ""))
+    lines = out.stdout.splitlines()
+    head = next(line for line in lines if line.startswith("| shape |"))
+    row = next(line for line in lines if line.startswith("| toy-llama |"))
+    assert row.count("|") == head.count("|") and "fastest-step ratio" in head
 
 
 @pytest.mark.mpi
