@@ -422,6 +422,11 @@ TABLE_HEAD = ("| shape | npllm impl | npllm tok/s median (best) | PyTorch tok/s 
               "PyTorch MFU (sgemm GF/s) | first-step loss rel. diff | load |")
 
 
+def per_child(runs: dict, side: str, key: str) -> dict:
+    """{"npllm": the npllm ``side``'s children's ``key`` values, "torch": PyTorch's}, each printed as "1,234, ..."."""
+    return {name: ", ".join(f"{r[key]:,.0f}" for r in runs[run]) for name, run in (("npllm", side), ("torch", "torch"))}
+
+
 def table_row(name: str, r: dict, load_after: str) -> str:
     n, t = r["npllm"], r["torch"]
     return (f"| {name} | {n['impl']} | {n['median']:,.0f} ({n['best']:,.0f}) | {t['median']:,.0f} ({t['best']:,.0f}) | "
@@ -517,13 +522,11 @@ def main(argv=None) -> int:
                   f"{row['torch']['median']:,.0f}); peak MB npllm {row['npllm']['peak'] / 2**20:,.0f} PyTorch "
                   f"{row['torch']['peak'] / 2**20:,.0f}; npllm MFU {row['npllm']['mfu']:.3f} of "
                   f"{row['npllm']['sgemm'] / 1e9:.0f} GFLOP/s sgemm; load {load()}")
-            tok_s = {s_: ", ".join(f"{r['tok_s']:,.0f}" for r in rs) for s_, rs in (("npllm", runs[side]),
-                                                                                    ("torch", runs["torch"]))}
+            tok_s = per_child(runs, side, "tok_s")
             pairs = ", ".join(f"{x:.3f}" for x in row["pairs"])
             print(f"  children {label}: npllm tok/s {tok_s['npllm']}; PyTorch {tok_s['torch']}; paired ratios "
                   f"{pairs} (median {row['paired']:.3f})")
-            fastest = {s_: ", ".join(f"{r['tok_s_fastest']:,.0f}" for r in rs) for s_, rs in (("npllm", runs[side]),
-                                                                                             ("torch", runs["torch"]))}
+            fastest = per_child(runs, side, "tok_s_fastest")
             print(f"  fastest step {label}: npllm tok/s {fastest['npllm']}; PyTorch {fastest['torch']}; ratio of the "
                   f"medians {row['fastest_ratio']:.3f}", flush=True)
 
