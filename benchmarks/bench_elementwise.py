@@ -344,7 +344,7 @@ def tune(repeats):
         for phase, step in impls["fast"].items():
             steps[f"{name} {phase}"] = step
     print("fast paths' best time in ms over CHUNK_ELEMENTS (rows: step; columns: chunk elements x threads)")
-    sizes = [1 << k for k in (12, 13, 14, 15, 16, 17, 18)]
+    sizes = [1 << k for k in (14, 15, 16, 17, 18, 19, 20)]
     header = "".join(f"{f'{s // 1024}K x{t}':>10s}" for s in sizes for t in (1, 2))
     print(f"{'':22s}{header}")
     old = pool.CHUNK_ELEMENTS, pool.THREADS

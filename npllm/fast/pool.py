@@ -35,16 +35,21 @@ import numpy as np
 
 from ..parallel.cores import default_threads, on_one_core, side_by_side
 
-# Elements per chunk. Measured with benchmarks/bench_elementwise.py --tune (float32, the profile's shapes): 64K and
-# 128K were the fastest or within noise of it for every fast path, 4K-16K were 10-60% slower (each chunk costs 5-15
-# ufunc calls of ~1-2 us, and the norms' rows of 256 have the least work per call), 256K no better. At 64K float32
-# values (256 KiB) a chunk's few arrays fit in the L2 cache of a core here (512 KiB) or near it; the profile's larger
-# arrays (8 MiB (N, F) activations) sit in the 32 MiB L3 anyway.
-CHUNK_ELEMENTS = 1 << 16
+# Elements per chunk. Measured with benchmarks/bench_elementwise.py --tune (float32, the profile's shapes) on two
+# 2-core machines. On a Zen 3 (512 KiB L2 per core) 64K and 128K were the fastest or within noise of it for every fast
+# path, 4K-16K were 10-60% slower (each chunk costs 5-15 ufunc calls of ~1-2 us, and the norms' rows of 256 have the
+# least work per call), 256K no slower. On a Zen 4 (1 MiB L2) 256K beat 64K on every path, serial and on 2 threads
+# (cross-entropy forward + backward 42 -> 39 ms serial, 31 -> 24 on 2 threads; AdamW 13.4 -> 10.4 and 13.1 -> 9.1),
+# and whole training steps were 1-6% faster (benchmarks/bench_chunk_size.py, the sizes taken in turn in one process:
+# paired ratios 0.95-0.99 over llama-8x256, gpt2-8x256 and llama-1x2048). The row groups run their chunks serially,
+# side by side, and a chunk 4x as large means a quarter of the GIL hand-offs between them (4,700 -> 2,100 per
+# GPT-2-style group pass, counted with a uprobe on CPython's drop_gil). A chunk's float32 array is 1 MiB: one core's
+# L2 on the Zen 4, in L3 on the Zen 3.
+CHUNK_ELEMENTS = 1 << 18
 
 # Below this many elements in all, map_rows runs every chunk in the calling thread. Two chunks are needed for two
-# threads at all; at two chunks the work of one (~50-300 us: 64K elements of 5-15 passes at 0.15-0.3 ns per element,
-# a tanh or exp ~2-3 ns) is larger than handing it to a pool thread and waiting for it (~25-40 us round trip measured
+# threads at all; at two chunks the work of one (~0.2-1 ms: 256K elements of 5-15 passes at 0.15-0.3 ns per element,
+# a tanh or exp ~2-3 ns) is larger than handing it to a pool thread and waiting for it (~35-90 us round trip measured
 # here, --tune), so the cut is at two chunks.
 MIN_PARALLEL_ELEMENTS = 2 * CHUNK_ELEMENTS
 
