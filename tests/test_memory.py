@@ -110,6 +110,17 @@ def test_dry_run_with_recompute_prints_the_smaller_activations(impl):
     assert activations[2] < activations[0] / 5  # block: 2.2 GiB instead of 12.6 (fast), 2.3 of 20.7 (reference)
 
 
+def test_the_docs_show_the_dry_run_as_it_prints():
+    """docs/parallelism.md quotes the 7b tp=8 plan: it is the command's output, line for line (it once lagged the
+    fast paths by a session: P, a loss temporary)."""
+    text = (REPO / "docs" / "parallelism.md").read_text(encoding="utf-8")
+    intro = "The 7b preset with tp=8, float32, the default batch (16 x 128 per rank), `--device cuda`"
+    assert intro in text
+    quoted = text.split(intro, 1)[1].split("```", 2)[1].strip("\n").splitlines()
+    printed = dry_run("--tp=8", "--device=cuda").stdout.strip("\n").splitlines()
+    assert quoted == printed[1:]  # all but the first line (the layout summary, said in the sentence)
+
+
 def test_dry_run_zero1_and_the_fit():
     out = dry_run("--tp=8", "--dp=4", "--zero=1", "--device=cuda").stdout
     per_rank = independent_7b_numbers(16, 128, 8)["per_rank"]
