@@ -671,6 +671,22 @@ def test_adamw_is_the_reference_bit_for_bit(dtype, steps, weight_decay, lr, chun
         assert not params["cube"].flags.c_contiguous  # updated in place, the view is still the caller's
 
 
+@FAST
+@given(sizes=st.lists(st.integers(1, 40), min_size=0, max_size=12), size=st.integers(1, 30))
+def test_adamw_packs_pieces_in_order_up_to_the_chunk(sizes, size):
+    """The fast AdamW's packs: every piece once, in parameter order, and no pack over ``size`` elements unless it is
+    one piece alone (the pieces come cut to at most the chunk size, so that never happens in adamw_update)."""
+    pieces = [(None, np.zeros(n)) for n in sizes]
+    packs = fast_optim._packs(pieces, size)
+    assert [piece for pack in packs for piece in pack] == pieces
+    assert all(pack for pack in packs)
+    for pack in packs:
+        total = sum(piece[1].size for piece in pack)
+        assert total <= size or len(pack) == 1
+    for a, b in zip(packs, packs[1:]):  # greedy: the next pack's first piece did not fit into this one
+        assert sum(piece[1].size for piece in a) + b[0][1].size > size
+
+
 def test_adamw_updates_in_place():
     rng = np.random.default_rng(0)
     params = {n: rng.standard_normal(s) for n, s in OPT_SHAPES.items()}
