@@ -34,7 +34,7 @@ def step_function(case):
     """A function running one training step of ``case`` (the trainer's, one process), its row groups."""
     from npllm.models import accumulate_loss_and_grads, default_row_groups, init_params, ops, split_axes
     from npllm.parallel.comm import one_process_comm
-    from npllm.parallel.data import apply_update, init_optimizer, reduce_and_clip
+    from npllm.parallel.data import init_optimizer
 
     cfg = bench.model_config(case)
     params = init_params(cfg, seed=bench.SEED)
@@ -45,9 +45,7 @@ def step_function(case):
 
     def step():
         _, grads = accumulate_loss_and_grads(params, {"tokens": tokens, "targets": targets}, cfg, row_groups=groups)
-        grads, _, _ = reduce_and_clip(grads, axes, comm, max_norm=bench.MAX_NORM)
-        apply_update(params, grads, state, comm, lr=bench.LR, beta1=bench.BETAS[0], beta2=bench.BETAS[1],
-                     eps=bench.EPS, weight_decay=bench.WEIGHT_DECAY, update=ops(cfg).adamw_update)
+        bench.clip_and_update(params, grads, state, comm, axes, {"update": ops(cfg).adamw_update})
     return step, groups
 
 
@@ -72,13 +70,13 @@ def compare(case, sizes: list[int], pairs: int) -> tuple[int, dict[int, list[flo
 
 
 def report(case, groups: int, times: dict[int, list[float]]) -> list[str]:
-    first = times[next(iter(times))]
+    first_size = next(iter(times))
     lines = []
     for size, ts in times.items():
-        ratio = statistics.median(t / f for t, f in zip(ts, first))
+        ratio = statistics.median(t / f for t, f in zip(ts, times[first_size]))
         lines.append(f"{case.name} ({groups} row group{'s' * (groups > 1)}): chunk {size:>8,d} elements: step median "
                      f"{1e3 * statistics.median(ts):7.1f} ms, fastest {1e3 * min(ts):7.1f} ms, "
-                     f"{case.B * case.T / statistics.median(ts):7,.0f} tok/s | paired ratio to {next(iter(times)):,d}: "
+                     f"{case.B * case.T / statistics.median(ts):7,.0f} tok/s | paired ratio to {first_size:,d}: "
                      f"{ratio:.3f}")
     return lines
 

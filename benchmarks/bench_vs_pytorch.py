@@ -232,7 +232,7 @@ def npllm_child(case: Case, steps: int, impl: str, ranks: int = 1) -> dict:
     init_params, split_axes, loss_and_grads, row_groups = npllm_functions()
     from npllm.metrics import measure_peak_flops
     from npllm.parallel.comm import make_comm, one_process_comm
-    from npllm.parallel.data import apply_update, init_optimizer, reduce_and_clip
+    from npllm.parallel.data import init_optimizer
 
     cfg, ran = npllm_impl(model_config(case), impl)
     params = init_params(cfg, seed=SEED)
@@ -251,9 +251,7 @@ def npllm_child(case: Case, steps: int, impl: str, ranks: int = 1) -> dict:
 
     def step():
         loss, grads = loss_and_grads(params, x, y, cfg, comm.tp)  # forward + backward
-        grads, _, _ = reduce_and_clip(grads, axes, comm, zero=0, max_norm=MAX_NORM)  # one global norm
-        apply_update(params, grads, state, comm, zero=0, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                     weight_decay=WEIGHT_DECAY, **update)  # AdamW, in place
+        clip_and_update(params, grads, state, comm, axes, update)
         return comm.dp.allreduce_scalar(float(loss)) / dp  # the batch's loss: every rank has B / dp of its rows
 
     base = start_peak_window()
@@ -268,6 +266,16 @@ def npllm_child(case: Case, steps: int, impl: str, ranks: int = 1) -> dict:
                blas=numpy_blas(),
                rows=int(total(len(x))), rows_per_rank=int(total(len(x), "max")))  # the batch's split
     return out if rank == 0 else None
+
+
+def clip_and_update(params, grads, state, comm, axes, update: dict) -> None:
+    """The step after forward + backward, as the trainer runs it: one global-norm clip, then AdamW in place (the
+    benchmark's settings; ``update``: {"update": the implementation's AdamW}, or {} for apply_update's own)."""
+    from npllm.parallel.data import apply_update, reduce_and_clip
+
+    grads, _, _ = reduce_and_clip(grads, axes, comm, zero=0, max_norm=MAX_NORM)  # one global norm
+    apply_update(params, grads, state, comm, zero=0, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                 weight_decay=WEIGHT_DECAY, **update)  # AdamW, in place
 
 
 def measure_steps(step, steps: int) -> dict:

@@ -12,7 +12,7 @@ def run(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
 
 
-def test_toy_sizes_in_turn_report_paired_ratios_and_restore_the_pool():
+def test_toy_sizes_in_turn_report_paired_ratios():
     out = run("--shapes", "toy-gpt2", "toy-llama", "--sizes", "512", "4096", "--pairs", "2")
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if "paired ratio" in l]

@@ -41,7 +41,7 @@ from ..parallel.cores import default_threads, on_one_core, side_by_side
 # least work per call), 256K no slower. On a Zen 4 (1 MiB L2) 256K beat 64K on every path, serial and on 2 threads
 # (cross-entropy forward + backward 42 -> 39 ms serial, 31 -> 24 on 2 threads; AdamW 13.4 -> 10.4 and 13.1 -> 9.1),
 # and whole training steps were 1-6% faster (benchmarks/bench_chunk_size.py, the sizes taken in turn in one process:
-# paired ratios 0.95-0.99 over llama-8x256, gpt2-8x256 and llama-1x2048). The row groups run their chunks serially,
+# paired ratios 0.94-0.99 over llama-8x256, gpt2-8x256 and llama-1x2048). The row groups run their chunks serially,
 # side by side, and a chunk 4x as large means a quarter of the GIL hand-offs between them (4,700 -> 2,100 per
 # GPT-2-style group pass, counted with a uprobe on CPython's drop_gil). A chunk's float32 array is 1 MiB: one core's
 # L2 on the Zen 4, in L3 on the Zen 3.
